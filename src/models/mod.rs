@@ -1,0 +1,42 @@
+//! The Stable Diffusion model stack. Every module mirrors diffusers' parameter names so that official
+//! safetensors load unchanged, and reads its shapes from the model's own config.json.
+pub mod clip;
+pub mod loader;
+pub mod nn;
+pub mod taesd;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+pub mod weights;
+
+pub use weights::Weights;
+
+use crate::error::{Error, Result};
+use std::path::Path;
+
+/// Reads a JSON config file (config.json, scheduler_config.json, ...) into `T`; a missing file, bad JSON or a
+/// wrong field is an error naming the file and the field.
+pub fn read_config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::config(path, e.to_string()))
+}
+
+/// A value that configs give either once for all blocks or as one entry per block
+/// (`attention_head_dim: 8` or `[5, 10, 20, 20]`).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(untagged)]
+pub enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T: Clone> OneOrMany<T> {
+    /// The value for each of `n` blocks; a list of the wrong length is an error naming `field`.
+    pub fn per_block(&self, n: usize, field: &str) -> Result<Vec<T>> {
+        match self {
+            OneOrMany::One(v) => Ok(vec![v.clone(); n]),
+            OneOrMany::Many(v) if v.len() == n => Ok(v.clone()),
+            OneOrMany::Many(v) => Err(Error::invalid(field, format!("has {} entries, the model has {n} blocks", v.len()))),
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! Named weights for the model modules, read from memory-mapped safetensors files (or made up, for test and
+//! benchmark models), converted to the caller's device and dtype as each module asks for them.
+//!
+//! Modules ask by diffusers' own parameter names (`down_blocks.0.resnets.1.conv1.weight`) with the shape their
+//! config implies, so a missing tensor or a wrong shape is an error naming both, never a panic later.
+use crate::error::{Error, Result};
+use safetensors::tensor::Dtype;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use tch::{Device, Kind, Tensor};
+
+struct MappedFile {
+    path: PathBuf,
+    mmap: memmap2::Mmap,
+    data_start: usize,
+}
+
+#[derive(Clone)]
+struct Entry {
+    file: usize,
+    dtype: Dtype,
+    shape: Vec<i64>,
+    range: (usize, usize),
+}
+
+enum Source {
+    /// Tensors read from one or more safetensors files.
+    Files { files: Vec<MappedFile>, entries: HashMap<String, Entry> },
+    /// Random values of the asked shape: a random-weight test or benchmark model. Matrices are drawn
+    /// N(0, 1/fan_in), 1-D weights are ones and biases zeros, so activations stay in range in fp16.
+    Random,
+    /// No values at all: each tensor is a broadcast zero of the asked shape. Used to count parameters.
+    ShapesOnly,
+}
+
+struct Store {
+    source: Source,
+    device: Device,
+    kind: Kind,
+    used: RefCell<HashSet<String>>,
+    requested: RefCell<BTreeMap<String, Vec<i64>>>,
+}
+
+/// A handle on a weight store plus a name prefix; cheap to clone. `w.sub("conv1").get("weight", &[..])`.
+#[derive(Clone)]
+pub struct Weights {
+    store: Rc<Store>,
+    prefix: String,
+}
+
+fn kind_of(dtype: Dtype) -> Option<Kind> {
+    Some(match dtype {
+        Dtype::F32 => Kind::Float,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F64 => Kind::Double,
+        Dtype::I64 => Kind::Int64,
+        Dtype::I32 => Kind::Int,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::I8 => Kind::Int8,
+        Dtype::BOOL => Kind::Bool,
+        _ => return None,
+    })
+}
+
+impl Weights {
+    /// Memory-maps the given safetensors files (a model's weights may be sharded across several).
+    pub fn from_safetensors<P: AsRef<Path>>(paths: &[P], device: Device, kind: Kind) -> Result<Self> {
+        let mut files = Vec::new();
+        let mut entries = HashMap::new();
+        for (i, p) in paths.iter().enumerate() {
+            let path = p.as_ref().to_path_buf();
+            let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+            // SAFETY: the file is opened read-only; weights files are not expected to change while loaded.
+            let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+            let (header_len, meta) = safetensors::SafeTensors::read_metadata(&mmap)
+                .map_err(|e| Error::WeightFile { path: path.clone(), msg: e.to_string() })?;
+            let data_start = 8 + header_len;
+            for (name, info) in meta.tensors() {
+                let (start, end) = info.data_offsets;
+                if data_start + end > mmap.len() || start > end {
+                    return Err(Error::WeightFile {
+                        path: path.clone(),
+                        msg: format!("tensor `{name}` points past the end of the file (truncated?)"),
+                    });
+                }
+                let shape = info.shape.iter().map(|&d| d as i64).collect();
+                entries.insert(name.clone(), Entry { file: i, dtype: info.dtype, shape, range: (start, end) });
+            }
+            files.push(MappedFile { path, mmap, data_start });
+        }
+        Ok(Self::with_source(Source::Files { files, entries }, device, kind))
+    }
+
+    /// A random-weight model (test or benchmark model: its outputs mean nothing).
+    pub fn random(device: Device, kind: Kind) -> Self {
+        Self::with_source(Source::Random, device, kind)
+    }
+
+    /// A store that hands out broadcast zeros: builds a model's structure without memory, to count parameters.
+    pub fn shapes_only(kind: Kind) -> Self {
+        Self::with_source(Source::ShapesOnly, Device::Cpu, kind)
+    }
+
+    fn with_source(source: Source, device: Device, kind: Kind) -> Self {
+        let store = Store {
+            source,
+            device,
+            kind,
+            used: RefCell::new(HashSet::new()),
+            requested: RefCell::new(BTreeMap::new()),
+        };
+        Weights { store: Rc::new(store), prefix: String::new() }
+    }
+
+    /// The same store under `prefix.name`.
+    pub fn sub(&self, name: impl std::fmt::Display) -> Self {
+        let prefix =
+            if self.prefix.is_empty() { name.to_string() } else { format!("{}.{}", self.prefix, name) };
+        Weights { store: self.store.clone(), prefix }
+    }
+
+    /// The full dotted name this handle stands for.
+    pub fn prefix_name(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn device(&self) -> Device {
+        self.store.device
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.store.kind
+    }
+
+    fn full_name(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        }
+    }
+
+    fn origin(&self) -> String {
+        match &self.store.source {
+            Source::Files { files, .. } => {
+                files.iter().map(|f| f.path.display().to_string()).collect::<Vec<_>>().join(", ")
+            }
+            Source::Random => "random test weights".into(),
+            Source::ShapesOnly => "shape-only weights".into(),
+        }
+    }
+
+    /// Whether the weights hold `name` (for optional tensors such as biases). Random and shape-only stores
+    /// hold everything.
+    pub fn contains(&self, name: &str) -> bool {
+        match &self.store.source {
+            Source::Files { entries, .. } => entries.contains_key(&self.full_name(name)),
+            _ => true,
+        }
+    }
+
+    /// The stored shape of `name`, where the file has it.
+    pub fn shape_of(&self, name: &str) -> Option<Vec<i64>> {
+        match &self.store.source {
+            Source::Files { entries, .. } => entries.get(&self.full_name(name)).map(|e| e.shape.clone()),
+            _ => None,
+        }
+    }
+
+    /// The tensor `name` with the given shape, on the store's device, in the store's dtype.
+    pub fn get(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
+        self.get_kind(name, shape, self.store.kind)
+    }
+
+    /// Like [`Weights::get`] with an explicit dtype (some buffers stay in fp32).
+    pub fn get_kind(&self, name: &str, shape: &[i64], kind: Kind) -> Result<Tensor> {
+        let full = self.full_name(name);
+        let store = &*self.store;
+        store.requested.borrow_mut().insert(full.clone(), shape.to_vec());
+        let t = match &store.source {
+            Source::Files { files, entries } => {
+                let e = entries
+                    .get(&full)
+                    .ok_or_else(|| Error::MissingTensor { name: full.clone(), origin: self.origin() })?;
+                if e.shape != shape {
+                    return Err(Error::ShapeMismatch {
+                        name: full,
+                        expected: shape.to_vec(),
+                        found: e.shape.clone(),
+                        origin: files[e.file].path.display().to_string(),
+                    });
+                }
+                let f = &files[e.file];
+                let file_kind = kind_of(e.dtype).ok_or_else(|| Error::WeightFile {
+                    path: f.path.clone(),
+                    msg: format!("tensor `{full}` has unsupported dtype {:?}", e.dtype),
+                })?;
+                let bytes = &f.mmap[f.data_start + e.range.0..f.data_start + e.range.1];
+                let expected_len = shape.iter().product::<i64>() as usize * file_kind.elt_size_in_bytes();
+                if bytes.len() != expected_len {
+                    return Err(Error::WeightFile {
+                        path: f.path.clone(),
+                        msg: format!("tensor `{full}` holds {} bytes, its shape needs {expected_len}", bytes.len()),
+                    });
+                }
+                store.used.borrow_mut().insert(full);
+                Tensor::f_from_data_size(bytes, shape, file_kind)?.f_to_kind(kind)?.f_to_device(store.device)?
+            }
+            Source::Random => {
+                let opts = (Kind::Float, store.device);
+                let is_bias = name.ends_with("bias");
+                let t = if shape.len() >= 2 {
+                    let fan_in: i64 = shape[1..].iter().product();
+                    Tensor::f_randn(shape, opts)? * (1.0 / (fan_in.max(1) as f64).sqrt())
+                } else if is_bias {
+                    Tensor::f_zeros(shape, opts)?
+                } else {
+                    Tensor::f_ones(shape, opts)?
+                };
+                t.f_to_kind(kind)?
+            }
+            Source::ShapesOnly => Tensor::f_zeros([], (kind, Device::Cpu))?.f_expand(shape, false)?,
+        };
+        Ok(t)
+    }
+
+    /// Names of stored tensors under this handle's prefix that no module asked for (a config that does not
+    /// match its weights shows up here).
+    pub fn unused(&self) -> Vec<String> {
+        match &self.store.source {
+            Source::Files { entries, .. } => {
+                let used = self.store.used.borrow();
+                let mut v: Vec<String> = entries
+                    .keys()
+                    .filter(|k| k.starts_with(&self.prefix) && !used.contains(*k))
+                    .cloned()
+                    .collect();
+                v.sort();
+                v
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Number of parameters asked for so far under this handle's prefix.
+    pub fn requested_parameter_count(&self) -> i64 {
+        self.store
+            .requested
+            .borrow()
+            .iter()
+            .filter(|(k, _)| k.starts_with(&self.prefix))
+            .map(|(_, s)| s.iter().product::<i64>())
+            .sum()
+    }
+}
