@@ -89,3 +89,70 @@ pub fn randn_cpu(shape: &[i64], device: Device, kind: Kind) -> Result<tch::Tenso
     let t = tch::Tensor::f_randn(shape, (kind, Device::Cpu))?;
     Ok(t.f_to_device(device)?)
 }
+
+mod ffi {
+    extern "C" {
+        pub fn sdstream_cpu_rng_get_state(out: *mut u8, cap: usize, len: *mut usize) -> libc::c_int;
+        pub fn sdstream_cpu_rng_set_state(data: *const u8, len: usize) -> libc::c_int;
+    }
+}
+
+fn cpu_rng_state() -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; 8192];
+    let mut len = 0usize;
+    // SAFETY: buf is valid for buf.len() bytes; the shim writes at most that many and reports the length.
+    let mut rc = unsafe { ffi::sdstream_cpu_rng_get_state(buf.as_mut_ptr(), buf.len(), &mut len) };
+    if rc == 1 {
+        buf.resize(len, 0);
+        // SAFETY: as above, with the size the shim asked for.
+        rc = unsafe { ffi::sdstream_cpu_rng_get_state(buf.as_mut_ptr(), buf.len(), &mut len) };
+    }
+    if rc != 0 {
+        return Err(Error::Model("could not read the CPU generator's state".into()));
+    }
+    buf.truncate(len);
+    Ok(buf)
+}
+
+fn set_cpu_rng_state(state: &[u8]) -> Result<()> {
+    // SAFETY: state is a valid slice; the shim copies it and validates it through libtorch.
+    let rc = unsafe { ffi::sdstream_cpu_rng_set_state(state.as_ptr(), state.len()) };
+    if rc != 0 {
+        return Err(Error::Model("could not restore the CPU generator's state".into()));
+    }
+    Ok(())
+}
+
+/// A CPU random generator of its own, like a `torch.Generator("cpu").manual_seed(seed)` in Python: draws
+/// from it give exactly the values Python's would, in the same order, and do not disturb (nor get disturbed
+/// by) other generators. It works by swapping libtorch's default CPU generator state in and out around each
+/// draw, so it must only be used from the thread that owns the tch work.
+pub struct CpuGenerator {
+    state: Vec<u8>,
+}
+
+impl CpuGenerator {
+    pub fn new(seed: u64) -> Result<Self> {
+        let saved = cpu_rng_state()?;
+        tch::manual_seed(seed as i64);
+        let state = cpu_rng_state();
+        set_cpu_rng_state(&saved)?;
+        Ok(CpuGenerator { state: state? })
+    }
+
+    /// Runs `f` with this generator as libtorch's default CPU generator.
+    pub fn with<T>(&mut self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let saved = cpu_rng_state()?;
+        set_cpu_rng_state(&self.state)?;
+        let out = f();
+        self.state = cpu_rng_state()?;
+        set_cpu_rng_state(&saved)?;
+        out
+    }
+
+    /// Standard normal noise drawn on the CPU in `kind` (as diffusers' `randn_tensor` with a CPU generator),
+    /// then moved to `device`.
+    pub fn randn(&mut self, shape: &[i64], device: Device, kind: Kind) -> Result<tch::Tensor> {
+        self.with(|| randn_cpu(shape, device, kind))
+    }
+}

@@ -1,1 +1,1 @@
-fn main() { println!("{}", tch::Cuda::is_available()); }
+fn main() { sdstream::device::init(); println!("sdstream: being built"); }

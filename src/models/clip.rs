@@ -1,1 +1,227 @@
-//! (being written)
+//! The CLIP text encoder, mirroring transformers' `CLIPTextModel` (`models/clip/modeling_clip.py`:
+//! `CLIPTextEmbeddings`, `CLIPAttention`, `CLIPMLP`, `CLIPEncoderLayer`, `CLIPTextTransformer`) with its
+//! parameter names, so `text_encoder/model.safetensors` loads unchanged.
+//!
+//! SD 2.x's "penultimate layer" needs nothing special: its text encoder config simply has 23 layers.
+use super::nn::{Activation, Embedding, LayerNorm, Linear};
+use super::weights::Weights;
+use crate::error::{Error, Result};
+use serde::Deserialize;
+use tch::{Kind, Tensor};
+
+/// `text_encoder/config.json` (transformers' `CLIPTextConfig`); absent fields take transformers' defaults.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct ClipTextConfig {
+    pub vocab_size: i64,
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: i64,
+    pub max_position_embeddings: i64,
+    pub hidden_act: String,
+    pub layer_norm_eps: f64,
+}
+
+impl Default for ClipTextConfig {
+    fn default() -> Self {
+        ClipTextConfig {
+            vocab_size: 49408,
+            hidden_size: 512,
+            intermediate_size: 2048,
+            num_hidden_layers: 12,
+            num_attention_heads: 8,
+            max_position_embeddings: 77,
+            hidden_act: "quick_gelu".into(),
+            layer_norm_eps: 1e-5,
+        }
+    }
+}
+
+/// `CLIPTextEmbeddings`: token embedding plus learned absolute position embedding.
+#[derive(Debug)]
+struct ClipTextEmbeddings {
+    token_embedding: Embedding,
+    position_embedding: Embedding,
+    max_positions: i64,
+}
+
+impl ClipTextEmbeddings {
+    fn new(w: &Weights, cfg: &ClipTextConfig) -> Result<Self> {
+        Ok(ClipTextEmbeddings {
+            token_embedding: Embedding::new(&w.sub("token_embedding"), cfg.vocab_size, cfg.hidden_size)?,
+            position_embedding: Embedding::new(
+                &w.sub("position_embedding"),
+                cfg.max_position_embeddings,
+                cfg.hidden_size,
+            )?,
+            max_positions: cfg.max_position_embeddings,
+        })
+    }
+
+    fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let seq_len = *input_ids.size().last().unwrap_or(&0);
+        if seq_len > self.max_positions {
+            return Err(Error::invalid(
+                "input_ids",
+                format!("{seq_len} tokens, the text encoder has {} positions", self.max_positions),
+            ));
+        }
+        let positions = Tensor::f_arange(seq_len, (Kind::Int64, input_ids.device()))?.f_unsqueeze(0)?;
+        let tokens = self.token_embedding.forward(input_ids)?;
+        Ok(tokens.f_add(&self.position_embedding.forward(&positions)?)?)
+    }
+}
+
+/// `CLIPAttention`: multi-head self-attention, here always causal (the text model's mask).
+#[derive(Debug)]
+struct ClipAttention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    heads: i64,
+    head_dim: i64,
+}
+
+impl ClipAttention {
+    fn new(w: &Weights, cfg: &ClipTextConfig) -> Result<Self> {
+        let d = cfg.hidden_size;
+        Ok(ClipAttention {
+            q_proj: Linear::new(&w.sub("q_proj"), d, d, true)?,
+            k_proj: Linear::new(&w.sub("k_proj"), d, d, true)?,
+            v_proj: Linear::new(&w.sub("v_proj"), d, d, true)?,
+            out_proj: Linear::new(&w.sub("out_proj"), d, d, true)?,
+            heads: cfg.num_attention_heads,
+            head_dim: d / cfg.num_attention_heads,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, c) = x.size3()?;
+        let split = |p: &Linear| -> Result<Tensor> {
+            Ok(p.forward(x)?.f_view([b, t, self.heads, self.head_dim])?.f_transpose(1, 2)?)
+        };
+        let (q, k, v) = (split(&self.q_proj)?, split(&self.k_proj)?, split(&self.v_proj)?);
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let o = Tensor::f_scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, Some(scale), false)?;
+        let o = o.f_transpose(1, 2)?.f_reshape([b, t, c])?;
+        self.out_proj.forward(&o)
+    }
+}
+
+/// `CLIPMLP`: fc1, activation, fc2.
+#[derive(Debug)]
+struct ClipMlp {
+    fc1: Linear,
+    fc2: Linear,
+    act: Activation,
+}
+
+impl ClipMlp {
+    fn new(w: &Weights, cfg: &ClipTextConfig) -> Result<Self> {
+        Ok(ClipMlp {
+            fc1: Linear::new(&w.sub("fc1"), cfg.hidden_size, cfg.intermediate_size, true)?,
+            fc2: Linear::new(&w.sub("fc2"), cfg.intermediate_size, cfg.hidden_size, true)?,
+            act: Activation::parse(&cfg.hidden_act)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.fc2.forward(&self.act.forward(&self.fc1.forward(x)?)?)
+    }
+}
+
+/// `CLIPEncoderLayer`: pre-norm attention and MLP, each with a residual.
+#[derive(Debug)]
+struct ClipEncoderLayer {
+    self_attn: ClipAttention,
+    layer_norm1: LayerNorm,
+    mlp: ClipMlp,
+    layer_norm2: LayerNorm,
+}
+
+impl ClipEncoderLayer {
+    fn new(w: &Weights, cfg: &ClipTextConfig) -> Result<Self> {
+        Ok(ClipEncoderLayer {
+            self_attn: ClipAttention::new(&w.sub("self_attn"), cfg)?,
+            layer_norm1: LayerNorm::new(&w.sub("layer_norm1"), cfg.hidden_size, cfg.layer_norm_eps)?,
+            mlp: ClipMlp::new(&w.sub("mlp"), cfg)?,
+            layer_norm2: LayerNorm::new(&w.sub("layer_norm2"), cfg.hidden_size, cfg.layer_norm_eps)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = x.f_add(&self.self_attn.forward(&self.layer_norm1.forward(x)?)?)?;
+        Ok(h.f_add(&self.mlp.forward(&self.layer_norm2.forward(&h)?)?)?)
+    }
+}
+
+/// transformers' `CLIPTextModel` (its `text_model`, a `CLIPTextTransformer`), without the pooled output.
+#[derive(Debug)]
+pub struct ClipTextModel {
+    embeddings: ClipTextEmbeddings,
+    layers: Vec<ClipEncoderLayer>,
+    final_layer_norm: LayerNorm,
+    config: ClipTextConfig,
+}
+
+impl ClipTextModel {
+    /// Loads the weights under `text_model.` (the `position_ids` buffer some checkpoints carry is marked used).
+    pub fn new(w: &Weights, cfg: ClipTextConfig) -> Result<Self> {
+        if cfg.num_attention_heads <= 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+            return Err(Error::Model(format!(
+                "text encoder: hidden_size {} is not a multiple of num_attention_heads {}",
+                cfg.hidden_size, cfg.num_attention_heads
+            )));
+        }
+        let tm = w.sub("text_model");
+        let emb = tm.sub("embeddings");
+        // A non-persistent buffer in transformers; older checkpoints store it. Read it (as used), ignore it.
+        if let Some(shape) = emb.shape_of("position_ids") {
+            emb.get_kind("position_ids", &shape, Kind::Int64)?;
+        }
+        let embeddings = ClipTextEmbeddings::new(&emb, &cfg)?;
+        let lw = tm.sub("encoder").sub("layers");
+        let layers =
+            (0..cfg.num_hidden_layers).map(|i| ClipEncoderLayer::new(&lw.sub(i), &cfg)).collect::<Result<_>>()?;
+        let final_layer_norm = LayerNorm::new(&tm.sub("final_layer_norm"), cfg.hidden_size, cfg.layer_norm_eps)?;
+        Ok(ClipTextModel { embeddings, layers, final_layer_norm, config: cfg })
+    }
+
+    pub fn config(&self) -> &ClipTextConfig {
+        &self.config
+    }
+
+    /// `last_hidden_state` for `input_ids` (B, L) int64: (B, L, hidden_size), after the final layer norm.
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.forward_with_skip(input_ids, 0)
+    }
+
+    /// What diffusers' `encode_prompt(..., clip_skip=k)` gives: `hidden_states[-(k + 1)]` (the output of the
+    /// last layer but `k`) passed through the final layer norm. `k = 0` is [`ClipTextModel::forward`].
+    pub fn forward_with_skip(&self, input_ids: &Tensor, clip_skip: usize) -> Result<Tensor> {
+        let h = self.hidden_state(input_ids, clip_skip)?;
+        self.final_layer_norm.forward(&h)
+    }
+
+    /// `hidden_states[-(k + 1)]` of transformers' `output_hidden_states=True`, without the final layer norm:
+    /// `k = 0` is the last layer's output, `k = num_hidden_layers` the embeddings.
+    pub fn hidden_state(&self, input_ids: &Tensor, k: usize) -> Result<Tensor> {
+        if k > self.layers.len() {
+            return Err(Error::invalid(
+                "clip_skip",
+                format!("{k} skips more than the text encoder's {} layers", self.layers.len()),
+            ));
+        }
+        if input_ids.dim() != 2 {
+            return Err(Error::invalid("input_ids", format!("shape {:?}, expected (batch, tokens)", input_ids.size())));
+        }
+        let ids = input_ids.f_to_kind(Kind::Int64)?.f_to_device(self.final_layer_norm.weight.device())?;
+        let mut h = self.embeddings.forward(&ids)?;
+        for layer in &self.layers[..self.layers.len() - k] {
+            h = layer.forward(&h)?;
+        }
+        Ok(h)
+    }
+}

@@ -3,6 +3,7 @@
 pub mod clip;
 pub mod loader;
 pub mod nn;
+// pub mod stable_diffusion; (enabled once the model modules exist)
 pub mod taesd;
 pub mod tokenizer;
 pub mod unet;
@@ -39,4 +40,13 @@ impl<T: Clone> OneOrMany<T> {
             OneOrMany::Many(v) => Err(Error::invalid(field, format!("has {} entries, the model has {n} blocks", v.len()))),
         }
     }
+}
+
+/// Whether a model folder is marked as a random-weight test model (a `README.md` or `TEST_MODEL` file saying
+/// so at its root). Such models are named as test models wherever they appear.
+pub fn is_test_model(root: &Path) -> bool {
+    root.join("TEST_MODEL").exists()
+        || std::fs::read_to_string(root.join("README.md"))
+            .map(|s| s.to_ascii_lowercase().contains("random-weight test model"))
+            .unwrap_or(false)
 }

@@ -1,1 +1,174 @@
-//! (being written)
+//! Single-image txt2img and img2img, step for step as diffusers' StableDiffusionPipeline and
+//! StableDiffusionImg2ImgPipeline compute them, drawing noise from the seeded CPU generator in the same order,
+//! so that on CPU in fp32 the same model, prompt and seed give the same picture.
+use crate::device::{randn_cpu, seed_cpu};
+use crate::error::{Error, Result};
+use crate::models::stable_diffusion::StableDiffusion;
+use crate::schedulers::{self, SchedulerKind};
+use tch::{Kind, Tensor};
+
+/// What every single-image generation takes.
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    pub prompt: String,
+    /// Used when guidance > 1 (classifier-free guidance); empty when not given, as in diffusers.
+    pub negative_prompt: Option<String>,
+    pub seed: u64,
+    pub steps: usize,
+    pub scheduler: SchedulerKind,
+    pub guidance: f64,
+    pub width: i64,
+    pub height: i64,
+    /// Skips this many final CLIP layers (diffusers' clip_skip).
+    pub clip_skip: Option<usize>,
+}
+
+impl GenerateParams {
+    /// Checks sizes and counts against the model; errors name the flag.
+    pub fn validate(&self, sd: &StableDiffusion) -> Result<()> {
+        let f = sd.vae_scale_factor();
+        for (name, v) in [("width", self.width), ("height", self.height)] {
+            if v <= 0 || v % 8 != 0 || v % f != 0 {
+                return Err(Error::invalid(name, format!("{v} is not a positive multiple of {}", f.max(8))));
+            }
+            if v > 4096 {
+                return Err(Error::invalid(name, format!("{v} is larger than 4096")));
+            }
+        }
+        if self.steps == 0 || self.steps > 1000 {
+            return Err(Error::invalid("steps", format!("{} is not in 1..=1000", self.steps)));
+        }
+        if !self.guidance.is_finite() || self.guidance < 0.0 {
+            return Err(Error::invalid("guidance", format!("{} is not a finite value >= 0", self.guidance)));
+        }
+        Ok(())
+    }
+}
+
+/// The conditioning a denoising loop needs: text embeddings (negative first when guided) and, for
+/// guidance-distilled UNets (LCM), the guidance embedding.
+struct Conditioning {
+    embeddings: Tensor,
+    guided: bool,
+    timestep_cond: Option<Tensor>,
+}
+
+fn conditioning(sd: &StableDiffusion, p: &GenerateParams) -> Result<Conditioning> {
+    let cond = sd.encode_text(&p.prompt, p.clip_skip)?;
+    // diffusers: classifier-free guidance only when guidance > 1 and the UNet has no guidance embedding.
+    let has_guidance_embedding = sd.unet_config.time_cond_proj_dim.is_some();
+    let guided = p.guidance > 1.0 && !has_guidance_embedding;
+    let embeddings = if guided {
+        let neg = sd.encode_text(p.negative_prompt.as_deref().unwrap_or(""), p.clip_skip)?;
+        Tensor::f_cat(&[neg, cond], 0)?
+    } else {
+        cond
+    };
+    let timestep_cond = match sd.unet_config.time_cond_proj_dim {
+        Some(dim) => Some(guidance_embedding(&[p.guidance - 1.0], dim)?.f_to_device(sd.device)?.f_to_kind(sd.kind)?),
+        None => None,
+    };
+    Ok(Conditioning { embeddings, guided, timestep_cond })
+}
+
+/// The sinusoidal guidance-scale embedding of guidance-distilled models (diffusers'
+/// `get_guidance_scale_embedding`), (len(w), dim) in fp32.
+pub fn guidance_embedding(w: &[f64], dim: i64) -> Result<Tensor> {
+    let w = Tensor::f_from_slice(w)?.f_to_kind(Kind::Float)?.f_mul_scalar(1000.0)?;
+    let half = dim / 2;
+    let scale = Tensor::from(10000.0f32).f_log()?.f_div_scalar((half - 1) as f64)?;
+    let freqs = Tensor::f_arange(half, (Kind::Float, tch::Device::Cpu))?.f_mul(&scale.f_neg()?)?.f_exp()?;
+    let emb = w.f_unsqueeze(1)?.f_mul(&freqs.f_unsqueeze(0)?)?;
+    let mut emb = Tensor::f_cat(&[emb.f_sin()?, emb.f_cos()?], 1)?;
+    if dim % 2 == 1 {
+        emb = emb.f_constant_pad_nd([0, 1])?;
+    }
+    Ok(emb)
+}
+
+/// Runs the scheduler's loop from `start` over its timesteps, starting from `latents`.
+fn denoise(
+    sd: &StableDiffusion,
+    scheduler: &mut dyn schedulers::Scheduler,
+    cond: &Conditioning,
+    guidance: f64,
+    mut latents: Tensor,
+    start: usize,
+) -> Result<Tensor> {
+    let timesteps = scheduler.timesteps().to_vec();
+    for (i, &t) in timesteps.iter().enumerate().skip(start) {
+        let input = if cond.guided { Tensor::f_cat(&[&latents, &latents], 0)? } else { latents.shallow_clone() };
+        let input = scheduler.scale_model_input(&input, i)?;
+        let batch = input.size()[0];
+        let t = Tensor::f_full([batch], t, (Kind::Float, sd.device))?;
+        let cond_b = cond.timestep_cond.as_ref().map(|c| c.f_expand([batch, c.size()[1]], false)).transpose()?;
+        let eps = sd.unet.forward(&input, &t, &cond.embeddings, cond_b.as_ref())?;
+        let eps = if cond.guided {
+            let parts = eps.f_chunk(2, 0)?;
+            let (uncond, text) = (&parts[0], &parts[1]);
+            uncond.f_add(&text.f_sub(uncond)?.f_mul_scalar(guidance)?)?
+        } else {
+            eps
+        };
+        latents = scheduler.step(&eps, i, &latents)?.prev_sample;
+    }
+    Ok(latents)
+}
+
+/// Latents of a txt2img generation (before decoding), as diffusers' StableDiffusionPipeline computes them.
+pub fn txt2img_latents(sd: &StableDiffusion, p: &GenerateParams) -> Result<Tensor> {
+    p.validate(sd)?;
+    let _guard = tch::no_grad_guard();
+    let cond = conditioning(sd, p)?;
+    let mut scheduler = schedulers::build(p.scheduler, &sd.scheduler_config)?;
+    scheduler.set_timesteps(p.steps)?;
+    let f = sd.vae_scale_factor();
+    let channels = sd.unet_config.in_channels;
+    seed_cpu(p.seed);
+    let latents = randn_cpu(&[1, channels, p.height / f, p.width / f], sd.device, sd.kind)?
+        .f_mul_scalar(scheduler.init_noise_sigma())?;
+    denoise(sd, scheduler.as_mut(), &cond, p.guidance, latents, 0)
+}
+
+/// A txt2img image, (1, 3, H, W) in [-1, 1].
+pub fn txt2img(sd: &StableDiffusion, p: &GenerateParams) -> Result<Tensor> {
+    let latents = txt2img_latents(sd, p)?;
+    let _guard = tch::no_grad_guard();
+    sd.autoencoder.decode_scaled(&latents)
+}
+
+/// Latents of an img2img generation from `image` ((1, 3, H, W) in [-1, 1]) at `strength` in (0, 1].
+pub fn img2img_latents(sd: &StableDiffusion, p: &GenerateParams, image: &Tensor, strength: f64) -> Result<Tensor> {
+    p.validate(sd)?;
+    if !(strength > 0.0 && strength <= 1.0) {
+        return Err(Error::invalid("strength", format!("{strength} is not in (0, 1]")));
+    }
+    let _guard = tch::no_grad_guard();
+    let cond = conditioning(sd, p)?;
+    let mut scheduler = schedulers::build(p.scheduler, &sd.scheduler_config)?;
+    scheduler.set_timesteps(p.steps)?;
+    // diffusers' get_timesteps: keep the last int(steps * strength) timesteps.
+    let total = scheduler.timesteps().len();
+    let init = ((p.steps as f64 * strength) as usize).min(p.steps);
+    let start = p.steps.saturating_sub(init).min(total);
+    if start >= total {
+        return Err(Error::invalid(
+            "strength",
+            format!("{strength} with {} steps leaves no denoising step; raise --strength or --steps", p.steps),
+        ));
+    }
+    seed_cpu(p.seed);
+    let image = image.f_to_device(sd.device)?.f_to_kind(sd.kind)?;
+    let (device, kind) = (sd.device, sd.kind);
+    let init_latents = sd.autoencoder.encode_scaled(&image, |shape| randn_cpu(shape, device, kind))?;
+    let noise = randn_cpu(&init_latents.size(), device, kind)?;
+    let latents = scheduler.add_noise(&init_latents, &noise, start)?;
+    denoise(sd, scheduler.as_mut(), &cond, p.guidance, latents, start)
+}
+
+/// An img2img image, (1, 3, H, W) in [-1, 1].
+pub fn img2img(sd: &StableDiffusion, p: &GenerateParams, image: &Tensor, strength: f64) -> Result<Tensor> {
+    let latents = img2img_latents(sd, p, image, strength)?;
+    let _guard = tch::no_grad_guard();
+    sd.autoencoder.decode_scaled(&latents)
+}

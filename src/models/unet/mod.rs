@@ -1,1 +1,16 @@
-//! (being written)
+//! The denoising UNet: diffusers' `UNet2DConditionModel` and its parts, one module per diffusers source file.
+//! - [`config`]: `unet/config.json` ([`UNetConfig`]), what is supported, and the per-block plan.
+//! - [`embeddings`]: `Timesteps` / `TimestepEmbedding`.
+//! - [`resnet`]: `ResnetBlock2D`, `Downsample2D`, `Upsample2D`.
+//! - [`attention`]: `Transformer2DModel`, `BasicTransformerBlock`, `Attention`, GEGLU `FeedForward`.
+//! - [`blocks`]: the down, mid and up blocks.
+//! - [`model`]: [`UNet2DConditionModel`] itself.
+pub mod attention;
+pub mod blocks;
+pub mod config;
+pub mod embeddings;
+pub mod model;
+pub mod resnet;
+
+pub use config::UNetConfig;
+pub use model::{parameter_count, UNet2DConditionModel};

@@ -1,0 +1,492 @@
+//! The inference thread. It owns every tch object (the model, every stream's tensors, the prompt cache);
+//! other threads talk to it through bounded crossbeam channels. Frames are latest-frame-wins per stream: when
+//! the engine falls behind, a stream's older waiting frame is replaced (and counted as dropped), never queued.
+//! Each tick batches every stream that has a frame waiting into one UNet call per latent size.
+use crate::error::{Error, Result};
+use crate::models::stable_diffusion::{LoadOptions, StableDiffusion};
+use crate::stream::batch::{self, TickInput};
+use crate::stream::prompts::{PromptCache, PromptKey};
+use crate::stream::settings::{Mode, StreamSettings};
+use crate::stream::Stream;
+use crossbeam_channel::{bounded, select, Receiver, Sender, TrySendError};
+use image::RgbImage;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How to start an engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// A diffusers folder or Hugging Face model id.
+    pub model: String,
+    pub load: LoadOptions,
+    /// The most streams open at once.
+    pub max_streams: usize,
+    /// Prompt embeddings kept in the LRU cache.
+    pub prompt_cache: usize,
+    /// Synchronise the device around each stage so per-stage timings are exact.
+    pub measure_stages: bool,
+    /// Outputs waiting for a slow consumer, per stream, before new ones are dropped.
+    pub output_queue: usize,
+}
+
+impl EngineConfig {
+    pub fn new(model: impl Into<String>, load: LoadOptions) -> Self {
+        EngineConfig { model: model.into(), load, max_streams: 16, prompt_cache: 64, measure_stages: true, output_queue: 4 }
+    }
+}
+
+/// What the engine knows of its model, for clients.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelInfo {
+    pub model: String,
+    pub device: String,
+    pub dtype: String,
+    pub autoencoder: String,
+    pub test_model: bool,
+    pub vae_scale_factor: i64,
+}
+
+/// One frame handed to a stream.
+pub struct Frame {
+    pub id: u64,
+    /// The decoded picture (img2img); `None` asks a txt2img stream for its next frame.
+    pub image: Option<RgbImage>,
+    pub received: Instant,
+}
+
+/// Per-stage times of one output, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct StageTimes {
+    pub queue_ms: f64,
+    pub preprocess_ms: f64,
+    pub encode_ms: f64,
+    pub unet_ms: f64,
+    pub decode_ms: f64,
+    pub postprocess_ms: f64,
+    /// From the frame's arrival at the engine to the output leaving it.
+    pub total_ms: f64,
+}
+
+/// One output frame of a stream.
+pub struct Output {
+    pub stream_id: u64,
+    /// The input frame id this output answers (for a multi-stage stream, the frame that entered n - 1 frames
+    /// earlier); during warm-up, the frame just given.
+    pub answers: u64,
+    /// The frame whose arrival produced this output.
+    pub frame_id: u64,
+    pub image: RgbImage,
+    pub warmup: bool,
+    pub skipped: bool,
+    pub times: StageTimes,
+    /// Streams and UNet items batched in the tick that made this output.
+    pub batched_streams: usize,
+    pub unet_batch: i64,
+}
+
+/// A stream's counters, readable from any thread.
+#[derive(Debug, Default)]
+pub struct StreamCounters {
+    pub frames_in: AtomicU64,
+    pub frames_out: AtomicU64,
+    /// Frames replaced by a newer one before the engine took them.
+    pub dropped_input: AtomicU64,
+    /// Outputs dropped because the consumer did not keep up.
+    pub dropped_output: AtomicU64,
+    pub skipped: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// Engine-wide counters.
+#[derive(Debug, Default)]
+pub struct EngineCounters {
+    pub ticks: AtomicU64,
+    pub prompt_cache_hits: AtomicU64,
+    pub prompt_cache_misses: AtomicU64,
+    pub text_encoder_calls: AtomicU64,
+    pub streams_open: AtomicU64,
+}
+
+/// Where a stream's outputs go: called on the inference thread, it must not block; it returns whether the
+/// output was taken (false: the consumer is full or gone, and the output is counted as dropped).
+pub type OutputSink = Box<dyn Fn(Output) -> bool + Send>;
+
+enum Command {
+    Open { settings: StreamSettings, outputs: OutputSink, counters: Arc<StreamCounters>, reply: Sender<Result<u64>> },
+    Close { id: u64 },
+    Settings { id: u64, patch: serde_json::Value, reply: Sender<Result<StreamSettings>> },
+    Shutdown,
+}
+
+struct Shared {
+    pending: Mutex<HashMap<u64, Frame>>,
+    counters: EngineCounters,
+}
+
+/// The running engine; dropping it shuts the thread down and joins it.
+pub struct Engine {
+    handle: EngineHandle,
+    thread: Option<JoinHandle<()>>,
+    pub info: ModelInfo,
+}
+
+/// A cheap, cloneable way to talk to the engine from any thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    commands: Sender<Command>,
+    wake: Sender<()>,
+    shared: Arc<Shared>,
+}
+
+impl Engine {
+    /// Starts the inference thread and loads the model on it; returns when the model is ready (or failed).
+    pub fn start(config: EngineConfig) -> Result<Engine> {
+        let (commands, command_rx) = bounded::<Command>(256);
+        let (wake, wake_rx) = bounded::<()>(1);
+        let shared = Arc::new(Shared { pending: Mutex::new(HashMap::new()), counters: EngineCounters::default() });
+        let (ready_tx, ready_rx) = bounded::<Result<ModelInfo>>(1);
+        let thread_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("sdstream-inference".into())
+            .spawn(move || {
+                let sd = match StableDiffusion::load(&config.model, &config.load) {
+                    Ok(sd) => sd,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let info = ModelInfo {
+                    model: config.model.clone(),
+                    device: format!("{:?}", sd.device),
+                    dtype: crate::device::dtype_name(sd.kind).into(),
+                    autoencoder: sd.autoencoder.name().into(),
+                    test_model: crate::models::is_test_model(&sd.source.root),
+                    vae_scale_factor: sd.vae_scale_factor(),
+                };
+                let _ = ready_tx.send(Ok(info));
+                let mut worker = Worker { sd, config, streams: HashMap::new(), cache: None, shared: thread_shared, next_id: 1 };
+                worker.cache = Some(PromptCache::new(worker.config.prompt_cache));
+                worker.run(command_rx, wake_rx);
+            })
+            .map_err(|e| Error::Model(format!("cannot start the inference thread: {e}")))?;
+        let info = ready_rx.recv().map_err(|_| Error::Model("the inference thread died while loading".into()))??;
+        Ok(Engine { handle: EngineHandle { commands, wake, shared }, thread: Some(thread), info })
+    }
+
+    pub fn handle(&self) -> EngineHandle {
+        self.handle.clone()
+    }
+
+    pub fn counters(&self) -> &EngineCounters {
+        &self.handle.shared.counters
+    }
+
+    /// Stops the inference thread after the current tick and waits for it.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        let _ = self.handle.commands.send(Command::Shutdown);
+        let _ = self.handle.wake.try_send(());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One open stream, from the client side. Dropping it closes the stream.
+pub struct StreamHandle {
+    pub id: u64,
+    /// The outputs, when the stream was opened with [`EngineHandle::open_stream`].
+    pub outputs: Option<Receiver<Output>>,
+    pub counters: Arc<StreamCounters>,
+    engine: EngineHandle,
+    next_frame: AtomicU64,
+}
+
+impl EngineHandle {
+    fn request<T>(&self, make: impl FnOnce(Sender<Result<T>>) -> Command) -> Result<T> {
+        let (tx, rx) = bounded(1);
+        self.commands
+            .send_timeout(make(tx), Duration::from_secs(5))
+            .map_err(|_| Error::Model("the engine is not accepting commands (shutting down or stalled)".into()))?;
+        let _ = self.wake.try_send(());
+        rx.recv_timeout(Duration::from_secs(120)).map_err(|_| Error::Model("the engine did not answer".into()))?
+    }
+
+    /// Opens a stream with `settings`; fails with a clear message when the settings are invalid or the engine
+    /// is full.
+    /// Outputs arrive on the handle's `outputs` channel, which holds `output_queue` frames before dropping.
+    pub fn open_stream(&self, settings: StreamSettings, output_queue: usize) -> Result<StreamHandle> {
+        let (tx, rx) = bounded(output_queue.max(1));
+        let sink: OutputSink = Box::new(move |out| match tx.try_send(out) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,
+        });
+        let mut handle = self.open_stream_with_sink(settings, sink)?;
+        handle.outputs = Some(rx);
+        Ok(handle)
+    }
+
+    /// Opens a stream whose outputs are handed to `sink` on the inference thread.
+    pub fn open_stream_with_sink(&self, settings: StreamSettings, sink: OutputSink) -> Result<StreamHandle> {
+        settings.validate()?;
+        let counters = Arc::new(StreamCounters::default());
+        let c = counters.clone();
+        let id = self.request(|reply| Command::Open { settings, outputs: sink, counters: c, reply })?;
+        Ok(StreamHandle { id, outputs: None, counters, engine: self.clone(), next_frame: AtomicU64::new(0) })
+    }
+
+    pub fn counters(&self) -> &EngineCounters {
+        &self.shared.counters
+    }
+}
+
+impl StreamHandle {
+    /// Hands a frame to the stream, replacing any frame still waiting (counted as dropped). Returns the frame's
+    /// id. Never blocks on the engine.
+    pub fn submit(&self, image: Option<RgbImage>) -> u64 {
+        let id = self.next_frame.fetch_add(1, Ordering::Relaxed);
+        self.submit_with_id(id, image);
+        id
+    }
+
+    /// Like [`StreamHandle::submit`] with a caller-chosen frame id.
+    pub fn submit_with_id(&self, id: u64, image: Option<RgbImage>) {
+        self.counters.frames_in.fetch_add(1, Ordering::Relaxed);
+        let frame = Frame { id, image, received: Instant::now() };
+        if self.engine.shared.pending.lock().insert(self.id, frame).is_some() {
+            self.counters.dropped_input.fetch_add(1, Ordering::Relaxed);
+        }
+        let _ = self.engine.wake.try_send(());
+    }
+
+    /// Changes settings from a JSON object of the fields to change; on error the old settings stay.
+    pub fn update_settings(&self, patch: serde_json::Value) -> Result<StreamSettings> {
+        let id = self.id;
+        self.engine.request(|reply| Command::Settings { id, patch, reply })
+    }
+}
+
+impl Drop for StreamHandle {
+    fn drop(&mut self) {
+        self.engine.shared.pending.lock().remove(&self.id);
+        let _ = self.engine.commands.try_send(Command::Close { id: self.id });
+        let _ = self.engine.wake.try_send(());
+    }
+}
+
+struct OpenStream {
+    stream: Stream,
+    outputs: OutputSink,
+    counters: Arc<StreamCounters>,
+}
+
+struct Worker {
+    sd: StableDiffusion,
+    config: EngineConfig,
+    streams: HashMap<u64, OpenStream>,
+    cache: Option<PromptCache>,
+    shared: Arc<Shared>,
+    next_id: u64,
+}
+
+impl Worker {
+    fn run(&mut self, commands: Receiver<Command>, wake: Receiver<()>) {
+        loop {
+            // Commands first (settings land before the next frame), then every waiting frame in one tick.
+            loop {
+                match commands.try_recv() {
+                    Ok(Command::Shutdown) => return,
+                    Ok(cmd) => self.handle(cmd),
+                    Err(crossbeam_channel::TryRecvError::Empty) => break,
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => return,
+                }
+            }
+            let frames: Vec<(u64, Frame)> = self.shared.pending.lock().drain().collect();
+            if frames.is_empty() {
+                select! {
+                    recv(commands) -> cmd => match cmd {
+                        Ok(Command::Shutdown) | Err(_) => return,
+                        Ok(cmd) => self.handle(cmd),
+                    },
+                    recv(wake) -> _ => {},
+                }
+                continue;
+            }
+            self.tick(frames);
+        }
+    }
+
+    fn embeddings(&mut self, text: &str) -> Result<tch::Tensor> {
+        let key = PromptKey { model: self.config.model.clone(), text: text.to_string(), clip_skip: None };
+        let sd = &self.sd;
+        let counters = &self.shared.counters;
+        let cache = self.cache.as_mut().expect("cache is set before run");
+        let before = cache.misses;
+        let t = cache.get_or_encode(key, |text| {
+            counters.text_encoder_calls.fetch_add(1, Ordering::Relaxed);
+            sd.encode_text(text, None)
+        })?;
+        if cache.misses > before {
+            counters.prompt_cache_misses.fetch_add(1, Ordering::Relaxed);
+        } else {
+            counters.prompt_cache_hits.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(t)
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Open { settings, outputs, counters, reply } => {
+                let result = self.open(settings, outputs, counters);
+                let _ = reply.send(result);
+            }
+            Command::Close { id } => {
+                if self.streams.remove(&id).is_some() {
+                    self.shared.counters.streams_open.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+            Command::Settings { id, patch, reply } => {
+                let result = self.update(id, &patch);
+                let _ = reply.send(result);
+            }
+            Command::Shutdown => {}
+        }
+    }
+
+    fn open(&mut self, settings: StreamSettings, outputs: OutputSink, counters: Arc<StreamCounters>) -> Result<u64> {
+        if self.streams.len() >= self.config.max_streams {
+            return Err(Error::invalid("stream", format!("the engine already runs its maximum of {} streams", self.config.max_streams)));
+        }
+        let cond = self.embeddings(&settings.prompt)?;
+        let uncond = self.embeddings(&settings.negative_prompt)?;
+        let id = self.next_id;
+        self.next_id += 1;
+        let stream = Stream::new(id, &self.sd, settings, cond, uncond)?;
+        self.streams.insert(id, OpenStream { stream, outputs, counters });
+        self.shared.counters.streams_open.fetch_add(1, Ordering::Relaxed);
+        Ok(id)
+    }
+
+    fn update(&mut self, id: u64, patch: &serde_json::Value) -> Result<StreamSettings> {
+        let current = self.streams.get(&id).ok_or_else(|| Error::invalid("stream", "is closed"))?.stream.settings().clone();
+        let next = current.patched(patch)?;
+        let prompts_changed = next.prompt != current.prompt || next.negative_prompt != current.negative_prompt;
+        let embeddings = if prompts_changed {
+            Some((self.embeddings(&next.prompt)?, self.embeddings(&next.negative_prompt)?))
+        } else {
+            None
+        };
+        let open = self.streams.get_mut(&id).ok_or_else(|| Error::invalid("stream", "is closed"))?;
+        open.stream.apply_settings(&self.sd, next.clone())?;
+        if let Some((cond, uncond)) = embeddings {
+            open.stream.set_prompt_embeddings(cond, uncond);
+        }
+        Ok(next)
+    }
+
+    fn tick(&mut self, frames: Vec<(u64, Frame)>) {
+        let tick_start = Instant::now();
+        let (device, kind) = (self.sd.device, self.sd.kind);
+        let mut inputs = Vec::new();
+        let mut meta = HashMap::new();
+        let mut streams: Vec<(&u64, &mut OpenStream)> = self.streams.iter_mut().collect();
+        streams.sort_by_key(|(id, _)| **id);
+        let mut frames: HashMap<u64, Frame> = frames.into_iter().collect();
+        for (id, open) in streams {
+            let Some(frame) = frames.remove(id) else { continue };
+            let t0 = Instant::now();
+            let s = open.stream.settings();
+            let image = match (s.mode, frame.image) {
+                (Mode::Img2img, Some(img)) => {
+                    let img = crate::io::image::resize(img, s.width as u32, s.height as u32);
+                    match crate::io::image::to_tensor(&img, device, kind) {
+                        Ok(t) => Some(t),
+                        Err(e) => {
+                            tracing::warn!("stream {id}: frame {} dropped: {e}", frame.id);
+                            open.counters.errors.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                    }
+                }
+                (Mode::Img2img, None) => {
+                    open.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                (Mode::Txt2img, _) => None,
+            };
+            let queue_ms = tick_start.duration_since(frame.received).as_secs_f64() * 1e3;
+            meta.insert(*id, (frame.received, queue_ms, t0.elapsed().as_secs_f64() * 1e3));
+            inputs.push(TickInput { stream: &mut open.stream, frame_id: frame.id, image });
+        }
+        if inputs.is_empty() {
+            return;
+        }
+        self.shared.counters.ticks.fetch_add(1, Ordering::Relaxed);
+        let result = batch::tick(&self.sd, inputs, self.config.measure_stages);
+        let (outputs, timings) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("tick failed: {e}");
+                for open in self.streams.values() {
+                    open.counters.errors.fetch_add(1, Ordering::Relaxed);
+                }
+                return;
+            }
+        };
+        for out in outputs {
+            let Some(open) = self.streams.get(&out.stream_id) else { continue };
+            let Some(image) = out.image else { continue };
+            let t0 = Instant::now();
+            let rgb = match crate::io::image::to_rgb8(&image) {
+                Ok(rgb) => rgb,
+                Err(e) => {
+                    tracing::warn!("stream {}: output conversion failed: {e}", out.stream_id);
+                    continue;
+                }
+            };
+            let (received, queue_ms, preprocess_ms) = meta.get(&out.stream_id).copied().unwrap_or((tick_start, 0.0, 0.0));
+            let times = StageTimes {
+                queue_ms,
+                preprocess_ms,
+                encode_ms: timings.encode.as_secs_f64() * 1e3,
+                unet_ms: timings.unet.as_secs_f64() * 1e3,
+                decode_ms: timings.decode.as_secs_f64() * 1e3,
+                postprocess_ms: t0.elapsed().as_secs_f64() * 1e3,
+                total_ms: received.elapsed().as_secs_f64() * 1e3,
+            };
+            if out.skipped {
+                open.counters.skipped.fetch_add(1, Ordering::Relaxed);
+            }
+            let output = Output {
+                stream_id: out.stream_id,
+                answers: out.answers,
+                frame_id: out.frame_id,
+                image: rgb,
+                warmup: out.warmup,
+                skipped: out.skipped,
+                times,
+                batched_streams: timings.streams,
+                unet_batch: timings.unet_batch,
+            };
+            if (open.outputs)(output) {
+                open.counters.frames_out.fetch_add(1, Ordering::Relaxed);
+            } else {
+                open.counters.dropped_output.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}

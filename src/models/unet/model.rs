@@ -1,0 +1,205 @@
+//! diffusers' `UNet2DConditionModel` (diffusers/models/unets/unet_2d_condition.py) for SD 1.x/2.x-style
+//! configs (SD 1.5, SD 2.1, SD-Turbo, LCM), with one timestep per batch item.
+use super::attention::TransformerSettings;
+use super::blocks::{DownBlock, MidBlock, UpBlock};
+use super::config::UNetConfig;
+use super::embeddings::{timestep_embedding, TimestepEmbedding};
+use super::resnet::ResnetSettings;
+use crate::error::{Error, Result};
+use crate::models::nn::{Activation, Conv2d, GroupNorm};
+use crate::models::Weights;
+use tch::{Kind, Tensor};
+
+/// The denoising UNet, loaded by diffusers' parameter names (`conv_in`, `time_embedding.linear_1`,
+/// `down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k`, ...).
+#[derive(Debug)]
+pub struct UNet2DConditionModel {
+    config: UNetConfig,
+    conv_in: Conv2d,
+    time_embedding: TimestepEmbedding,
+    time_embed_act: Option<Activation>,
+    down_blocks: Vec<DownBlock>,
+    mid_block: Option<MidBlock>,
+    up_blocks: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_act: Activation,
+    conv_out: Conv2d,
+}
+
+impl UNet2DConditionModel {
+    /// Builds the model from `w` (the `unet` weights, names without prefix); the config is validated first.
+    pub fn new(w: &Weights, config: &UNetConfig) -> Result<Self> {
+        let plan = config.plan()?;
+        let ch = &config.block_out_channels;
+        let act = Activation::parse(&config.act_fn)?;
+        let parse_opt = |a: &Option<String>| a.as_deref().map(Activation::parse).transpose();
+
+        let conv_in = Conv2d::new(
+            &w.sub("conv_in"),
+            config.in_channels,
+            ch[0],
+            config.conv_in_kernel,
+            1,
+            (config.conv_in_kernel - 1) / 2,
+            true,
+        )?;
+        let time_embedding = TimestepEmbedding::new(
+            &w.sub("time_embedding"),
+            ch[0],
+            plan.time_embed_dim,
+            act,
+            parse_opt(&config.timestep_post_act)?,
+            config.time_cond_proj_dim,
+        )?;
+        let r = ResnetSettings {
+            temb_channels: plan.time_embed_dim,
+            groups: plan.norm_num_groups,
+            eps: config.norm_eps,
+            act,
+        };
+        let t = TransformerSettings {
+            groups: plan.norm_num_groups,
+            use_linear_projection: config.use_linear_projection,
+            upcast_attention: config.upcast_attention,
+        };
+        let down_blocks = plan
+            .down
+            .iter()
+            .enumerate()
+            .map(|(i, p)| DownBlock::new(&w.sub("down_blocks").sub(i), p, r, t, config.downsample_padding))
+            .collect::<Result<Vec<_>>>()?;
+        let mid_block = match &plan.mid {
+            Some(p) => Some(MidBlock::new(&w.sub("mid_block"), p, r, t, config.mid_block_scale_factor)?),
+            None => None,
+        };
+        let up_blocks = plan
+            .up
+            .iter()
+            .enumerate()
+            .map(|(i, p)| UpBlock::new(&w.sub("up_blocks").sub(i), p, r, t))
+            .collect::<Result<Vec<_>>>()?;
+        let conv_norm_out = GroupNorm::new(&w.sub("conv_norm_out"), plan.norm_num_groups, ch[0], config.norm_eps)?;
+        let conv_out = Conv2d::new(
+            &w.sub("conv_out"),
+            ch[0],
+            config.out_channels,
+            config.conv_out_kernel,
+            1,
+            (config.conv_out_kernel - 1) / 2,
+            true,
+        )?;
+        Ok(UNet2DConditionModel {
+            config: config.clone(),
+            conv_in,
+            time_embedding,
+            time_embed_act: parse_opt(&config.time_embedding_act_fn)?,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out,
+            conv_act: act,
+            conv_out,
+        })
+    }
+
+    pub fn config(&self) -> &UNetConfig {
+        &self.config
+    }
+
+    /// Whether the model takes a `timestep_cond` (LCM's guidance-scale embedding, `time_cond_proj_dim`).
+    pub fn takes_timestep_cond(&self) -> bool {
+        self.time_embedding.has_cond_proj()
+    }
+
+    /// The predicted noise (or v / x0, per the model) for `sample` (B, in_channels, H, W).
+    ///
+    /// `timesteps` holds one timestep per batch item, shape (B,), int or float; a 0-d or one-element tensor
+    /// is used for the whole batch. `encoder_hidden_states` is (B, tokens, cross_attention_dim);
+    /// `timestep_cond` (B, time_cond_proj_dim) only for models with `time_cond_proj_dim`.
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        timestep_cond: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (batch, _, height, width) = sample.size4()?;
+        let kind = sample.f_kind()?;
+
+        // diffusers forwards explicit upsample sizes when the latent is not a multiple of the overall factor.
+        let num_upsamplers = self.up_blocks.len().saturating_sub(1) as u32;
+        let factor = 2i64.pow(num_upsamplers);
+        let forward_upsample_size = height % factor != 0 || width % factor != 0;
+
+        let sample = if self.config.center_input_sample {
+            sample.f_mul_scalar(2)?.f_sub_scalar(1.0)?
+        } else {
+            sample.shallow_clone()
+        };
+
+        let emb = self.time_embed(timesteps, batch, kind, &sample)?;
+        let emb = self.time_embedding.forward(&emb, timestep_cond)?;
+        let emb = match self.time_embed_act {
+            Some(a) => a.forward(&emb)?,
+            None => emb,
+        };
+
+        let mut h = self.conv_in.forward(&sample)?;
+        let mut skips = vec![h.shallow_clone()];
+        for block in &self.down_blocks {
+            h = block.forward(&h, &emb, encoder_hidden_states, &mut skips)?;
+        }
+        if let Some(mid) = &self.mid_block {
+            h = mid.forward(&h, &emb, encoder_hidden_states)?;
+        }
+        let mut upsample_size = None;
+        let last = self.up_blocks.len() - 1;
+        for (i, block) in self.up_blocks.iter().enumerate() {
+            if i != last && forward_upsample_size {
+                let rest = skips.len().checked_sub(block.num_skips() + 1);
+                let next = rest.and_then(|j| skips.get(j)).ok_or_else(|| {
+                    Error::Model("unet: fewer skip connections than the up blocks need".into())
+                })?;
+                let (_, _, sh, sw) = next.size4()?;
+                upsample_size = Some([sh, sw]);
+            }
+            h = block.forward(&h, &emb, encoder_hidden_states, &mut skips, upsample_size)?;
+        }
+
+        h = self.conv_norm_out.forward(&h)?;
+        h = self.conv_act.forward(&h)?;
+        self.conv_out.forward(&h)
+    }
+
+    /// diffusers' `get_time_embed`: broadcast the timesteps to the batch, sinusoidal features in fp32, then
+    /// cast to the sample's dtype.
+    fn time_embed(&self, timesteps: &Tensor, batch: i64, kind: Kind, sample: &Tensor) -> Result<Tensor> {
+        let t = match timesteps.dim() {
+            0 => timesteps.f_unsqueeze(0)?,
+            1 => timesteps.shallow_clone(),
+            d => return Err(Error::invalid("timesteps", format!("expected shape (batch,), got a {d}-d tensor"))),
+        };
+        let n = t.size()[0];
+        if n != batch && n != 1 {
+            return Err(Error::invalid(
+                "timesteps",
+                format!("{n} timesteps for a batch of {batch} (give one per batch item, or one for all)"),
+            ));
+        }
+        let t = t.f_to_device(sample.device())?.f_expand([batch], false)?;
+        let emb = timestep_embedding(
+            &t,
+            self.config.block_out_channels[0],
+            self.config.flip_sin_to_cos,
+            self.config.freq_shift,
+        )?;
+        Ok(emb.f_to_kind(kind)?)
+    }
+}
+
+/// The number of parameters the model built from `config` has (no memory is allocated for them).
+pub fn parameter_count(config: &UNetConfig) -> Result<i64> {
+    let w = Weights::shapes_only(Kind::Float);
+    UNet2DConditionModel::new(&w, config)?;
+    Ok(w.requested_parameter_count())
+}

@@ -1,0 +1,432 @@
+//! One WebSocket connection = one stream with its own settings. Frames in are decoded off the async threads
+//! and handed to the engine latest-frame-wins; outputs come back through a bounded channel, are JPEG-encoded
+//! off the async threads and sent with a `frame` message before each. Every error here is this client's
+//! alone: it is answered, and the connection closes only when the error is fatal.
+use super::protocol::{ClientMessage, LatencySummary, Limits, ServerMessage, PROTOCOL_VERSION};
+use super::ServerState;
+use crate::engine::{Output, OutputSink, StageTimes, StreamHandle};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+type Ws = WebSocketStream<TcpStream>;
+type WsTx = futures_util::stream::SplitSink<Ws, Message>;
+
+fn ws_config(state: &ServerState) -> WebSocketConfig {
+    let max = state.config.max_message_bytes;
+    let mut c = WebSocketConfig::default();
+    c.max_message_size = Some(max);
+    c.max_frame_size = Some(max);
+    c.write_buffer_size = 128 * 1024;
+    c.max_write_buffer_size = 4 * max.max(1 << 20);
+    c
+}
+
+async fn accept(stream: TcpStream, state: &ServerState) -> Option<Ws> {
+    match tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::accept_async_with_config(stream, Some(ws_config(state))),
+    )
+    .await
+    {
+        Ok(Ok(ws)) => Some(ws),
+        Ok(Err(e)) => {
+            tracing::debug!("handshake failed: {e}");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+async fn send_json(tx: &mut WsTx, msg: &ServerMessage<'_>) -> bool {
+    tx.send(Message::text(msg.to_json())).await.is_ok()
+}
+
+async fn send_error(tx: &mut WsTx, code: &str, message: impl Into<String>, fatal: bool) -> bool {
+    send_json(tx, &ServerMessage::Error { code, message: message.into(), fatal }).await
+}
+
+async fn close(tx: &mut WsTx, code: CloseCode, reason: &str) {
+    let frame = CloseFrame { code, reason: reason.to_string().into() };
+    let _ = tokio::time::timeout(Duration::from_secs(2), tx.send(Message::Close(Some(frame)))).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), tx.close()).await;
+}
+
+/// Counts a client in `clients` for as long as it lives.
+struct ClientGuard<'a>(&'a ServerState);
+
+impl Drop for ClientGuard<'_> {
+    fn drop(&mut self) {
+        self.0.metrics.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Rolling per-second numbers for `stats`.
+struct StatsWindow {
+    last: Instant,
+    frames_in: u64,
+    frames_out: u64,
+    latencies: Vec<f64>,
+    stages: StageTimes,
+}
+
+impl StatsWindow {
+    fn summary(&mut self) -> LatencySummary {
+        let l = &mut self.latencies;
+        if l.is_empty() {
+            return LatencySummary::default();
+        }
+        l.sort_by(|a, b| a.total_cmp(b));
+        let pick = |q: f64| l[((l.len() - 1) as f64 * q).round() as usize];
+        LatencySummary { p50: pick(0.5), p95: pick(0.95), max: *l.last().unwrap_or(&0.0) }
+    }
+}
+
+/// Runs a stream connection until the client leaves, a fatal error, or server shutdown.
+pub async fn run_stream(stream: TcpStream, peer: SocketAddr, state: Arc<ServerState>) {
+    let Some(ws) = accept(stream, &state).await else { return };
+    let (mut tx, mut rx) = ws.split();
+    state.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
+    let Ok(_permit) = state.clients.clone().try_acquire_owned() else {
+        state.metrics.refused_total.fetch_add(1, Ordering::Relaxed);
+        let msg = format!("the server is full ({} clients); try again later", state.config.max_clients);
+        send_error(&mut tx, "server_full", msg, true).await;
+        close(&mut tx, CloseCode::Again, "server full").await;
+        return;
+    };
+    state.metrics.clients.fetch_add(1, Ordering::Relaxed);
+    let _guard = ClientGuard(&state);
+    tracing::debug!("client {peer} connected");
+
+    let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<Output>(2);
+    let sink: OutputSink = Box::new(move |o| out_tx.try_send(o).is_ok());
+    let engine = state.engine.clone();
+    let defaults = state.stream_defaults.clone();
+    let opened = tokio::task::spawn_blocking(move || engine.open_stream_with_sink(defaults, sink)).await;
+    let handle = match opened {
+        Ok(Ok(h)) => Arc::new(h),
+        Ok(Err(e)) => {
+            send_error(&mut tx, "internal", format!("cannot open a stream: {e}"), true).await;
+            close(&mut tx, CloseCode::Again, "no stream").await;
+            return;
+        }
+        Err(_) => return,
+    };
+    let limits = Limits {
+        max_message_bytes: state.config.max_message_bytes,
+        max_fps: state.config.max_fps,
+        idle_timeout_s: state.config.idle_timeout_s,
+        max_image_side: crate::io::image::MAX_IMAGE_SIDE,
+    };
+    let mut settings = state.stream_defaults.clone();
+    let mut quality = state.config.jpeg_quality;
+    let ready = ServerMessage::Ready {
+        protocol: PROTOCOL_VERSION,
+        stream_id: handle.id,
+        model: &state.model,
+        settings: &settings,
+        limits: &limits,
+        jpeg_quality: quality,
+    };
+    if !send_json(&mut tx, &ready).await {
+        return;
+    }
+
+    let mut shutdown = state.shutdown.clone();
+    let idle = Duration::from_secs(state.config.idle_timeout_s);
+    let min_interval = Duration::from_secs_f64(1.0 / state.config.max_fps);
+    let mut last_frame: Option<Instant> = None;
+    let mut next_frame_id: u64 = 0;
+    let mut arrivals: VecDeque<(u64, Instant)> = VecDeque::new();
+    let mut rate_limited: u64 = 0;
+    let mut last_rate_notice: Option<Instant> = None;
+    let mut stats_timer = tokio::time::interval(Duration::from_secs(1));
+    stats_timer.tick().await;
+    let mut window = StatsWindow { last: Instant::now(), frames_in: 0, frames_out: 0, latencies: Vec::new(), stages: StageTimes::default() };
+
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => {
+                close(&mut tx, CloseCode::Away, "server shutting down").await;
+                break;
+            }
+            msg = tokio::time::timeout(idle, rx.next()) => {
+                let msg = match msg {
+                    Err(_) => {
+                        send_error(&mut tx, "idle_timeout", format!("no message for {} s", idle.as_secs()), true).await;
+                        close(&mut tx, CloseCode::Normal, "idle").await;
+                        break;
+                    }
+                    Ok(None) => break,
+                    Ok(Some(Err(e))) => {
+                        use tokio_tungstenite::tungstenite::Error as WsError;
+                        if let WsError::Capacity(c) = &e {
+                            state.metrics.messages_bad.fetch_add(1, Ordering::Relaxed);
+                            send_error(&mut tx, "too_large", format!("{c}; the limit is {} bytes", state.config.max_message_bytes), true).await;
+                            close(&mut tx, CloseCode::Size, "message too big").await;
+                        } else {
+                            tracing::debug!("client {peer}: {e}");
+                        }
+                        break;
+                    }
+                    Ok(Some(m)) => m,
+                };
+                match msg {
+                    Message::Binary(data) => {
+                        let id = next_frame_id;
+                        next_frame_id += 1;
+                        state.metrics.frames_in.fetch_add(1, Ordering::Relaxed);
+                        window.frames_in += 1;
+                        let now = Instant::now();
+                        if last_frame.is_some_and(|t| now.duration_since(t) < min_interval.mul_f64(0.9)) {
+                            rate_limited += 1;
+                            state.metrics.frames_rate_limited.fetch_add(1, Ordering::Relaxed);
+                            if last_rate_notice.is_none_or(|t| now.duration_since(t) > Duration::from_secs(1)) {
+                                last_rate_notice = Some(now);
+                                let msg = format!("frames above {} fps are dropped", state.config.max_fps);
+                                if !send_error(&mut tx, "rate_limited", msg, false).await { break; }
+                            }
+                            continue;
+                        }
+                        last_frame = Some(now);
+                        let decoded = tokio::task::spawn_blocking(move || crate::io::image::decode(&data, "frame")).await;
+                        match decoded {
+                            Ok(Ok(img)) => {
+                                arrivals.push_back((id, now));
+                                if arrivals.len() > 64 { arrivals.pop_front(); }
+                                handle.submit_with_id(id, Some(img));
+                            }
+                            Ok(Err(e)) => {
+                                state.metrics.frames_bad.fetch_add(1, Ordering::Relaxed);
+                                if !send_error(&mut tx, "bad_frame", format!("frame {id}: {e}"), false).await { break; }
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    Message::Text(text) => {
+                        let reply = handle_text(&text, &handle, &mut settings, &mut quality, &mut next_frame_id, &mut arrivals).await;
+                        if let Some((code, message)) = reply.error {
+                            state.metrics.messages_bad.fetch_add(1, Ordering::Relaxed);
+                            if !send_error(&mut tx, code, message, false).await { break; }
+                        } else if let Some(json) = reply.json {
+                            if tx.send(Message::text(json)).await.is_err() { break; }
+                        }
+                    }
+                    Message::Ping(_) | Message::Pong(_) => {}
+                    Message::Close(_) => break,
+                    Message::Frame(_) => {}
+                }
+            }
+            Some(out) = out_rx.recv() => {
+                let q = quality;
+                let Output { image, answers, frame_id, warmup, skipped, times, .. } = out;
+                let encoded = tokio::task::spawn_blocking(move || crate::io::image::encode_jpeg(&image, q)).await;
+                let Ok(Ok(jpeg)) = encoded else {
+                    if !send_error(&mut tx, "internal", "could not encode the output frame", false).await { break; }
+                    continue;
+                };
+                let latency = arrivals.iter().find(|(id, _)| *id == frame_id).map(|(_, t)| t.elapsed().as_secs_f64() * 1e3);
+                let header = ServerMessage::Frame { frame_id: answers, trigger_frame_id: frame_id, warmup, skipped, timings: &times, bytes: jpeg.len() };
+                if !send_json(&mut tx, &header).await || tx.send(Message::binary(jpeg)).await.is_err() {
+                    break;
+                }
+                state.metrics.frames_out.fetch_add(1, Ordering::Relaxed);
+                window.frames_out += 1;
+                window.stages = times;
+                if let Some(ms) = latency {
+                    state.metrics.observe_latency(ms);
+                    window.latencies.push(ms);
+                }
+            }
+            _ = stats_timer.tick() => {
+                let secs = window.last.elapsed().as_secs_f64().max(1e-3);
+                let c = &handle.counters;
+                let dropped_input = c.dropped_input.load(Ordering::Relaxed);
+                let dropped_output = c.dropped_output.load(Ordering::Relaxed);
+                let latency_ms = window.summary();
+                let stats = ServerMessage::Stats {
+                    fps_in: window.frames_in as f64 / secs,
+                    fps_out: window.frames_out as f64 / secs,
+                    frames_in: c.frames_in.load(Ordering::Relaxed),
+                    frames_out: c.frames_out.load(Ordering::Relaxed),
+                    dropped_input,
+                    dropped_output,
+                    rate_limited,
+                    skipped: c.skipped.load(Ordering::Relaxed),
+                    errors: c.errors.load(Ordering::Relaxed),
+                    latency_ms,
+                    stages_ms: &window.stages,
+                };
+                if !send_json(&mut tx, &stats).await { break; }
+                window.last = Instant::now();
+                window.frames_in = 0;
+                window.frames_out = 0;
+                window.latencies.clear();
+            }
+        }
+    }
+    let dropped = handle.counters.dropped_input.load(Ordering::Relaxed) + handle.counters.dropped_output.load(Ordering::Relaxed);
+    state.metrics.frames_dropped.fetch_add(dropped, Ordering::Relaxed);
+    // Closing the stream (dropping the handle) may wait on the engine's command queue: not on an async thread.
+    let _ = tokio::task::spawn_blocking(move || drop(handle)).await;
+    tracing::debug!("client {peer} left");
+}
+
+struct TextReply {
+    json: Option<String>,
+    error: Option<(&'static str, String)>,
+}
+
+impl TextReply {
+    fn error(code: &'static str, msg: impl Into<String>) -> Self {
+        TextReply { json: None, error: Some((code, msg.into())) }
+    }
+    fn none() -> Self {
+        TextReply { json: None, error: None }
+    }
+}
+
+async fn apply_patch(handle: &Arc<StreamHandle>, patch: serde_json::Value, settings: &mut crate::stream::settings::StreamSettings) -> TextReply {
+    let h = handle.clone();
+    match tokio::task::spawn_blocking(move || h.update_settings(patch)).await {
+        Ok(Ok(next)) => {
+            *settings = next;
+            TextReply { json: Some(ServerMessage::Settings { settings }.to_json()), error: None }
+        }
+        Ok(Err(e)) => TextReply::error("bad_setting", e.to_string()),
+        Err(_) => TextReply::error("internal", "settings update failed"),
+    }
+}
+
+async fn handle_text(
+    text: &str,
+    handle: &Arc<StreamHandle>,
+    settings: &mut crate::stream::settings::StreamSettings,
+    quality: &mut u8,
+    next_frame_id: &mut u64,
+    arrivals: &mut VecDeque<(u64, Instant)>,
+) -> TextReply {
+    let value: serde_json::Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => return TextReply::error("bad_json", format!("not JSON: {e}")),
+    };
+    let Some(kind) = value.get("type").and_then(|t| t.as_str()).map(str::to_string) else {
+        return TextReply::error("bad_json", "a message must be a JSON object with a string `type`");
+    };
+    let msg: ClientMessage = match serde_json::from_value(value) {
+        Ok(m) => m,
+        Err(e) => {
+            let known = ["prompt", "settings", "quality", "generate", "frame_id", "ping"];
+            return if known.contains(&kind.as_str()) {
+                TextReply::error("bad_json", format!("`{kind}` message: {e}"))
+            } else {
+                TextReply::error("unknown_type", format!("unknown message type `{kind}`; expected one of {known:?}"))
+            };
+        }
+    };
+    match msg {
+        ClientMessage::Prompt { prompt, negative_prompt } => {
+            let mut patch = serde_json::json!({ "prompt": prompt });
+            if let Some(n) = negative_prompt {
+                patch["negative_prompt"] = n.into();
+            }
+            apply_patch(handle, patch, settings).await
+        }
+        ClientMessage::Settings { settings: map } => {
+            if map.is_empty() {
+                return TextReply::error("bad_setting", "a settings message needs at least one setting");
+            }
+            apply_patch(handle, serde_json::Value::Object(map), settings).await
+        }
+        ClientMessage::Quality { quality: q } => {
+            if !(1..=100).contains(&q) {
+                return TextReply::error("bad_setting", format!("quality {q} is not in 1..=100"));
+            }
+            *quality = q;
+            TextReply::none()
+        }
+        ClientMessage::Generate {} => {
+            if settings.mode != crate::stream::settings::Mode::Txt2img {
+                return TextReply::error("bad_setting", "`generate` is for txt2img streams; send frames to an img2img stream");
+            }
+            let id = *next_frame_id;
+            *next_frame_id += 1;
+            arrivals.push_back((id, Instant::now()));
+            if arrivals.len() > 64 {
+                arrivals.pop_front();
+            }
+            handle.submit_with_id(id, None);
+            TextReply::none()
+        }
+        ClientMessage::FrameId { id } => {
+            *next_frame_id = id;
+            TextReply::none()
+        }
+        ClientMessage::Ping { nonce } => TextReply { json: Some(ServerMessage::Pong { nonce }.to_json()), error: None },
+    }
+}
+
+/// A viewer socket: receives the shared (camera) stream's output JPEGs, sends nothing that matters.
+pub async fn run_viewer(stream: TcpStream, state: Arc<ServerState>) {
+    let Some(ws) = accept(stream, &state).await else { return };
+    let (mut tx, mut rx) = ws.split();
+    let mut frames = state.viewers.subscribe();
+    let mut shutdown = state.shutdown.clone();
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => { close(&mut tx, CloseCode::Away, "server shutting down").await; break; }
+            msg = rx.next() => match msg {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
+                _ => {}
+            },
+            frame = frames.recv() => match frame {
+                Ok(jpeg) => if tx.send(Message::Binary(jpeg)).await.is_err() { break },
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+/// MJPEG over HTTP (multipart/x-mixed-replace) of the shared (camera) stream, for `<img>` tags and players.
+pub async fn run_mjpeg(mut stream: TcpStream, state: Arc<ServerState>) {
+    use tokio::io::AsyncWriteExt;
+    let head = "HTTP/1.1 200 OK\r\nContent-Type: multipart/x-mixed-replace; boundary=frame\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n";
+    if stream.write_all(head.as_bytes()).await.is_err() {
+        return;
+    }
+    let mut frames = state.viewers.subscribe();
+    let mut shutdown = state.shutdown.clone();
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            frame = frames.recv() => match frame {
+                Ok(jpeg) => {
+                    let part = format!("--frame\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\n\r\n", jpeg.len());
+                    if stream.write_all(part.as_bytes()).await.is_err()
+                        || stream.write_all(&jpeg).await.is_err()
+                        || stream.write_all(b"\r\n").await.is_err()
+                    {
+                        break;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+/// Publishes a JPEG to every viewer (no-op without viewers).
+pub fn publish(state: &ServerState, jpeg: Bytes) {
+    let _ = state.viewers.send(jpeg);
+}

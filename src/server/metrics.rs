@@ -1,0 +1,84 @@
+//! Server-wide counters and the latency histogram, rendered as Prometheus text at `GET /metrics`.
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Upper bounds (ms) of the latency histogram's buckets.
+const BUCKETS_MS: [f64; 14] = [5.0, 10.0, 15.0, 20.0, 30.0, 50.0, 75.0, 100.0, 150.0, 250.0, 500.0, 1000.0, 2500.0, 10000.0];
+
+#[derive(Default)]
+pub struct Metrics {
+    pub connections_total: AtomicU64,
+    pub clients: AtomicU64,
+    pub refused_total: AtomicU64,
+    pub frames_in: AtomicU64,
+    pub frames_out: AtomicU64,
+    pub frames_dropped: AtomicU64,
+    pub frames_rate_limited: AtomicU64,
+    pub frames_bad: AtomicU64,
+    pub messages_bad: AtomicU64,
+    latency_buckets: [AtomicU64; BUCKETS_MS.len()],
+    latency_count: AtomicU64,
+    /// Sum of latencies in microseconds.
+    latency_sum_us: AtomicU64,
+}
+
+impl Metrics {
+    /// Records one frame's latency from its arrival at the server to its output being sent.
+    pub fn observe_latency(&self, ms: f64) {
+        for (i, b) in BUCKETS_MS.iter().enumerate() {
+            if ms <= *b {
+                self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.latency_count.fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_us.fetch_add((ms * 1000.0).max(0.0) as u64, Ordering::Relaxed);
+    }
+
+    /// Prometheus text exposition, with the engine's counters appended by the caller.
+    pub fn render(&self, extra: &[(&str, &str, u64)]) -> String {
+        let mut s = String::new();
+        let g = |v: &AtomicU64| v.load(Ordering::Relaxed);
+        let mut counter = |name: &str, help: &str, kind: &str, v: u64| {
+            let _ = writeln!(s, "# HELP sdstream_{name} {help}\n# TYPE sdstream_{name} {kind}\nsdstream_{name} {v}");
+        };
+        counter("connections_total", "WebSocket connections accepted.", "counter", g(&self.connections_total));
+        counter("clients", "WebSocket clients connected now.", "gauge", g(&self.clients));
+        counter("refused_total", "Connections refused (full, unauthorized, bad origin).", "counter", g(&self.refused_total));
+        counter("frames_in_total", "Frames received from clients.", "counter", g(&self.frames_in));
+        counter("frames_out_total", "Output frames sent to clients.", "counter", g(&self.frames_out));
+        counter("frames_dropped_total", "Frames dropped (latest-frame-wins or slow consumers).", "counter", g(&self.frames_dropped));
+        counter("frames_rate_limited_total", "Frames dropped by the per-connection frame-rate cap.", "counter", g(&self.frames_rate_limited));
+        counter("frames_bad_total", "Frames that could not be decoded.", "counter", g(&self.frames_bad));
+        counter("messages_bad_total", "Text messages refused (bad JSON, unknown type, bad setting).", "counter", g(&self.messages_bad));
+        for (name, help, v) in extra {
+            counter(name, help, "counter", *v);
+        }
+        let _ = writeln!(s, "# HELP sdstream_latency_ms Frame latency inside the daemon, arrival to send, in ms.");
+        let _ = writeln!(s, "# TYPE sdstream_latency_ms histogram");
+        for (i, b) in BUCKETS_MS.iter().enumerate() {
+            let _ = writeln!(s, "sdstream_latency_ms_bucket{{le=\"{b}\"}} {}", g(&self.latency_buckets[i]));
+        }
+        let count = g(&self.latency_count);
+        let _ = writeln!(s, "sdstream_latency_ms_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(s, "sdstream_latency_ms_sum {}", g(&self.latency_sum_us) as f64 / 1000.0);
+        let _ = writeln!(s, "sdstream_latency_ms_count {count}");
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_is_cumulative() {
+        let m = Metrics::default();
+        m.observe_latency(7.0);
+        m.observe_latency(40.0);
+        let text = m.render(&[]);
+        assert!(text.contains("sdstream_latency_ms_bucket{le=\"5\"} 0"), "{text}");
+        assert!(text.contains("sdstream_latency_ms_bucket{le=\"10\"} 1"));
+        assert!(text.contains("sdstream_latency_ms_bucket{le=\"50\"} 2"));
+        assert!(text.contains("sdstream_latency_ms_count 2"));
+    }
+}

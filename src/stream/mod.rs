@@ -1,0 +1,343 @@
+//! One client's stream: StreamDiffusion's stream batch over a few denoising stages ("slots"), with residual
+//! classifier-free guidance, the similarity filter and live prompt changes.
+//!
+//! Each frame costs one UNet call that carries every slot: the new frame's latent, noised to the first stage's
+//! timestep, plus the latents of the previous frames that are still in flight at the later stages. A frame
+//! therefore leaves `n - 1` frames after it entered; the first `n - 1` outputs are warm-up frames.
+//!
+//! The per-frame work is split in phases ([`Stream::begin`] builds this stream's share of a UNet batch,
+//! [`Stream::finish`] takes its share of the prediction back) so that the engine can put the slots of many
+//! streams into one UNet call (see [`batch`]).
+pub mod batch;
+pub mod offline;
+pub mod prompts;
+pub mod settings;
+pub mod similarity;
+
+use crate::device::CpuGenerator;
+use crate::error::{Error, Result};
+use crate::models::stable_diffusion::StableDiffusion;
+use crate::schedulers::{self, SchedulerKind};
+use settings::{CfgType, Mode, StreamScheduler, StreamSettings, STREAM_SCHEDULE_STEPS};
+use std::collections::VecDeque;
+use tch::{Device, Kind, Tensor};
+
+/// Per-stage constants, computed once per (seed, size, stages, scheduler): StreamDiffusion's `prepare`.
+struct Prepared {
+    n: i64,
+    /// UNet timesteps of the slots, (n,) int64.
+    timesteps: Tensor,
+    /// sqrt(alpha_cumprod) and sqrt(1 - alpha_cumprod) per slot, (n, 1, 1, 1).
+    alpha: Tensor,
+    beta: Tensor,
+    /// LCM boundary-condition scalings per slot (DDIM: 0 and 1).
+    c_skip: Tensor,
+    c_out: Tensor,
+    /// alpha and beta of the next slot, with 1 after the last (for the stock-noise update).
+    alpha_next: Tensor,
+    beta_next: Tensor,
+    /// The stream's fixed noise, one per slot, and the same rolled by one slot.
+    init_noise: Tensor,
+    init_noise_rolled: Tensor,
+    latent_shape: [i64; 4],
+}
+
+fn column(values: &[f32], device: Device, kind: Kind) -> Result<Tensor> {
+    Ok(Tensor::f_from_slice(values)?.f_view([values.len() as i64, 1, 1, 1])?.f_to_device(device)?.f_to_kind(kind)?)
+}
+
+impl Prepared {
+    fn new(sd: &StableDiffusion, s: &StreamSettings, gen: &mut CpuGenerator) -> Result<Self> {
+        let stages = s.stages();
+        let n = stages.len() as i64;
+        let (device, kind) = (sd.device, sd.kind);
+        let config = &sd.scheduler_config;
+        let all = schedulers::lcm_timesteps(config, STREAM_SCHEDULE_STEPS)?;
+        let abar = schedulers::alphas_cumprod(SchedulerKind::Lcm, config)?;
+        let timestep_scaling = config.timestep_scaling.unwrap_or(10.0);
+        let mut ts = Vec::new();
+        let (mut alpha, mut beta, mut c_skip, mut c_out) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for &i in &stages {
+            let t = *all.get(i).ok_or_else(|| {
+                Error::invalid("t_index_list", format!("index {i} is past the {}-step schedule", all.len()))
+            })?;
+            ts.push(t);
+            let a = abar[t as usize] as f32;
+            alpha.push(a.sqrt());
+            beta.push((1.0 - a).sqrt());
+            let (skip, out) = match s.scheduler {
+                StreamScheduler::Lcm => schedulers::boundary_condition_scalings(t as f64, timestep_scaling),
+                StreamScheduler::Ddim => (0.0, 1.0),
+            };
+            c_skip.push(skip as f32);
+            c_out.push(out as f32);
+        }
+        let mut alpha_next = alpha[1..].to_vec();
+        alpha_next.push(1.0);
+        let mut beta_next = beta[1..].to_vec();
+        beta_next.push(1.0);
+        let f = sd.vae_scale_factor();
+        let latent_shape = [1, sd.unet_config.in_channels, s.height / f, s.width / f];
+        // StreamDiffusion draws the init noise first thing after seeding, in fp32 on the CPU.
+        let init_noise = gen.randn(&[n, latent_shape[1], latent_shape[2], latent_shape[3]], Device::Cpu, Kind::Float)?;
+        let init_noise = init_noise.f_to_device(device)?.f_to_kind(kind)?;
+        let init_noise_rolled = init_noise.f_roll([-1], [0])?;
+        Ok(Prepared {
+            n,
+            timesteps: Tensor::f_from_slice(&ts)?.f_to_device(device)?,
+            alpha: column(&alpha, device, kind)?,
+            beta: column(&beta, device, kind)?,
+            c_skip: column(&c_skip, device, kind)?,
+            c_out: column(&c_out, device, kind)?,
+            alpha_next: column(&alpha_next, device, kind)?,
+            beta_next: column(&beta_next, device, kind)?,
+            init_noise,
+            init_noise_rolled,
+            latent_shape,
+        })
+    }
+
+    /// The scheduler's denoised estimate for latents `x` and noise prediction `eps`, per slot.
+    fn denoise(&self, x: &Tensor, eps: &Tensor) -> Result<Tensor> {
+        let f_theta = x.f_sub(&self.beta.f_mul(eps)?)?.f_div(&self.alpha)?;
+        Ok(self.c_out.f_mul(&f_theta)?.f_add(&self.c_skip.f_mul(x)?)?)
+    }
+}
+
+/// This stream's share of a UNet batch.
+pub struct UnetWork {
+    pub sample: Tensor,
+    pub timesteps: Tensor,
+    pub embeddings: Tensor,
+}
+
+/// What a stream gives for one input frame.
+pub enum FrameResult {
+    /// The latent (1, 4, h, w) leaving the last slot, to decode. `warmup` is true for the first `n - 1`
+    /// frames of a multi-stage stream (their content comes from the empty buffer).
+    Latent { latent: Tensor, answers: u64, warmup: bool },
+}
+
+/// One client's stream state.
+pub struct Stream {
+    pub id: u64,
+    settings: StreamSettings,
+    prepared: Prepared,
+    generator: CpuGenerator,
+    buffer: Option<Tensor>,
+    stock_noise: Tensor,
+    cond: prompts::PromptState,
+    uncond: Tensor,
+    filter: similarity::SimilarityFilter,
+    /// Input frame ids in flight, oldest first (the output of a frame leaves n - 1 frames later).
+    in_flight: VecDeque<u64>,
+    /// The slot latents of the frame being processed between begin and finish.
+    pending_x: Option<Tensor>,
+    /// The last decoded output (1, 3, H, W) in [-1, 1], returned for skipped frames.
+    pub previous_output: Option<Tensor>,
+    pub frames_skipped: u64,
+}
+
+impl Stream {
+    /// A stream with `settings` (validated), its prompt embeddings (1, 77, D) given by the caller (who owns
+    /// the prompt cache).
+    pub fn new(id: u64, sd: &StableDiffusion, settings: StreamSettings, cond: Tensor, uncond: Tensor) -> Result<Self> {
+        settings.validate()?;
+        let f = sd.vae_scale_factor();
+        if settings.width % f != 0 || settings.height % f != 0 {
+            return Err(Error::invalid("width/height", format!("must be multiples of {f} for this model")));
+        }
+        let mut generator = CpuGenerator::new(settings.seed)?;
+        let prepared = Prepared::new(sd, &settings, &mut generator)?;
+        let stock_noise = prepared.init_noise.f_zeros_like()?;
+        let buffer = Self::empty_buffer(&prepared)?;
+        Ok(Stream {
+            id,
+            filter: similarity::SimilarityFilter::new(settings.seed),
+            settings,
+            prepared,
+            generator,
+            buffer,
+            stock_noise,
+            cond: prompts::PromptState::new(cond),
+            uncond,
+            in_flight: VecDeque::new(),
+            pending_x: None,
+            previous_output: None,
+            frames_skipped: 0,
+        })
+    }
+
+    fn empty_buffer(p: &Prepared) -> Result<Option<Tensor>> {
+        if p.n > 1 {
+            let [_, c, h, w] = p.latent_shape;
+            Ok(Some(Tensor::f_zeros([p.n - 1, c, h, w], (p.init_noise.kind(), p.init_noise.device()))?))
+        } else {
+            Ok(None)
+        }
+    }
+
+    pub fn settings(&self) -> &StreamSettings {
+        &self.settings
+    }
+
+    /// Number of denoising slots.
+    pub fn slots(&self) -> i64 {
+        self.prepared.n
+    }
+
+    /// Applies new settings (already validated by the caller with [`StreamSettings::patched`]). Prompt
+    /// embeddings change through [`Stream::set_prompt_embeddings`]. Only a change of seed, size, stages, mode or
+    /// stream scheduler re-primes the stream; everything else takes effect on the next frame with the latent
+    /// buffer flowing on.
+    pub fn apply_settings(&mut self, sd: &StableDiffusion, next: StreamSettings) -> Result<()> {
+        next.validate()?;
+        if self.settings.needs_reprime(&next) {
+            let mut generator = CpuGenerator::new(next.seed)?;
+            let prepared = Prepared::new(sd, &next, &mut generator)?;
+            self.buffer = Self::empty_buffer(&prepared)?;
+            self.stock_noise = prepared.init_noise.f_zeros_like()?;
+            self.prepared = prepared;
+            self.generator = generator;
+            self.filter = similarity::SimilarityFilter::new(next.seed);
+            self.in_flight.clear();
+        }
+        self.settings = next;
+        Ok(())
+    }
+
+    /// New text conditioning: blended in over the configured number of frames (the unconditional one at once).
+    pub fn set_prompt_embeddings(&mut self, cond: Tensor, uncond: Tensor) {
+        let s = &self.settings;
+        self.cond.set_target(cond, s.prompt_transition_frames, s.prompt_interpolation);
+        self.uncond = uncond;
+    }
+
+    /// Whether `image` ((1, 3, H, W) in [-1, 1]) should be skipped by the similarity filter.
+    pub fn should_skip(&mut self, image: &Tensor) -> Result<bool> {
+        if !self.settings.similarity_filter || self.settings.mode == Mode::Txt2img {
+            return Ok(false);
+        }
+        let s = &self.settings;
+        let skip = self.filter.should_skip(image, s.similarity_threshold, s.max_skip_frames)?;
+        if skip {
+            self.frames_skipped += 1;
+        }
+        Ok(skip)
+    }
+
+    /// Noise for the VAE's latent sample of this stream's next frame (drawn from the stream's generator, as
+    /// StreamDiffusion draws it from its pipeline generator).
+    pub fn vae_sample_noise(&mut self, shape: &[i64], device: Device, kind: Kind) -> Result<Tensor> {
+        self.generator.randn(shape, device, kind)
+    }
+
+    /// The latent entering slot 0 for this frame: for img2img the encoded frame (already in the UNet's scale)
+    /// noised to the first stage with the first slot's fixed noise; for txt2img fresh noise from the stream's
+    /// generator (pass `None`).
+    pub fn entry_latent(&mut self, encoded: Option<&Tensor>) -> Result<Tensor> {
+        let p = &self.prepared;
+        match (self.settings.mode, encoded) {
+            (Mode::Img2img, Some(z)) => {
+                let noise0 = p.init_noise.f_narrow(0, 0, 1)?;
+                Ok(p.alpha.f_narrow(0, 0, 1)?.f_mul(z)?.f_add(&p.beta.f_narrow(0, 0, 1)?.f_mul(&noise0)?)?)
+            }
+            (Mode::Txt2img, _) => {
+                let (device, kind) = (p.init_noise.device(), p.init_noise.kind());
+                self.generator.randn(&p.latent_shape, Device::Cpu, Kind::Float)?.f_to_device(device)?.f_to_kind(kind).map_err(Into::into)
+            }
+            (Mode::Img2img, None) => Err(Error::invalid("frame", "an img2img stream needs an input frame")),
+        }
+    }
+
+    fn guided(&self) -> bool {
+        self.settings.guidance > 1.0
+    }
+
+    /// Starts a frame: stacks the entry latent with the in-flight slots and builds this stream's share of the
+    /// UNet batch (n items; n + 1 with `initialize` guidance; 2n with `full`).
+    pub fn begin(&mut self, entry: Tensor, frame_id: u64) -> Result<UnetWork> {
+        let p = &self.prepared;
+        let x = match &self.buffer {
+            Some(buffer) => {
+                let first_noise = p.init_noise.f_narrow(0, 0, 1)?;
+                let kept = self.stock_noise.f_narrow(0, 0, p.n - 1)?;
+                self.stock_noise = Tensor::f_cat(&[first_noise, kept], 0)?;
+                Tensor::f_cat(&[&entry, buffer], 0)?
+            }
+            None => entry,
+        };
+        let cond = self.cond.next()?.f_to_kind(p.init_noise.kind())?;
+        let cond_n = cond.f_expand([p.n, cond.size()[1], cond.size()[2]], false)?;
+        let uncond = self.uncond.f_to_kind(p.init_noise.kind())?;
+        let work = match (self.guided(), self.settings.cfg_type) {
+            (true, CfgType::Initialize) => UnetWork {
+                sample: Tensor::f_cat(&[&x.f_narrow(0, 0, 1)?, &x], 0)?,
+                timesteps: Tensor::f_cat(&[&p.timesteps.f_narrow(0, 0, 1)?, &p.timesteps], 0)?,
+                embeddings: Tensor::f_cat(&[&uncond, &cond_n], 0)?,
+            },
+            (true, CfgType::Full) => UnetWork {
+                sample: Tensor::f_cat(&[&x, &x], 0)?,
+                timesteps: Tensor::f_cat(&[&p.timesteps, &p.timesteps], 0)?,
+                embeddings: Tensor::f_cat(&[&uncond.f_expand_as(&cond_n)?, &cond_n], 0)?,
+            },
+            _ => UnetWork { sample: x.shallow_clone(), timesteps: p.timesteps.shallow_clone(), embeddings: cond_n },
+        };
+        self.pending_x = Some(x);
+        self.in_flight.push_back(frame_id);
+        Ok(work)
+    }
+
+    /// Finishes a frame from this stream's share of the UNet prediction: guidance, the per-slot scheduler step,
+    /// the stock-noise and buffer updates. Gives the latent leaving the last slot.
+    pub fn finish(&mut self, model_pred: &Tensor) -> Result<FrameResult> {
+        let x = self.pending_x.take().ok_or_else(|| Error::Model("stream finish without begin".into()))?;
+        let p = &self.prepared;
+        let (guided, cfg, g) = (self.guided(), self.settings.cfg_type, self.settings.guidance);
+        let (text, mut uncond) = match (guided, cfg) {
+            (true, CfgType::Initialize) => {
+                let rest = self.stock_noise.f_narrow(0, 1, p.n - 1)?;
+                self.stock_noise = Tensor::f_cat(&[&model_pred.f_narrow(0, 0, 1)?, &rest], 0)?;
+                (model_pred.f_narrow(0, 1, p.n)?, None)
+            }
+            (true, CfgType::Full) => {
+                let parts = model_pred.f_chunk(2, 0)?;
+                (parts[1].shallow_clone(), Some(parts[0].shallow_clone()))
+            }
+            _ => (model_pred.shallow_clone(), None),
+        };
+        if guided && matches!(cfg, CfgType::SelfNoise | CfgType::Initialize) {
+            uncond = Some(self.stock_noise.f_mul_scalar(self.settings.delta)?);
+        }
+        let eps = match (guided && cfg != CfgType::None, uncond) {
+            (true, Some(u)) => u.f_add(&text.f_sub(&u)?.f_mul_scalar(g)?)?,
+            _ => text,
+        };
+        let denoised = p.denoise(&x, &eps)?;
+        if matches!(cfg, CfgType::SelfNoise | CfgType::Initialize) {
+            let scaled_noise = p.beta.f_mul(&self.stock_noise)?;
+            let delta_x = p.denoise(&scaled_noise, &eps)?;
+            let delta_x = p.alpha_next.f_mul(&delta_x)?.f_div(&p.beta_next)?;
+            self.stock_noise = p.init_noise_rolled.f_add(&delta_x)?;
+        }
+        let latent = if let Some(buffer) = &mut self.buffer {
+            let n = p.n;
+            let head = denoised.f_narrow(0, 0, n - 1)?;
+            let renoise = match self.settings.scheduler {
+                StreamScheduler::Lcm => p.init_noise.f_narrow(0, 1, n - 1)?,
+                StreamScheduler::Ddim => eps.f_narrow(0, 0, n - 1)?,
+            };
+            *buffer = p.alpha.f_narrow(0, 1, n - 1)?.f_mul(&head)?.f_add(&p.beta.f_narrow(0, 1, n - 1)?.f_mul(&renoise)?)?;
+            denoised.f_narrow(0, n - 1, 1)?
+        } else {
+            denoised
+        };
+        let warmup = (self.in_flight.len() as i64) < p.n;
+        let answers = if warmup {
+            *self.in_flight.back().unwrap_or(&0)
+        } else {
+            self.in_flight.pop_front().unwrap_or(0)
+        };
+        Ok(FrameResult::Latent { latent, answers, warmup })
+    }
+}

@@ -1,0 +1,94 @@
+//! StreamDiffusion's stochastic similarity filter: when a frame is nearly the same as the last one that was
+//! processed, skip it (return the previous output without any model call) with a probability that grows with
+//! the cosine similarity, and never more than `max_skip_frames` times in a row.
+use crate::error::Result;
+use rand::{Rng, SeedableRng};
+use tch::{Kind, Tensor};
+
+pub struct SimilarityFilter {
+    prev: Option<Tensor>,
+    skips_in_a_row: u32,
+    rng: rand::rngs::StdRng,
+}
+
+/// The probability of skipping a frame whose cosine similarity to the last processed frame is `cos`.
+pub fn skip_probability(cos: f64, threshold: f64) -> f64 {
+    if threshold >= 1.0 {
+        0.0
+    } else {
+        (1.0 - (1.0 - cos) / (1.0 - threshold)).max(0.0)
+    }
+}
+
+impl SimilarityFilter {
+    pub fn new(seed: u64) -> Self {
+        SimilarityFilter { prev: None, skips_in_a_row: 0, rng: rand::rngs::StdRng::seed_from_u64(seed) }
+    }
+
+    /// Forgets the last frame (after a re-prime or a size change).
+    pub fn reset(&mut self) {
+        self.prev = None;
+        self.skips_in_a_row = 0;
+    }
+
+    /// Whether to skip `frame` (any shape; compared flattened). Keeps `frame` as the reference when it is not
+    /// skipped. The cosine similarity costs one host synchronisation.
+    pub fn should_skip(&mut self, frame: &Tensor, threshold: f64, max_skip_frames: u32) -> Result<bool> {
+        let Some(prev) = &self.prev else {
+            self.prev = Some(frame.f_detach_copy()?);
+            return Ok(false);
+        };
+        if prev.size() != frame.size() {
+            self.prev = Some(frame.f_detach_copy()?);
+            self.skips_in_a_row = 0;
+            return Ok(false);
+        }
+        let a = prev.f_reshape([-1])?.f_to_kind(Kind::Float)?;
+        let b = frame.f_reshape([-1])?.f_to_kind(Kind::Float)?;
+        let cos = Tensor::f_cosine_similarity(&a, &b, 0, 1e-8)?.f_double_value(&[])?;
+        let sample: f64 = self.rng.random_range(0.0..1.0);
+        if skip_probability(cos, threshold) < sample || self.skips_in_a_row >= max_skip_frames {
+            self.prev = Some(frame.f_detach_copy()?);
+            self.skips_in_a_row = 0;
+            Ok(false)
+        } else {
+            self.skips_in_a_row += 1;
+            Ok(true)
+        }
+    }
+}
+
+trait DetachCopy {
+    fn f_detach_copy(&self) -> Result<Tensor>;
+}
+
+impl DetachCopy for Tensor {
+    fn f_detach_copy(&self) -> Result<Tensor> {
+        Ok(self.f_detach()?.f_clone(self)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probability_follows_streamdiffusion() {
+        assert_eq!(skip_probability(1.0, 0.98), 1.0);
+        assert_eq!(skip_probability(0.9, 0.98), 0.0);
+        assert!((skip_probability(0.99, 0.98) - 0.5).abs() < 1e-9);
+        assert_eq!(skip_probability(1.0, 1.0), 0.0);
+    }
+
+    #[test]
+    fn identical_frames_skip_up_to_the_limit_and_different_ones_never() {
+        let a = Tensor::rand([1, 3, 8, 8], (Kind::Float, tch::Device::Cpu));
+        let b = Tensor::rand([1, 3, 8, 8], (Kind::Float, tch::Device::Cpu)) - 0.5;
+        let mut f = SimilarityFilter::new(0);
+        assert!(!f.should_skip(&a, 0.98, 3).unwrap());
+        let skips: Vec<bool> = (0..8).map(|_| f.should_skip(&a, 0.98, 3).unwrap()).collect();
+        assert_eq!(skips, vec![true, true, true, false, true, true, true, false]);
+        assert!(!f.should_skip(&b, 0.98, 3).unwrap());
+        assert!(!f.should_skip(&a, 0.98, 3).unwrap());
+    }
+}

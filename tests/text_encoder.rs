@@ -1,0 +1,152 @@
+//! Parity of the CLIP tokenizer and text encoder with transformers (fixtures from tools/make_fixtures.py),
+//! plus the errors a broken tokenizer folder or weights file gives.
+use sdstream::models::clip::{ClipTextConfig, ClipTextModel};
+use sdstream::models::tokenizer::ClipTokenizer;
+use sdstream::models::{read_config, Weights};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+const MODELS: [&str; 3] = ["sd1-tiny", "sd2-tiny", "lcm-tiny"];
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// A fixture path that must exist (run tools/make_fixtures.py to create them).
+fn fixture(rel: &str) -> PathBuf {
+    let p = fixtures().join(rel);
+    assert!(p.exists(), "missing test fixture {} (generate with tools/make_fixtures.py)", p.display());
+    p
+}
+
+fn read_tensors(path: &Path) -> HashMap<String, Tensor> {
+    Tensor::read_safetensors(path)
+        .unwrap_or_else(|e| panic!("cannot read fixture {}: {e}", path.display()))
+        .into_iter()
+        .collect()
+}
+
+fn tensor<'a>(m: &'a HashMap<String, Tensor>, name: &str, file: &Path) -> &'a Tensor {
+    m.get(name).unwrap_or_else(|| panic!("fixture {} has no tensor `{name}`", file.display()))
+}
+
+fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
+    assert_eq!(got.size(), want.size(), "{what}: shape");
+    let diff = (got.to_kind(Kind::Double) - want.to_kind(Kind::Double)).abs().max().double_value(&[]);
+    assert!(diff < tol, "{what}: max abs diff {diff:e} >= {tol:e}");
+    eprintln!("{what}: max abs diff {diff:e}");
+}
+
+#[test]
+fn tokenizer_matches_transformers() {
+    for model in MODELS {
+        let tok = ClipTokenizer::from_dir(&fixture(&format!("models/{model}/tokenizer"))).unwrap();
+        assert_eq!(tok.max_length(), 77);
+        let ref_path = fixture(&format!("reference/{model}/tokenizer.json"));
+        let cases: Vec<serde_json::Value> =
+            serde_json::from_str(&std::fs::read_to_string(&ref_path).unwrap()).unwrap();
+        assert!(!cases.is_empty());
+        for case in cases {
+            let text = case["text"].as_str().unwrap();
+            let want: Vec<i64> =
+                case["input_ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+            let got = tok.encode(text).unwrap();
+            assert_eq!(got, want, "{model}: ids for {text:?}");
+        }
+    }
+}
+
+#[test]
+fn tokenizer_pad_tokens() {
+    let sd1 = ClipTokenizer::from_dir(&fixture("models/sd1-tiny/tokenizer")).unwrap();
+    let sd2 = ClipTokenizer::from_dir(&fixture("models/sd2-tiny/tokenizer")).unwrap();
+    // SD 1.x pads with <|endoftext|>, SD 2.x with "!"
+    assert_eq!(sd1.pad_id(), sd1.eos_id());
+    assert_ne!(sd2.pad_id(), sd2.eos_id());
+    let ids = sd2.encode("a cat").unwrap();
+    assert_eq!(ids[0], sd2.bos_id());
+    assert_eq!(*ids.last().unwrap(), sd2.pad_id());
+    // truncation keeps the end-of-text token
+    let long = sd1.encode(&"cat ".repeat(200)).unwrap();
+    assert_eq!(long.len(), 77);
+    assert_eq!(long[76], sd1.eos_id());
+}
+
+fn load_text_encoder(model: &str) -> (ClipTextModel, Weights) {
+    let dir = fixture(&format!("models/{model}/text_encoder"));
+    let cfg: ClipTextConfig = read_config(&dir.join("config.json")).unwrap();
+    let w = Weights::from_safetensors(&[fixture(&format!("models/{model}/text_encoder/model.safetensors"))], Device::Cpu, Kind::Float)
+        .unwrap();
+    let m = ClipTextModel::new(&w, cfg).unwrap();
+    (m, w)
+}
+
+#[test]
+fn text_encoder_matches_transformers() {
+    tch::set_num_threads(1);
+    for model in MODELS {
+        let (m, w) = load_text_encoder(model);
+        assert_eq!(w.unused(), Vec::<String>::new(), "{model}: unused text encoder weights");
+        let ref_path = fixture(&format!("reference/{model}/text_encoder.safetensors"));
+        let r = read_tensors(&ref_path);
+        let ids = tensor(&r, "input_ids", &ref_path);
+        let _guard = tch::no_grad_guard();
+        let last = m.forward(ids).unwrap();
+        assert_close(&format!("{model} last_hidden_state"), &last, tensor(&r, "last_hidden_state", &ref_path), 1e-4);
+        let pen = m.hidden_state(ids, 1).unwrap();
+        assert_close(&format!("{model} penultimate"), &pen, tensor(&r, "hidden_state_penultimate", &ref_path), 1e-4);
+        if let Some(normed) = r.get("hidden_state_penultimate_normed") {
+            let skip1 = m.forward_with_skip(ids, 1).unwrap();
+            assert_close(&format!("{model} clip_skip=1"), &skip1, normed, 1e-4);
+        }
+        assert!(m.forward_with_skip(ids, 3).is_err(), "clip_skip beyond the layer count must be an error");
+    }
+}
+
+#[test]
+fn text_encoder_config_defaults() {
+    let cfg: ClipTextConfig = serde_json::from_str("{}").unwrap();
+    assert_eq!(cfg, ClipTextConfig::default());
+    assert_eq!((cfg.hidden_size, cfg.num_hidden_layers, cfg.hidden_act.as_str()), (512, 12, "quick_gelu"));
+}
+
+fn scratch_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sdstream-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn missing_vocab_is_an_error_naming_it() {
+    let src = fixture("models/sd1-tiny/tokenizer");
+    let d = scratch_dir("novocab");
+    for f in ["merges.txt", "tokenizer_config.json", "special_tokens_map.json"] {
+        std::fs::copy(src.join(f), d.join(f)).unwrap();
+    }
+    let err = ClipTokenizer::from_dir(&d).unwrap_err().to_string();
+    assert!(err.contains("vocab.json"), "error does not name vocab.json: {err}");
+    std::fs::copy(src.join("vocab.json"), d.join("vocab.json")).unwrap();
+    std::fs::remove_file(d.join("merges.txt")).unwrap();
+    let err = ClipTokenizer::from_dir(&d).unwrap_err().to_string();
+    assert!(err.contains("merges.txt"), "error does not name merges.txt: {err}");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn truncated_weights_are_an_error_naming_the_file() {
+    let src = fixture("models/sd1-tiny/text_encoder/model.safetensors");
+    let d = scratch_dir("truncated");
+    let bytes = std::fs::read(&src).unwrap();
+    for (i, keep) in [bytes.len() / 2, 20, 4].into_iter().enumerate() {
+        let p = d.join(format!("model{i}.safetensors"));
+        std::fs::write(&p, &bytes[..keep]).unwrap();
+        let err = match Weights::from_safetensors(&[&p], Device::Cpu, Kind::Float) {
+            Ok(_) => panic!("a file cut to {keep} bytes loaded"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains(&p.display().to_string()), "error does not name the file: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}
