@@ -212,8 +212,37 @@ pub struct StreamHandle {
     /// The outputs, when the stream was opened with [`EngineHandle::open_stream`].
     pub outputs: Option<Receiver<Output>>,
     pub counters: Arc<StreamCounters>,
+    submitter: Submitter,
+}
+
+/// Hands frames to one stream from any thread (a camera thread, say); cheap to clone. It does not keep the
+/// stream open: frames for a closed stream are discarded by the engine.
+#[derive(Clone)]
+pub struct Submitter {
+    id: u64,
     engine: EngineHandle,
-    next_frame: AtomicU64,
+    counters: Arc<StreamCounters>,
+    next_frame: Arc<AtomicU64>,
+}
+
+impl Submitter {
+    /// Hands a frame over, replacing any frame of this stream still waiting (counted as dropped); returns the
+    /// frame's id. Never blocks on the engine.
+    pub fn submit(&self, image: Option<RgbImage>) -> u64 {
+        let id = self.next_frame.fetch_add(1, Ordering::Relaxed);
+        self.submit_with_id(id, image);
+        id
+    }
+
+    /// Like [`Submitter::submit`] with a caller-chosen frame id.
+    pub fn submit_with_id(&self, id: u64, image: Option<RgbImage>) {
+        self.counters.frames_in.fetch_add(1, Ordering::Relaxed);
+        let frame = Frame { id, image, received: Instant::now() };
+        if self.engine.shared.pending.lock().insert(self.id, frame).is_some() {
+            self.counters.dropped_input.fetch_add(1, Ordering::Relaxed);
+        }
+        let _ = self.engine.wake.try_send(());
+    }
 }
 
 impl EngineHandle {
@@ -246,7 +275,9 @@ impl EngineHandle {
         let counters = Arc::new(StreamCounters::default());
         let c = counters.clone();
         let id = self.request(|reply| Command::Open { settings, outputs: sink, counters: c, reply })?;
-        Ok(StreamHandle { id, outputs: None, counters, engine: self.clone(), next_frame: AtomicU64::new(0) })
+        let submitter =
+            Submitter { id, engine: self.clone(), counters: counters.clone(), next_frame: Arc::new(AtomicU64::new(0)) };
+        Ok(StreamHandle { id, outputs: None, counters, submitter })
     }
 
     pub fn counters(&self) -> &EngineCounters {
@@ -255,36 +286,34 @@ impl EngineHandle {
 }
 
 impl StreamHandle {
-    /// Hands a frame to the stream, replacing any frame still waiting (counted as dropped). Returns the frame's
-    /// id. Never blocks on the engine.
+    /// Hands a frame to the stream (see [`Submitter::submit`]).
     pub fn submit(&self, image: Option<RgbImage>) -> u64 {
-        let id = self.next_frame.fetch_add(1, Ordering::Relaxed);
-        self.submit_with_id(id, image);
-        id
+        self.submitter.submit(image)
     }
 
-    /// Like [`StreamHandle::submit`] with a caller-chosen frame id.
+    /// Hands a frame with a caller-chosen id to the stream.
     pub fn submit_with_id(&self, id: u64, image: Option<RgbImage>) {
-        self.counters.frames_in.fetch_add(1, Ordering::Relaxed);
-        let frame = Frame { id, image, received: Instant::now() };
-        if self.engine.shared.pending.lock().insert(self.id, frame).is_some() {
-            self.counters.dropped_input.fetch_add(1, Ordering::Relaxed);
-        }
-        let _ = self.engine.wake.try_send(());
+        self.submitter.submit_with_id(id, image)
+    }
+
+    /// A cloneable way to submit frames from another thread.
+    pub fn submitter(&self) -> Submitter {
+        self.submitter.clone()
     }
 
     /// Changes settings from a JSON object of the fields to change; on error the old settings stay.
     pub fn update_settings(&self, patch: serde_json::Value) -> Result<StreamSettings> {
         let id = self.id;
-        self.engine.request(|reply| Command::Settings { id, patch, reply })
+        self.submitter.engine.request(|reply| Command::Settings { id, patch, reply })
     }
 }
 
 impl Drop for StreamHandle {
     fn drop(&mut self) {
-        self.engine.shared.pending.lock().remove(&self.id);
-        let _ = self.engine.commands.try_send(Command::Close { id: self.id });
-        let _ = self.engine.wake.try_send(());
+        let engine = &self.submitter.engine;
+        engine.shared.pending.lock().remove(&self.id);
+        let _ = engine.commands.send_timeout(Command::Close { id: self.id }, Duration::from_secs(5));
+        let _ = engine.wake.try_send(());
     }
 }
 

@@ -1,6 +1,6 @@
 //! diffusers' `DDIMScheduler` with `eta = 0` (what the Stable Diffusion pipelines pass).
 use super::{
-    check_index, ddpm, np_arange_f64, np_linspace, ClassDefaults, Common, PredictionType, Scheduler,
+    check_index, ddpm, np_arange_f64, np_linspace, torch_pow, ClassDefaults, Common, PredictionType, Scheduler,
     SchedulerConfig, SchedulerKind, StepOutput, TimestepSpacing,
 };
 use crate::error::{Error, Result};
@@ -131,7 +131,7 @@ impl Scheduler for DdimScheduler {
         let alpha_prod_t = self.alpha_prod(t);
         let alpha_prod_t_prev = self.alpha_prod(prev_t);
         let beta_prod_t = 1.0 - alpha_prod_t;
-        let (sqrt_a, sqrt_b) = (alpha_prod_t.sqrt() as f64, beta_prod_t.sqrt() as f64);
+        let (sqrt_a, sqrt_b) = (torch_pow(alpha_prod_t, 0.5) as f64, torch_pow(beta_prod_t, 0.5) as f64);
 
         let (mut pred_original, pred_epsilon) = match self.common.prediction_type {
             PredictionType::Epsilon => {
@@ -150,9 +150,9 @@ impl Scheduler for DdimScheduler {
             pred_original = pred_original.f_clamp(-range, range)?;
         }
         // eta = 0: std_dev_t is 0, so the direction coefficient is sqrt(1 - alpha_prod_t_prev - 0).
-        let dir = (1.0 - alpha_prod_t_prev - 0.0f32).sqrt() as f64;
-        let prev_sample =
-            pred_original.f_mul_scalar(alpha_prod_t_prev.sqrt() as f64)?.f_add(&pred_epsilon.f_mul_scalar(dir)?)?;
+        let dir = torch_pow(1.0 - alpha_prod_t_prev - 0.0, 0.5) as f64;
+        let sqrt_a_prev = torch_pow(alpha_prod_t_prev, 0.5) as f64;
+        let prev_sample = pred_original.f_mul_scalar(sqrt_a_prev)?.f_add(&pred_epsilon.f_mul_scalar(dir)?)?;
         Ok(StepOutput { prev_sample, denoised: Some(pred_original) })
     }
 

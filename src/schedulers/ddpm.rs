@@ -18,11 +18,12 @@ pub fn alphas_cumprod(kind: SchedulerKind, config: &SchedulerConfig) -> Result<V
 }
 
 /// The DDPM forward process `sqrt(a) * x0 + sqrt(1 - a) * noise` with `a = alpha_cumprod_t`: the two square
-/// roots are taken in float32 (as `alphas_cumprod[t].sqrt()` on a float32 tensor, StreamDiffusion's way), then
-/// applied in the tensors' dtype.
+/// roots are taken by libtorch in float32 (as `alphas_cumprod[t].sqrt()` on a float32 CPU tensor,
+/// StreamDiffusion's way), then applied in the tensors' dtype. For float32 tensors this equals diffusers'
+/// DDIM/LCM `add_noise` bit for bit.
 pub fn add_noise(x0: &Tensor, noise: &Tensor, alpha_cumprod_t: f64) -> Result<Tensor> {
     let a = alpha_cumprod_t as f32;
-    let (sqrt_a, sqrt_1ma) = (a.sqrt(), (1.0 - a).sqrt());
+    let (sqrt_a, sqrt_1ma) = (super::torch_sqrt(a), super::torch_sqrt(1.0 - a));
     Ok(x0.f_mul_scalar(sqrt_a as f64)?.f_add(&noise.f_mul_scalar(sqrt_1ma as f64)?)?)
 }
 

@@ -1,6 +1,6 @@
 //! diffusers' `LCMScheduler` (Latent Consistency Models), and the pieces of it StreamDiffusion reuses.
 use super::{
-    check_index, ddim::check_in_schedule, ddpm, ClassDefaults, Common, PredictionType, Scheduler,
+    check_index, ddim::check_in_schedule, ddpm, torch_pow, torch_sqrt, ClassDefaults, Common, PredictionType, Scheduler,
     SchedulerConfig, SchedulerKind, StepOutput,
 };
 use crate::error::{Error, Result};
@@ -17,9 +17,9 @@ const SIGMA_DATA: f32 = 0.5;
 /// pipelines pass the timestep as a tensor, so diffusers computes these in float32; so does this.
 pub fn boundary_condition_scalings(timestep: f64, timestep_scaling: f64) -> (f64, f64) {
     let scaled = timestep as f32 * timestep_scaling as f32;
-    let denom = scaled * scaled + SIGMA_DATA * SIGMA_DATA;
+    let denom = torch_pow(scaled, 2.0) + SIGMA_DATA * SIGMA_DATA;
     let c_skip = SIGMA_DATA * SIGMA_DATA / denom;
-    let c_out = scaled / denom.sqrt();
+    let c_out = scaled / torch_pow(denom, 0.5);
     (c_skip as f64, c_out as f64)
 }
 
@@ -157,7 +157,7 @@ impl Scheduler for LcmScheduler {
         let alpha_prod_t_prev = self.alpha_prod(prev_t);
         let (beta_prod_t, beta_prod_t_prev) = (1.0 - alpha_prod_t, 1.0 - alpha_prod_t_prev);
         let (c_skip, c_out) = boundary_condition_scalings(t, self.timestep_scaling);
-        let (sqrt_a, sqrt_b) = (alpha_prod_t.sqrt() as f64, beta_prod_t.sqrt() as f64);
+        let (sqrt_a, sqrt_b) = (torch_sqrt(alpha_prod_t) as f64, torch_sqrt(beta_prod_t) as f64);
 
         let mut pred_original = match self.common.prediction_type {
             PredictionType::Epsilon => sample.f_sub(&model_output.f_mul_scalar(sqrt_b)?)?.f_div_scalar(sqrt_a)?,
@@ -175,8 +175,8 @@ impl Scheduler for LcmScheduler {
         } else {
             let noise = crate::device::randn_cpu(&model_output.size(), model_output.device(), denoised.kind())?;
             denoised
-                .f_mul_scalar(alpha_prod_t_prev.sqrt() as f64)?
-                .f_add(&noise.f_mul_scalar(beta_prod_t_prev.sqrt() as f64)?)?
+                .f_mul_scalar(torch_sqrt(alpha_prod_t_prev) as f64)?
+                .f_add(&noise.f_mul_scalar(torch_sqrt(beta_prod_t_prev) as f64)?)?
         };
         Ok(StepOutput { prev_sample, denoised: Some(denoised) })
     }

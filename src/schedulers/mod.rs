@@ -331,6 +331,18 @@ pub(crate) fn np_arange_f64(start: f64, stop: f64, step: f64) -> Vec<f64> {
     (0..len).map(|i| if i == 0 { start } else { start + i as f64 * delta }).collect()
 }
 
+/// libtorch's float32 `x ** e` on one CPU value. diffusers computes its coefficients on float32 0-dim tensors,
+/// and libtorch's float32 `sqrt`/`pow` are not always correctly rounded (e.g. `sqrt(0.94337654)` is one ulp
+/// off `f32::sqrt`), so these go through libtorch; `+ - * /` are IEEE in both and done in f32.
+pub(crate) fn torch_pow(x: f32, e: f64) -> f32 {
+    Tensor::from(x).pow_tensor_scalar(e).double_value(&[]) as f32
+}
+
+/// libtorch's float32 `x.sqrt()` on one CPU value (see [`torch_pow`]).
+pub(crate) fn torch_sqrt(x: f32) -> f32 {
+    Tensor::from(x).sqrt().double_value(&[]) as f32
+}
+
 /// Checks `step_index` against the timesteps set.
 pub(crate) fn check_index(timesteps: &[f64], step_index: usize) -> Result<()> {
     if timesteps.is_empty() {

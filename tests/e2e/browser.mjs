@@ -1,0 +1,73 @@
+// Drives the daemon's browser client in headless Chromium with a fake camera:
+// 1. frames from the (fake) camera round-trip through the daemon and show up on the output canvas;
+// 2. on a still test pattern the output settles, and a prompt typed into the prompt box changes it.
+// Usage: node browser.mjs http://127.0.0.1:PORT/   (exit code 0 = pass)
+import { chromium } from "playwright-core";
+
+const url = process.argv[2];
+const executablePath = process.env.CHROMIUM || "/usr/bin/chromium";
+const log = (...a) => console.log("[e2e]", ...a);
+const fail = (msg) => { console.error("[e2e] FAIL:", msg); process.exit(1); };
+
+const browser = await chromium.launch({
+  executablePath,
+  headless: true,
+  args: [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+    "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+  ],
+});
+const timeout = 180_000;
+try {
+  const page = await browser.newPage();
+  page.on("pageerror", (e) => log("page error:", e.message));
+  await page.goto(url);
+  await page.waitForFunction(() => window.sdstream && window.sdstream.ready, null, { timeout });
+  const model = await page.evaluate(() => window.sdstream.model);
+  log("ready:", JSON.stringify(model));
+  if (!model.test_model) fail("expected the bundled random-weight test model");
+  const banner = await page.textContent("#warning");
+  if (!/TEST model/.test(banner)) fail(`the page does not say it runs a test model: "${banner}"`);
+
+  // 1. Camera frames round-trip.
+  await page.click("#camera");
+  await page.waitForFunction(() => window.sdstream.framesReceived >= 3, null, { timeout });
+  const cam = await page.evaluate(() => ({ sent: window.sdstream.framesSent, got: window.sdstream.framesReceived, src: window.sdstream.source, errors: window.sdstream.errors }));
+  log("camera round trip:", JSON.stringify(cam));
+  if (cam.src !== "camera") fail("the camera did not start");
+
+  // 2. A still picture, deterministic guidance: the output settles; a new prompt changes it.
+  const settled = async () => {
+    const v0 = await page.evaluate(() => window.sdstream.settingsVersion);
+    await page.selectOption("#cfg", "none");
+    await page.waitForFunction((v) => window.sdstream.settingsVersion > v, v0, { timeout });
+  };
+  await settled();
+  await page.click("#pattern");
+  const snapshotAfter = async (frames) => {
+    const start = await page.evaluate(() => window.sdstream.framesReceived);
+    await page.waitForFunction((n) => window.sdstream.framesReceived >= n, start + frames, { timeout });
+    return page.evaluate(() => document.getElementById("output").toDataURL("image/png"));
+  };
+  const a1 = await snapshotAfter(5);
+  const a2 = await snapshotAfter(2);
+  if (a1 !== a2) fail("the output of a still picture did not settle");
+  log("still picture: output settled");
+
+  const v0 = await page.evaluate(() => window.sdstream.settingsVersion);
+  await page.fill("#prompt", "a completely different prompt: a neon city at night");
+  await page.press("#prompt", "Enter");
+  await page.waitForFunction((v) => window.sdstream.settingsVersion > v, v0, { timeout });
+  const prompt = await page.evaluate(() => window.sdstream.settings.prompt);
+  if (!prompt.includes("neon city")) fail(`the prompt did not reach the daemon: ${prompt}`);
+  const b = await snapshotAfter(5);
+  if (b === a2) fail("changing the prompt did not change the output");
+  log("prompt change changed the output");
+  const stats = await page.textContent("#stats");
+  log("stats line:", stats.replace(/\n/g, " | "));
+  if (!/fps out/.test(stats)) fail("no stats shown");
+  log("PASS");
+} finally {
+  await browser.close();
+}
