@@ -23,9 +23,17 @@ fn check_case(dir: &Path, name: &str) -> f64 {
     let tensors: HashMap<String, Tensor> =
         Tensor::read_safetensors(dir.join(format!("{name}.safetensors"))).unwrap().into_iter().collect();
     let t = |k: &str| tensors.get(k).unwrap_or_else(|| panic!("{name}: no tensor `{k}`"));
-    let floats = |k: &str| -> Vec<f64> {
-        json[k].as_array().unwrap_or_else(|| panic!("{name}: no `{k}`")).iter().map(|v| v.as_f64().unwrap()).collect()
+    // Every value the fixture JSON holds is an int64 or a float32; compare them as f32, because serde_json's
+    // default float parser can be one f64 ulp off the shortest repr Python wrote.
+    let floats = |k: &str| -> Vec<f32> {
+        json[k]
+            .as_array()
+            .unwrap_or_else(|| panic!("{name}: no `{k}`"))
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect()
     };
+    let as_f32 = |v: &[f64]| -> Vec<f32> { v.iter().map(|&x| x as f32).collect() };
 
     let kind = match json["class"].as_str().unwrap() {
         "DDIMScheduler" => SchedulerKind::Ddim,
@@ -39,15 +47,23 @@ fn check_case(dir: &Path, name: &str) -> f64 {
     sched.set_timesteps(steps).unwrap();
 
     // Schedule values: exact.
-    assert_eq!(sched.timesteps(), floats("timesteps").as_slice(), "{name}: timesteps");
+    assert_eq!(as_f32(sched.timesteps()), floats("timesteps"), "{name}: timesteps");
+    let ts_tensor = Vec::<f64>::try_from(&t("timesteps").to_kind(Kind::Double)).unwrap();
+    assert_eq!(sched.timesteps(), ts_tensor.as_slice(), "{name}: timesteps tensor");
     let expected_kind = if json["timesteps_dtype"] == "int64" { Kind::Int64 } else { Kind::Float };
     assert_eq!(sched.timestep_kind(), expected_kind, "{name}: timestep dtype");
-    assert_eq!(sched.init_noise_sigma(), json["init_noise_sigma"].as_f64().unwrap(), "{name}: init_noise_sigma");
+    assert_eq!(
+        sched.init_noise_sigma() as f32,
+        json["init_noise_sigma"].as_f64().unwrap() as f32,
+        "{name}: init_noise_sigma"
+    );
     let ac = Vec::<f64>::try_from(&t("alphas_cumprod").to_kind(Kind::Double)).unwrap();
     assert_eq!(sched.alphas_cumprod(), ac.as_slice(), "{name}: alphas_cumprod");
     assert_eq!(schedulers::alphas_cumprod(kind, &config).unwrap(), ac, "{name}: alphas_cumprod()");
     if kind == SchedulerKind::Euler {
-        assert_eq!(sched.sigmas().unwrap(), floats("sigmas").as_slice(), "{name}: sigmas");
+        assert_eq!(as_f32(sched.sigmas().unwrap()), floats("sigmas"), "{name}: sigmas");
+        let st = Vec::<f64>::try_from(&t("sigmas").to_kind(Kind::Double)).unwrap();
+        assert_eq!(sched.sigmas().unwrap(), st.as_slice(), "{name}: sigmas tensor");
     }
 
     // The initial latents, drawn as the fixture drew them (gen seed 2, times init_noise_sigma).
@@ -78,7 +94,8 @@ fn check_case(dir: &Path, name: &str) -> f64 {
 
     // add_noise, row by row: DDIM/LCM at arbitrary timesteps (DDPM forward process), Euler at schedule ones.
     let (x0, noise, noised) = (t("add_noise_x0"), t("add_noise_noise"), t("add_noise_noised"));
-    for (row, &ts) in floats("add_noise_timesteps").iter().enumerate() {
+    for (row, ts) in floats("add_noise_timesteps").into_iter().enumerate() {
+        let ts = ts as f64;
         let (x, n) = (x0.narrow(0, row as i64, 1), noise.narrow(0, row as i64, 1));
         let got = match kind {
             SchedulerKind::Euler => {
@@ -92,7 +109,7 @@ fn check_case(dir: &Path, name: &str) -> f64 {
         worst = worst.max(d);
     }
     // The scheduler's own add_noise at its first timestep (the img2img start) agrees with the helper.
-    let first = sched.add_noise(&x0, &noise, 0).unwrap();
+    let first = sched.add_noise(x0, noise, 0).unwrap();
     let expected = match sched.sigmas() {
         Some(s) => x0 + noise * s[0],
         None => schedulers::add_noise(x0, noise, ac[sched.timesteps()[0] as usize]).unwrap(),
@@ -132,7 +149,7 @@ fn config_defaults_are_per_class() {
     let lcm = schedulers::alphas_cumprod(SchedulerKind::Lcm, &empty).unwrap();
     assert_eq!(ddim[0], (1.0f32 - 0.0001) as f64); // linear 1e-4..0.02
     assert_ne!(ddim, lcm); // LCM: scaled_linear 0.00085..0.012
-    // Euler's default spacing is linspace, DDIM's leading.
+                           // Euler's default spacing is linspace, DDIM's leading.
     let mut e = build(SchedulerKind::Euler, &empty).unwrap();
     e.set_timesteps(4).unwrap();
     assert_eq!(e.timesteps(), &[999.0, 666.0, 333.0, 0.0]);
@@ -143,8 +160,10 @@ fn config_defaults_are_per_class() {
     d.set_timesteps(4).unwrap();
     assert_eq!(d.timesteps(), &[751.0, 501.0, 251.0, 1.0]);
     // `_use_default_values` keys fall back to the class default.
-    let c = SchedulerConfig::from_json_str(r#"{"timestep_spacing": "trailing", "_use_default_values": ["timestep_spacing"]}"#)
-        .unwrap();
+    let c = SchedulerConfig::from_json_str(
+        r#"{"timestep_spacing": "trailing", "_use_default_values": ["timestep_spacing"]}"#,
+    )
+    .unwrap();
     assert_eq!(c.timestep_spacing, None);
 }
 
@@ -159,7 +178,9 @@ fn lcm_helpers() {
     assert_eq!((ts[0], ts[32], ts[45], ts[49]), (999, 359, 99, 19));
     let (c_skip, c_out) = schedulers::boundary_condition_scalings(999.0, 10.0);
     let s = 9990.0f64;
-    assert!((c_skip - 0.25 / (s * s + 0.25)).abs() < 1e-12 && (c_out - s / (s * s + 0.25).sqrt()).abs() < 1e-6);
+    assert!(
+        (c_skip - 0.25 / (s * s + 0.25)).abs() < 1e-12 && (c_out - s / (s * s + 0.25).sqrt()).abs() < 1e-6
+    );
     // img2img start, as get_timesteps(4, 0.6): int(2.4) = 2 steps kept.
     assert_eq!(schedulers::img2img_start_index(4, 0.6), 2);
     assert_eq!(schedulers::img2img_start_index(4, 1.0), 0);
@@ -186,7 +207,8 @@ fn bad_configs_name_the_field() {
         assert!(err_of(r#"{"timestep_spacing": "sideways"}"#, kind).contains("timestep_spacing"));
     }
     assert!(err_of(r#"{"use_karras_sigmas": true}"#, SchedulerKind::Euler).contains("use_karras_sigmas"));
-    assert!(err_of(r#"{"interpolation_type": "log_linear"}"#, SchedulerKind::Euler).contains("interpolation_type"));
+    assert!(err_of(r#"{"interpolation_type": "log_linear"}"#, SchedulerKind::Euler)
+        .contains("interpolation_type"));
     assert!(err_of(r#"{"final_sigmas_type": "one"}"#, SchedulerKind::Euler).contains("final_sigmas_type"));
     let e = "karras".parse::<SchedulerKind>().unwrap_err().to_string();
     assert!(e.contains("karras") && e.contains("ddim"), "{e}");

@@ -240,6 +240,7 @@ class RefStream:
         else:
             xin, tin = x, t
         out = self.unet(xin, tin, encoder_hidden_states=self.embeds, return_dict=False)[0]
+        self.last_unet_out = out
         if self.cfg_active and cfg == "initialize":
             eps_c = out[1:]
             self.stock = torch.cat([out[0:1], self.stock[1:]], 0)
@@ -287,6 +288,7 @@ class RefStream:
                     self.buffer = self.alpha[1:] * x0[:-1]
             else:
                 out = x0
+            rec["unet_out"] = self.last_unet_out
             rec["model_pred"] = eps
             rec["x0_batch"] = x0
             rec["stock_noise"] = self.stock.clone()

@@ -86,6 +86,21 @@ pub fn guidance_embedding(w: &[f64], dim: i64) -> Result<Tensor> {
     Ok(emb)
 }
 
+/// The scheduler config as diffusers' StableDiffusionPipeline leaves it after loading (its `__init__` forces
+/// `steps_offset` to 1 and turns a true `clip_sample` off, on the scheduler it was loaded with) and before the
+/// chosen scheduler class is built from it with `from_config`. A `clip_sample` the file does not name is true
+/// for a loaded DDIM/DDPM scheduler (their default), so it is turned off too; for other loaded classes it stays
+/// absent and the chosen class's own default applies.
+pub fn pipeline_scheduler_config(c: &schedulers::SchedulerConfig) -> schedulers::SchedulerConfig {
+    let mut c = c.clone();
+    c.steps_offset = Some(1);
+    let loaded_clips_by_default = matches!(c.class_name.as_deref(), Some("DDIMScheduler") | Some("DDPMScheduler"));
+    if c.clip_sample.is_some() || loaded_clips_by_default {
+        c.clip_sample = Some(false);
+    }
+    c
+}
+
 /// Runs the scheduler's loop from `start` over its timesteps, starting from `latents`.
 fn denoise(
     sd: &StableDiffusion,
@@ -100,7 +115,7 @@ fn denoise(
         let input = if cond.guided { Tensor::f_cat(&[&latents, &latents], 0)? } else { latents.shallow_clone() };
         let input = scheduler.scale_model_input(&input, i)?;
         let batch = input.size()[0];
-        let t = Tensor::f_full([batch], t, (Kind::Float, sd.device))?;
+        let t = Tensor::f_full([batch], t, (scheduler.timestep_kind(), sd.device))?;
         let cond_b = cond.timestep_cond.as_ref().map(|c| c.f_expand([batch, c.size()[1]], false)).transpose()?;
         let eps = sd.unet.forward(&input, &t, &cond.embeddings, cond_b.as_ref())?;
         let eps = if cond.guided {
@@ -120,7 +135,7 @@ pub fn txt2img_latents(sd: &StableDiffusion, p: &GenerateParams) -> Result<Tenso
     p.validate(sd)?;
     let _guard = tch::no_grad_guard();
     let cond = conditioning(sd, p)?;
-    let mut scheduler = schedulers::build(p.scheduler, &sd.scheduler_config)?;
+    let mut scheduler = schedulers::build(p.scheduler, &pipeline_scheduler_config(&sd.scheduler_config))?;
     scheduler.set_timesteps(p.steps)?;
     let f = sd.vae_scale_factor();
     let channels = sd.unet_config.in_channels;
@@ -145,12 +160,11 @@ pub fn img2img_latents(sd: &StableDiffusion, p: &GenerateParams, image: &Tensor,
     }
     let _guard = tch::no_grad_guard();
     let cond = conditioning(sd, p)?;
-    let mut scheduler = schedulers::build(p.scheduler, &sd.scheduler_config)?;
+    let mut scheduler = schedulers::build(p.scheduler, &pipeline_scheduler_config(&sd.scheduler_config))?;
     scheduler.set_timesteps(p.steps)?;
     // diffusers' get_timesteps: keep the last int(steps * strength) timesteps.
     let total = scheduler.timesteps().len();
-    let init = ((p.steps as f64 * strength) as usize).min(p.steps);
-    let start = p.steps.saturating_sub(init).min(total);
+    let start = schedulers::img2img_start_index(p.steps, strength);
     if start >= total {
         return Err(Error::invalid(
             "strength",

@@ -1,14 +1,18 @@
 //! diffusers' `DDIMScheduler` with `eta = 0` (what the Stable Diffusion pipelines pass).
 use super::{
-    check_index, ddpm, np_arange_f64, np_linspace, torch_pow, ClassDefaults, Common, PredictionType, Scheduler,
-    SchedulerConfig, SchedulerKind, StepOutput, TimestepSpacing,
+    check_index, ddpm, np_arange_f64, np_linspace, torch_pow, ClassDefaults, Common, PredictionType,
+    Scheduler, SchedulerConfig, SchedulerKind, StepOutput, TimestepSpacing,
 };
 use crate::error::{Error, Result};
 use tch::{Kind, Tensor};
 
 /// `DDIMScheduler.__init__` defaults.
-pub(crate) const DEFAULTS: ClassDefaults =
-    ClassDefaults { beta_start: 0.0001, beta_end: 0.02, beta_schedule: "linear", timestep_spacing: "leading" };
+pub(crate) const DEFAULTS: ClassDefaults = ClassDefaults {
+    beta_start: 0.0001,
+    beta_end: 0.02,
+    beta_schedule: "linear",
+    timestep_spacing: "leading",
+};
 
 #[derive(Debug, Clone)]
 pub struct DdimScheduler {
@@ -58,16 +62,21 @@ pub(crate) fn ddim_timesteps(c: &Common, steps: usize) -> Result<Vec<i64>> {
         ));
     }
     Ok(match c.timestep_spacing {
-        TimestepSpacing::Linspace => {
-            np_linspace(0.0, (n_train - 1) as f64, steps).iter().rev().map(|t| t.round_ties_even() as i64).collect()
-        }
+        TimestepSpacing::Linspace => np_linspace(0.0, (n_train - 1) as f64, steps)
+            .iter()
+            .rev()
+            .map(|t| t.round_ties_even() as i64)
+            .collect(),
         TimestepSpacing::Leading => {
             let ratio = n_train / steps;
             (0..steps).rev().map(|i| (i * ratio) as i64 + c.steps_offset).collect()
         }
         TimestepSpacing::Trailing => {
             let ratio = n_train as f64 / steps as f64;
-            np_arange_f64(n_train as f64, 0.0, -ratio).iter().map(|t| t.round_ties_even() as i64 - 1).collect()
+            np_arange_f64(n_train as f64, 0.0, -ratio)
+                .iter()
+                .map(|t| t.round_ties_even() as i64 - 1)
+                .collect()
         }
     })
 }
@@ -134,9 +143,10 @@ impl Scheduler for DdimScheduler {
         let (sqrt_a, sqrt_b) = (torch_pow(alpha_prod_t, 0.5) as f64, torch_pow(beta_prod_t, 0.5) as f64);
 
         let (mut pred_original, pred_epsilon) = match self.common.prediction_type {
-            PredictionType::Epsilon => {
-                (sample.f_sub(&model_output.f_mul_scalar(sqrt_b)?)?.f_div_scalar(sqrt_a)?, model_output.shallow_clone())
-            }
+            PredictionType::Epsilon => (
+                sample.f_sub(&model_output.f_mul_scalar(sqrt_b)?)?.f_div_scalar(sqrt_a)?,
+                model_output.shallow_clone(),
+            ),
             PredictionType::Sample => {
                 let eps = sample.f_sub(&model_output.f_mul_scalar(sqrt_a)?)?.f_div_scalar(sqrt_b)?;
                 (model_output.shallow_clone(), eps)

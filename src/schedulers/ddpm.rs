@@ -7,14 +7,15 @@ use crate::error::{Error, Result};
 use tch::{Device, Kind, Tensor};
 
 /// diffusers' `alphas_cumprod` for a scheduler of `kind` built from `config` (that class's defaults for missing
-/// fields), as float32 values widened to f64. Euler's zero-SNR patch of the last value is not applied here.
+/// fields), as float32 values widened to f64 (what [`super::Scheduler::alphas_cumprod`] gives without building
+/// one; Euler's zero-SNR patch of the last value included).
 pub fn alphas_cumprod(kind: SchedulerKind, config: &SchedulerConfig) -> Result<Vec<f64>> {
-    let d = match kind {
-        SchedulerKind::Ddim => super::ddim::DEFAULTS,
-        SchedulerKind::Lcm => super::lcm::DEFAULTS,
-        SchedulerKind::Euler => super::euler::DEFAULTS,
+    let ac = match kind {
+        SchedulerKind::Ddim => alphas_cumprod_f32(config, &super::ddim::DEFAULTS)?,
+        SchedulerKind::Lcm => alphas_cumprod_f32(config, &super::lcm::DEFAULTS)?,
+        SchedulerKind::Euler => super::euler::euler_alphas_cumprod(config)?,
     };
-    Ok(alphas_cumprod_f32(config, &d)?.into_iter().map(f64::from).collect())
+    Ok(ac.into_iter().map(f64::from).collect())
 }
 
 /// The DDPM forward process `sqrt(a) * x0 + sqrt(1 - a) * noise` with `a = alpha_cumprod_t`: the two square
@@ -49,7 +50,9 @@ fn betas(config: &SchedulerConfig, d: &ClassDefaults) -> Result<Tensor> {
     let end = config.beta_end.unwrap_or(d.beta_end);
     match config.beta_schedule.as_deref().unwrap_or(d.beta_schedule) {
         "linear" => Ok(Tensor::f_linspace(start, end, n, opts)?),
-        "scaled_linear" => Ok(Tensor::f_linspace(start.powf(0.5), end.powf(0.5), n, opts)?.f_pow_tensor_scalar(2)?),
+        "scaled_linear" => {
+            Ok(Tensor::f_linspace(start.powf(0.5), end.powf(0.5), n, opts)?.f_pow_tensor_scalar(2)?)
+        }
         "squaredcos_cap_v2" => Ok(Tensor::f_from_slice(&betas_for_alpha_bar(n as usize))?),
         other => Err(Error::invalid(
             "beta_schedule",

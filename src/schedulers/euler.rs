@@ -1,15 +1,19 @@
 //! diffusers' `EulerDiscreteScheduler` as the Stable Diffusion pipelines drive it (`s_churn` 0, so no noise
 //! is ever drawn in `step`).
 use super::{
-    check_index, np_arange_f64, np_linspace, ClassDefaults, Common, PredictionType, Scheduler, SchedulerConfig,
-    SchedulerKind, StepOutput, TimestepSpacing,
+    check_index, np_arange_f64, np_linspace, torch_pow, ClassDefaults, Common, PredictionType, Scheduler,
+    SchedulerConfig, SchedulerKind, StepOutput, TimestepSpacing,
 };
 use crate::error::{Error, Result};
 use tch::{Kind, Tensor};
 
 /// `EulerDiscreteScheduler.__init__` defaults.
-pub(crate) const DEFAULTS: ClassDefaults =
-    ClassDefaults { beta_start: 0.0001, beta_end: 0.02, beta_schedule: "linear", timestep_spacing: "linspace" };
+pub(crate) const DEFAULTS: ClassDefaults = ClassDefaults {
+    beta_start: 0.0001,
+    beta_end: 0.02,
+    beta_schedule: "linear",
+    timestep_spacing: "linspace",
+};
 
 #[derive(Debug, Clone)]
 pub struct EulerScheduler {
@@ -29,30 +33,40 @@ pub struct EulerScheduler {
 impl EulerScheduler {
     pub fn new(config: &SchedulerConfig) -> Result<Self> {
         let mut common = Common::resolve(config, &DEFAULTS, true)?;
-        if config.rescale_betas_zero_snr.unwrap_or(false) {
-            // Euler alone patches the last value so that its sigma stays finite.
-            if let Some(last) = common.alphas_cumprod.last_mut() {
-                *last = 2f32.powi(-24);
-            }
-        }
+        common.alphas_cumprod = euler_alphas_cumprod(config)?;
         match config.interpolation_type.as_deref().unwrap_or("linear") {
             "linear" => {}
-            "log_linear" => return Err(Error::Unsupported("scheduler option `interpolation_type: log_linear`".into())),
+            "log_linear" => {
+                return Err(Error::Unsupported("scheduler option `interpolation_type: log_linear`".into()))
+            }
             other => {
-                return Err(Error::invalid("interpolation_type", format!("`{other}`: expected linear or log_linear")))
+                return Err(Error::invalid(
+                    "interpolation_type",
+                    format!("`{other}`: expected linear or log_linear"),
+                ))
             }
         }
         let final_sigma_min = match config.final_sigmas_type.as_deref().unwrap_or("zero") {
             "zero" => false,
             "sigma_min" => true,
-            other => return Err(Error::invalid("final_sigmas_type", format!("`{other}`: expected zero or sigma_min"))),
+            other => {
+                return Err(Error::invalid(
+                    "final_sigmas_type",
+                    format!("`{other}`: expected zero or sigma_min"),
+                ))
+            }
         };
         let continuous = match config.timestep_type.as_deref().unwrap_or("discrete") {
             "discrete" => false,
             "continuous" => true,
-            other => return Err(Error::invalid("timestep_type", format!("`{other}`: expected discrete or continuous"))),
+            other => {
+                return Err(Error::invalid(
+                    "timestep_type",
+                    format!("`{other}`: expected discrete or continuous"),
+                ))
+            }
         };
-        let mut sigmas: Vec<f32> = training_sigmas(&common.alphas_cumprod).into_iter().rev().collect();
+        let mut sigmas: Vec<f32> = training_sigmas(&common.alphas_cumprod)?.into_iter().rev().collect();
         sigmas.push(0.0);
         let mut s = EulerScheduler {
             alphas_cumprod_f64: common.alphas_cumprod.iter().map(|&a| a as f64).collect(),
@@ -87,7 +101,10 @@ impl EulerScheduler {
             }
             TimestepSpacing::Trailing => {
                 let ratio = n_train as f64 / steps as f64;
-                np_arange_f64(n_train as f64, 0.0, -ratio).iter().map(|t| t.round_ties_even() as f32 - 1.0).collect()
+                np_arange_f64(n_train as f64, 0.0, -ratio)
+                    .iter()
+                    .map(|t| t.round_ties_even() as f32 - 1.0)
+                    .collect()
             }
         }
     }
@@ -97,9 +114,28 @@ impl EulerScheduler {
     }
 }
 
-/// `((1 - alphas_cumprod) / alphas_cumprod) ** 0.5` in float32, in training order.
-fn training_sigmas(alphas_cumprod: &[f32]) -> Vec<f32> {
-    alphas_cumprod.iter().map(|&a| ((1.0 - a) / a).sqrt()).collect()
+/// Euler's `alphas_cumprod`: with `rescale_betas_zero_snr`, Euler alone sets the last value to 2^-24 so that
+/// its sigma stays finite.
+pub(crate) fn euler_alphas_cumprod(config: &SchedulerConfig) -> Result<Vec<f32>> {
+    let mut ac = super::ddpm::alphas_cumprod_f32(config, &DEFAULTS)?;
+    if config.rescale_betas_zero_snr.unwrap_or(false) {
+        if let Some(last) = ac.last_mut() {
+            *last = 2f32.powi(-24);
+        }
+    }
+    Ok(ac)
+}
+
+/// `((1 - alphas_cumprod) / alphas_cumprod) ** 0.5` on the float32 tensor, in training order.
+fn training_sigmas(alphas_cumprod: &[f32]) -> Result<Vec<f32>> {
+    let ac = Tensor::f_from_slice(alphas_cumprod)?;
+    let sigmas = ac.f_neg()?.f_add_scalar(1.0)?.f_div(&ac)?.f_pow_tensor_scalar(0.5)?;
+    Ok(Vec::<f32>::try_from(&sigmas)?)
+}
+
+/// diffusers' `(sigma**2 + 1) ** 0.5` on a float32 0-dim tensor.
+fn sqrt_sigma_sq_plus_one(sigma: f32) -> f32 {
+    torch_pow(torch_pow(sigma, 2.0) + 1.0, 0.5)
 }
 
 /// `np.interp(x, arange(len(fp)), fp)` in float64, as numpy computes it.
@@ -132,10 +168,12 @@ impl Scheduler for EulerScheduler {
             return Err(Error::invalid("num_inference_steps", "must be at least 1"));
         }
         let timesteps = self.spaced_timesteps(steps);
-        let train: Vec<f64> = training_sigmas(&self.common.alphas_cumprod).iter().map(|&s| s as f64).collect();
-        let mut sigmas: Vec<f32> = timesteps.iter().map(|&t| interp_on_integer_grid(t as f64, &train) as f32).collect();
+        let train: Vec<f64> =
+            training_sigmas(&self.common.alphas_cumprod)?.iter().map(|&s| s as f64).collect();
+        let mut sigmas: Vec<f32> =
+            timesteps.iter().map(|&t| interp_on_integer_grid(t as f64, &train) as f32).collect();
         let a0 = self.common.alphas_cumprod[0];
-        sigmas.push(if self.final_sigma_min { ((1.0 - a0) / a0).sqrt() } else { 0.0 });
+        sigmas.push(if self.final_sigma_min { torch_pow((1.0 - a0) / a0, 0.5) } else { 0.0 });
         self.timesteps = if self.continuous_timesteps {
             // torch: 0.25 * sigma.log() on each float32 0-dim tensor.
             let mut v = Vec::with_capacity(steps);
@@ -168,7 +206,7 @@ impl Scheduler for EulerScheduler {
         let max = self.sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         match self.common.timestep_spacing {
             TimestepSpacing::Linspace | TimestepSpacing::Trailing => max as f64,
-            TimestepSpacing::Leading => (max * max + 1.0).sqrt() as f64,
+            TimestepSpacing::Leading => sqrt_sigma_sq_plus_one(max) as f64,
         }
     }
 
@@ -184,7 +222,7 @@ impl Scheduler for EulerScheduler {
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
         check_index(&self.timesteps, step_index)?;
         let sigma = self.sigma(step_index);
-        Ok(sample.f_div_scalar((sigma * sigma + 1.0).sqrt() as f64)?)
+        Ok(sample.f_div_scalar(sqrt_sigma_sq_plus_one(sigma) as f64)?)
     }
 
     /// The Euler step in float32 (diffusers upcasts the sample), cast back to the model output's dtype.
@@ -197,14 +235,15 @@ impl Scheduler for EulerScheduler {
             PredictionType::Sample => model_output.shallow_clone(),
             PredictionType::Epsilon => sample.f_sub(&model_output.f_mul_scalar(sigma_hat as f64)?)?,
             PredictionType::VPrediction => {
-                let c_out = -sigma / (sigma * sigma + 1.0).sqrt();
-                let c_in = sigma * sigma + 1.0;
+                let c_out = -sigma / sqrt_sigma_sq_plus_one(sigma);
+                let c_in = torch_pow(sigma, 2.0) + 1.0;
                 model_output.f_mul_scalar(c_out as f64)?.f_add(&sample.f_div_scalar(c_in as f64)?)?
             }
         };
         let derivative = sample.f_sub(&pred_original)?.f_div_scalar(sigma_hat as f64)?;
         let dt = self.sigmas[step_index + 1] - sigma_hat;
-        let prev_sample = sample.f_add(&derivative.f_mul_scalar(dt as f64)?)?.f_to_kind(model_output.kind())?;
+        let prev_sample =
+            sample.f_add(&derivative.f_mul_scalar(dt as f64)?)?.f_to_kind(model_output.kind())?;
         Ok(StepOutput { prev_sample, denoised: Some(pred_original) })
     }
 

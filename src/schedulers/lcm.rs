@@ -1,14 +1,18 @@
 //! diffusers' `LCMScheduler` (Latent Consistency Models), and the pieces of it StreamDiffusion reuses.
 use super::{
-    check_index, ddim::check_in_schedule, ddpm, torch_pow, torch_sqrt, ClassDefaults, Common, PredictionType, Scheduler,
-    SchedulerConfig, SchedulerKind, StepOutput,
+    check_index, ddim::check_in_schedule, ddpm, torch_pow, torch_sqrt, ClassDefaults, Common, PredictionType,
+    Scheduler, SchedulerConfig, SchedulerKind, StepOutput,
 };
 use crate::error::{Error, Result};
 use tch::{Kind, Tensor};
 
 /// `LCMScheduler.__init__` defaults.
-pub(crate) const DEFAULTS: ClassDefaults =
-    ClassDefaults { beta_start: 0.00085, beta_end: 0.012, beta_schedule: "scaled_linear", timestep_spacing: "leading" };
+pub(crate) const DEFAULTS: ClassDefaults = ClassDefaults {
+    beta_start: 0.00085,
+    beta_end: 0.012,
+    beta_schedule: "scaled_linear",
+    timestep_spacing: "leading",
+};
 
 /// LCM's `sigma_data`.
 const SIGMA_DATA: f32 = 0.5;
@@ -160,20 +164,25 @@ impl Scheduler for LcmScheduler {
         let (sqrt_a, sqrt_b) = (torch_sqrt(alpha_prod_t) as f64, torch_sqrt(beta_prod_t) as f64);
 
         let mut pred_original = match self.common.prediction_type {
-            PredictionType::Epsilon => sample.f_sub(&model_output.f_mul_scalar(sqrt_b)?)?.f_div_scalar(sqrt_a)?,
+            PredictionType::Epsilon => {
+                sample.f_sub(&model_output.f_mul_scalar(sqrt_b)?)?.f_div_scalar(sqrt_a)?
+            }
             PredictionType::Sample => model_output.shallow_clone(),
-            PredictionType::VPrediction => sample.f_mul_scalar(sqrt_a)?.f_sub(&model_output.f_mul_scalar(sqrt_b)?)?,
+            PredictionType::VPrediction => {
+                sample.f_mul_scalar(sqrt_a)?.f_sub(&model_output.f_mul_scalar(sqrt_b)?)?
+            }
         };
         if let Some(range) = self.clip {
             pred_original = pred_original.f_clamp(-range, range)?;
         }
         let denoised = pred_original.f_mul_scalar(c_out)?.f_add(&sample.f_mul_scalar(c_skip)?)?;
 
-        let last = self.num_inference_steps.map_or(true, |n| step_index + 1 == n);
+        let last = self.num_inference_steps.is_none_or(|n| step_index + 1 == n);
         let prev_sample = if last {
             denoised.shallow_clone()
         } else {
-            let noise = crate::device::randn_cpu(&model_output.size(), model_output.device(), denoised.kind())?;
+            let noise =
+                crate::device::randn_cpu(&model_output.size(), model_output.device(), denoised.kind())?;
             denoised
                 .f_mul_scalar(torch_sqrt(alpha_prod_t_prev) as f64)?
                 .f_add(&noise.f_mul_scalar(torch_sqrt(beta_prod_t_prev) as f64)?)?

@@ -10,8 +10,10 @@
 //! (the full list, img2img included), which is what diffusers' `step_index`/`begin_index` bookkeeping amounts
 //! to. The loop diffusers runs is:
 //! ```text
-//! sched.set_timesteps(n)?;                       // LCM img2img pipeline: set_timesteps_with_strength(n, s)
+//! sched.set_timesteps(n)?;
 //! let start = img2img_start_index(n, strength);  // txt2img: 0
+//! // (diffusers' LatentConsistencyModelImg2ImgPipeline instead calls set_timesteps_with_strength(n, s)
+//! //  and starts at 0)
 //! latents = txt2img ? noise * init_noise_sigma : sched.add_noise(&x0, &noise, start)?;
 //! for i in start..sched.timesteps().len() {
 //!     let inp = sched.scale_model_input(&latents, i)?;
@@ -176,7 +178,10 @@ pub trait Scheduler: Send {
         if strength != 1.0 {
             return Err(Error::invalid(
                 "strength",
-                format!("{} takes no strength in set_timesteps; use img2img_start_index", self.kind().class_name()),
+                format!(
+                    "{} takes no strength in set_timesteps; use img2img_start_index",
+                    self.kind().class_name()
+                ),
             ));
         }
         self.set_timesteps(steps)
@@ -290,15 +295,22 @@ pub(crate) struct Common {
 }
 
 impl Common {
-    pub fn resolve(config: &SchedulerConfig, d: &ClassDefaults, accept_original_sample: bool) -> Result<Self> {
+    pub fn resolve(
+        config: &SchedulerConfig,
+        d: &ClassDefaults,
+        accept_original_sample: bool,
+    ) -> Result<Self> {
         config.refuse_unsupported()?;
         let num_train_timesteps = config.num_train_timesteps.unwrap_or(1000);
         if num_train_timesteps == 0 {
             return Err(Error::invalid("num_train_timesteps", "must be at least 1"));
         }
-        let prediction_type =
-            PredictionType::parse(config.prediction_type.as_deref().unwrap_or("epsilon"), accept_original_sample)?;
-        let timestep_spacing = TimestepSpacing::parse(config.timestep_spacing.as_deref().unwrap_or(d.timestep_spacing))?;
+        let prediction_type = PredictionType::parse(
+            config.prediction_type.as_deref().unwrap_or("epsilon"),
+            accept_original_sample,
+        )?;
+        let timestep_spacing =
+            TimestepSpacing::parse(config.timestep_spacing.as_deref().unwrap_or(d.timestep_spacing))?;
         let alphas_cumprod = ddpm::alphas_cumprod_f32(config, d)?;
         Ok(Common {
             num_train_timesteps,

@@ -129,26 +129,45 @@ fn tick_group(
             encoded[i] = Some(z.f_narrow(0, j as i64, 1)?);
         }
     }
-    // 2. One UNet call over every slot of every stream.
+    // 2. One UNet call over every slot of every batched stream (streams without the stream batch run their
+    //    stages one by one).
     let mut works = Vec::with_capacity(group.len());
+    let mut sequential = Vec::new();
     for (i, input) in group.iter_mut().enumerate() {
         let entry = input.stream.entry_latent(encoded[i].as_ref())?;
-        works.push(input.stream.begin(entry, input.frame_id)?);
+        if input.stream.batched() {
+            works.push(input.stream.begin(entry, input.frame_id)?);
+        } else {
+            let t0 = Instant::now();
+            sequential.push((i, input.stream.run_sequential(sd, entry, input.frame_id)?));
+            timings.unet += t0.elapsed();
+        }
     }
     let sizes: Vec<i64> = works.iter().map(|w| w.sample.size()[0]).collect();
-    let pred = timed(sd, measure, &mut timings.unet, || {
+    let pred = if works.is_empty() { None } else { Some(timed(sd, measure, &mut timings.unet, || {
         let sample = Tensor::f_cat(&works.iter().map(|w| &w.sample).collect::<Vec<_>>(), 0)?;
         let t = Tensor::f_cat(&works.iter().map(|w| &w.timesteps).collect::<Vec<_>>(), 0)?;
         let emb = Tensor::f_cat(&works.iter().map(|w| &w.embeddings).collect::<Vec<_>>(), 0)?;
         sd.unet.forward(&sample, &t, &emb, None)
-    })?;
-    timings.streams = timings.streams.max(group.len());
+    })?) };
+    timings.streams = timings.streams.max(works.len());
     timings.unet_batch = timings.unet_batch.max(sizes.iter().sum());
     let mut results = Vec::with_capacity(group.len());
     let mut offset = 0;
-    for (input, &size) in group.iter_mut().zip(&sizes) {
-        let FrameResult::Latent { latent, answers, warmup } = input.stream.finish(&pred.f_narrow(0, offset, size)?)?;
-        offset += size;
+    let mut batched_sizes = sizes.iter();
+    let mut sequential = sequential.into_iter().peekable();
+    for (i, input) in group.iter_mut().enumerate() {
+        let result = match sequential.peek() {
+            Some((j, _)) if *j == i => sequential.next().expect("peeked").1,
+            _ => {
+                let size = *batched_sizes.next().expect("one UNet share per batched stream");
+                let pred = pred.as_ref().expect("a UNet call when streams are batched");
+                let r = input.stream.finish(&pred.f_narrow(0, offset, size)?)?;
+                offset += size;
+                r
+            }
+        };
+        let FrameResult::Latent { latent, answers, warmup } = result;
         results.push((latent, answers, warmup));
     }
     // 3. Decode every stream's output in one call.

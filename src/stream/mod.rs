@@ -135,6 +135,8 @@ pub struct Stream {
     pending_x: Option<Tensor>,
     /// The last decoded output (1, 3, H, W) in [-1, 1], returned for skipped frames.
     pub previous_output: Option<Tensor>,
+    /// The last latent that left the last slot (before decoding).
+    last_latent: Option<Tensor>,
     pub frames_skipped: u64,
 }
 
@@ -164,6 +166,7 @@ impl Stream {
             in_flight: VecDeque::new(),
             pending_x: None,
             previous_output: None,
+            last_latent: None,
             frames_skipped: 0,
         })
     }
@@ -179,6 +182,16 @@ impl Stream {
 
     pub fn settings(&self) -> &StreamSettings {
         &self.settings
+    }
+
+    /// The latent that last left the last slot (what was decoded for the last output).
+    pub fn last_latent(&self) -> Option<Tensor> {
+        self.last_latent.as_ref().map(Tensor::shallow_clone)
+    }
+
+    /// Whether this stream runs the stream batch (and so can share a UNet call with other streams).
+    pub fn batched(&self) -> bool {
+        self.settings.denoising_batch
     }
 
     /// Number of denoising slots.
@@ -323,11 +336,16 @@ impl Stream {
         let latent = if let Some(buffer) = &mut self.buffer {
             let n = p.n;
             let head = denoised.f_narrow(0, 0, n - 1)?;
-            let renoise = match self.settings.scheduler {
-                StreamScheduler::Lcm => p.init_noise.f_narrow(0, 1, n - 1)?,
-                StreamScheduler::Ddim => eps.f_narrow(0, 0, n - 1)?,
+            let renoise = match (self.settings.scheduler, self.settings.add_noise) {
+                (StreamScheduler::Lcm, true) => Some(p.init_noise.f_narrow(0, 1, n - 1)?),
+                (StreamScheduler::Lcm, false) => None,
+                (StreamScheduler::Ddim, _) => Some(eps.f_narrow(0, 0, n - 1)?),
             };
-            *buffer = p.alpha.f_narrow(0, 1, n - 1)?.f_mul(&head)?.f_add(&p.beta.f_narrow(0, 1, n - 1)?.f_mul(&renoise)?)?;
+            let mut next = p.alpha.f_narrow(0, 1, n - 1)?.f_mul(&head)?;
+            if let Some(noise) = renoise {
+                next = next.f_add(&p.beta.f_narrow(0, 1, n - 1)?.f_mul(&noise)?)?;
+            }
+            *buffer = next;
             denoised.f_narrow(0, n - 1, 1)?
         } else {
             denoised
@@ -338,6 +356,71 @@ impl Stream {
         } else {
             self.in_flight.pop_front().unwrap_or(0)
         };
+        self.last_latent = Some(latent.shallow_clone());
         Ok(FrameResult::Latent { latent, answers, warmup })
+    }
+
+    /// A whole frame without the stream batch: the stages run one after another (one UNet call each), each
+    /// estimate re-noised to the next stage with fresh noise from the stream's generator; no latency, no
+    /// warm-up. StreamDiffusion's `use_denoising_batch=False`.
+    pub fn run_sequential(&mut self, sd: &StableDiffusion, entry: Tensor, frame_id: u64) -> Result<FrameResult> {
+        let p = &self.prepared;
+        let (device, kind) = (p.init_noise.device(), p.init_noise.kind());
+        let cond = self.cond.next()?.f_to_kind(kind)?;
+        let uncond = self.uncond.f_to_kind(kind)?;
+        let (guided, cfg, g) = (self.guided(), self.settings.cfg_type, self.settings.guidance);
+        // Without the stream batch StreamDiffusion never updates the stock noise (but `initialize` still puts
+        // the real unconditional prediction in its first row).
+        let mut stock = self.stock_noise.f_narrow(0, 0, 1)?.f_zeros_like()?;
+        let mut x = entry;
+        for k in 0..p.n {
+            let t = p.timesteps.f_narrow(0, k, 1)?;
+            let pred = match (guided, cfg) {
+                (true, CfgType::Full) | (true, CfgType::Initialize) => sd.unet.forward(
+                    &Tensor::f_cat(&[&x, &x], 0)?,
+                    &Tensor::f_cat(&[&t, &t], 0)?,
+                    &Tensor::f_cat(&[&uncond, &cond], 0)?,
+                    None,
+                )?,
+                _ => sd.unet.forward(&x, &t, &cond, None)?,
+            };
+            let eps = match (guided, cfg) {
+                (true, CfgType::Full) => {
+                    let parts = pred.f_chunk(2, 0)?;
+                    parts[0].f_add(&parts[1].f_sub(&parts[0])?.f_mul_scalar(g)?)?
+                }
+                (true, CfgType::Initialize) => {
+                    let parts = pred.f_chunk(2, 0)?;
+                    stock = parts[0].shallow_clone();
+                    let u = stock.f_mul_scalar(self.settings.delta)?;
+                    u.f_add(&parts[1].f_sub(&u)?.f_mul_scalar(g)?)?
+                }
+                (true, CfgType::SelfNoise) => {
+                    let u = stock.f_mul_scalar(self.settings.delta)?;
+                    u.f_add(&pred.f_sub(&u)?.f_mul_scalar(g)?)?
+                }
+                _ => pred,
+            };
+            let f_theta = x.f_sub(&p.beta.f_narrow(0, k, 1)?.f_mul(&eps)?)?.f_div(&p.alpha.f_narrow(0, k, 1)?)?;
+            let x0 = p.c_out.f_narrow(0, k, 1)?.f_mul(&f_theta)?.f_add(&p.c_skip.f_narrow(0, k, 1)?.f_mul(&x)?)?;
+            if k + 1 < p.n {
+                let mut next = p.alpha.f_narrow(0, k + 1, 1)?.f_mul(&x0)?;
+                let noise = match (self.settings.scheduler, self.settings.add_noise) {
+                    (StreamScheduler::Lcm, true) => {
+                        Some(self.generator.randn(&p.latent_shape, Device::Cpu, Kind::Float)?.f_to_device(device)?.f_to_kind(kind)?)
+                    }
+                    (StreamScheduler::Lcm, false) => None,
+                    (StreamScheduler::Ddim, _) => Some(eps),
+                };
+                if let Some(noise) = noise {
+                    next = next.f_add(&p.beta.f_narrow(0, k + 1, 1)?.f_mul(&noise)?)?;
+                }
+                x = next;
+            } else {
+                x = x0;
+            }
+        }
+        self.last_latent = Some(x.shallow_clone());
+        Ok(FrameResult::Latent { latent: x, answers: frame_id, warmup: false })
     }
 }

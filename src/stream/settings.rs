@@ -79,6 +79,13 @@ pub struct StreamSettings {
     pub guidance: f64,
     /// Residual CFG's scale of the stock noise (StreamDiffusion's delta).
     pub delta: f64,
+    /// Re-noise each slot's estimate with the fixed noise before the next stage (StreamDiffusion's
+    /// `do_add_noise`; LCM only).
+    pub add_noise: bool,
+    /// StreamDiffusion's stream batch (every slot in one UNet call, output n - 1 frames late). When false each
+    /// frame runs its stages one after another (n UNet calls, no latency, fresh re-noising draws), as
+    /// StreamDiffusion's `use_denoising_batch=False`; such a stream is not batched with others.
+    pub denoising_batch: bool,
     pub similarity_filter: bool,
     pub similarity_threshold: f64,
     pub max_skip_frames: u32,
@@ -103,6 +110,8 @@ impl Default for StreamSettings {
             cfg_type: CfgType::SelfNoise,
             guidance: 1.2,
             delta: 1.0,
+            add_noise: true,
+            denoising_batch: true,
             similarity_filter: false,
             similarity_threshold: 0.98,
             max_skip_frames: 10,
@@ -210,6 +219,7 @@ impl StreamSettings {
             || self.stages() != next.stages()
             || self.mode != next.mode
             || self.scheduler != next.scheduler
+            || self.denoising_batch != next.denoising_batch
     }
 }
 

@@ -1,14 +1,26 @@
 //! StreamDiffusion's stochastic similarity filter: when a frame is nearly the same as the last one that was
 //! processed, skip it (return the previous output without any model call) with a probability that grows with
-//! the cosine similarity, and never more than `max_skip_frames` times in a row.
+//! the cosine similarity.
+//!
+//! Exactly as StreamDiffusion's `SimilarImageFilter`: one uniform sample is drawn per call after the first;
+//! the skip counter is reset only by a forced pass (when it exceeds `max_skip_frames`), not by an ordinary
+//! pass, so at most `max_skip_frames + 1` skips happen between forced passes.
 use crate::error::Result;
 use rand::{Rng, SeedableRng};
 use tch::{Kind, Tensor};
 
 pub struct SimilarityFilter {
     prev: Option<Tensor>,
-    skips_in_a_row: u32,
+    skip_count: u32,
     rng: rand::rngs::StdRng,
+}
+
+/// What the filter decided for one frame, with its numbers.
+#[derive(Debug, Clone, Copy)]
+pub struct Decision {
+    pub skip: bool,
+    pub cos: f64,
+    pub skip_probability: f64,
 }
 
 /// The probability of skipping a frame whose cosine similarity to the last processed frame is `cos`.
@@ -22,39 +34,57 @@ pub fn skip_probability(cos: f64, threshold: f64) -> f64 {
 
 impl SimilarityFilter {
     pub fn new(seed: u64) -> Self {
-        SimilarityFilter { prev: None, skips_in_a_row: 0, rng: rand::rngs::StdRng::seed_from_u64(seed) }
+        SimilarityFilter { prev: None, skip_count: 0, rng: rand::rngs::StdRng::seed_from_u64(seed) }
     }
 
     /// Forgets the last frame (after a re-prime or a size change).
     pub fn reset(&mut self) {
         self.prev = None;
-        self.skips_in_a_row = 0;
+        self.skip_count = 0;
     }
 
     /// Whether to skip `frame` (any shape; compared flattened). Keeps `frame` as the reference when it is not
     /// skipped. The cosine similarity costs one host synchronisation.
     pub fn should_skip(&mut self, frame: &Tensor, threshold: f64, max_skip_frames: u32) -> Result<bool> {
+        let rng = &mut self.rng;
+        Ok(self.decide(frame, threshold, max_skip_frames, || rng.random_range(0.0..1.0))?.skip)
+    }
+
+    /// The decision with an injected uniform sample source (`sample` is called once per call after the first,
+    /// as StreamDiffusion draws `random.uniform(0, 1)`).
+    pub fn decide(
+        &mut self,
+        frame: &Tensor,
+        threshold: f64,
+        max_skip_frames: u32,
+        sample: impl FnOnce() -> f64,
+    ) -> Result<Decision> {
         let Some(prev) = &self.prev else {
             self.prev = Some(frame.f_detach_copy()?);
-            return Ok(false);
+            return Ok(Decision { skip: false, cos: 1.0, skip_probability: 0.0 });
         };
         if prev.size() != frame.size() {
             self.prev = Some(frame.f_detach_copy()?);
-            self.skips_in_a_row = 0;
-            return Ok(false);
+            return Ok(Decision { skip: false, cos: 0.0, skip_probability: 0.0 });
         }
         let a = prev.f_reshape([-1])?.f_to_kind(Kind::Float)?;
         let b = frame.f_reshape([-1])?.f_to_kind(Kind::Float)?;
-        let cos = Tensor::f_cosine_similarity(&a, &b, 0, 1e-8)?.f_double_value(&[])?;
-        let sample: f64 = self.rng.random_range(0.0..1.0);
-        if skip_probability(cos, threshold) < sample || self.skips_in_a_row >= max_skip_frames {
-            self.prev = Some(frame.f_detach_copy()?);
-            self.skips_in_a_row = 0;
-            Ok(false)
+        let cos = Tensor::f_cosine_similarity(&a, &b, 0, 1e-6)?.f_double_value(&[])?;
+        let sample = sample();
+        let p = skip_probability(cos, threshold);
+        let skip = if p < sample {
+            false
+        } else if self.skip_count > max_skip_frames {
+            self.skip_count = 0;
+            false
         } else {
-            self.skips_in_a_row += 1;
-            Ok(true)
+            self.skip_count += 1;
+            true
+        };
+        if !skip {
+            self.prev = Some(frame.f_detach_copy()?);
         }
+        Ok(Decision { skip, cos, skip_probability: p })
     }
 }
 
@@ -86,8 +116,9 @@ mod tests {
         let b = Tensor::rand([1, 3, 8, 8], (Kind::Float, tch::Device::Cpu)) - 0.5;
         let mut f = SimilarityFilter::new(0);
         assert!(!f.should_skip(&a, 0.98, 3).unwrap());
-        let skips: Vec<bool> = (0..8).map(|_| f.should_skip(&a, 0.98, 3).unwrap()).collect();
-        assert_eq!(skips, vec![true, true, true, false, true, true, true, false]);
+        // max 3: four skips (the counter must exceed 3), then a forced pass, and so on.
+        let skips: Vec<bool> = (0..10).map(|_| f.should_skip(&a, 0.98, 3).unwrap()).collect();
+        assert_eq!(skips, vec![true, true, true, true, false, true, true, true, true, false]);
         assert!(!f.should_skip(&b, 0.98, 3).unwrap());
         assert!(!f.should_skip(&a, 0.98, 3).unwrap());
     }

@@ -1,0 +1,44 @@
+//! Helpers shared by the integration tests: fixture paths, reference tensors, comparisons.
+#![allow(dead_code)]
+use std::collections::HashMap;
+use std::path::PathBuf;
+use tch::Tensor;
+
+/// A path under the repository root; panics (fails the test) naming the fixture when it does not exist.
+pub fn fixture(rel: &str) -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel);
+    assert!(p.exists(), "missing fixture {} (regenerate with the scripts in tools/)", p.display());
+    p
+}
+
+/// All tensors of a safetensors file by name.
+pub fn tensors(rel: &str) -> HashMap<String, Tensor> {
+    let p = fixture(rel);
+    Tensor::read_safetensors(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).into_iter().collect()
+}
+
+pub fn json(rel: &str) -> serde_json::Value {
+    let p = fixture(rel);
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// Largest absolute difference (shapes must match).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size(), "shape mismatch");
+    let a = a.to_kind(tch::Kind::Double).to_device(tch::Device::Cpu);
+    let b = b.to_kind(tch::Kind::Double).to_device(tch::Device::Cpu);
+    (a - b).abs().max().double_value(&[])
+}
+
+/// Asserts |a - b| <= atol + rtol * |b| elementwise, naming `what`.
+pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, atol: f64, rtol: f64) {
+    assert_eq!(a.size(), b.size(), "{what}: shape {:?} vs {:?}", a.size(), b.size());
+    let a = a.to_kind(tch::Kind::Double).to_device(tch::Device::Cpu);
+    let b = b.to_kind(tch::Kind::Double).to_device(tch::Device::Cpu);
+    let excess = ((&a - &b).abs() - (b.abs() * rtol + atol)).max().double_value(&[]);
+    assert!(excess <= 0.0, "{what}: max abs diff {} exceeds atol {atol} + rtol {rtol}", max_abs_diff(&a, &b));
+}
+
+pub fn cpu_fp32(vae: Option<String>) -> sdstream::models::stable_diffusion::LoadOptions {
+    sdstream::models::stable_diffusion::LoadOptions { device: tch::Device::Cpu, kind: tch::Kind::Float, vae }
+}

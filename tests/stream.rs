@@ -1,0 +1,153 @@
+//! The stream engine against StreamDiffusion: fixtures from tools/make_stream_fixtures.py, which follows
+//! StreamDiffusion's pipeline.py step by step and is verified there against the real `streamdiffusion`
+//! package (max difference 0). Tolerance: atol 1e-4 + rtol 1e-4 (the reference feeds the VAE an NHWC-strided
+//! view, which alone moves results by ~1e-5).
+mod common;
+
+use common::*;
+use sdstream::models::stable_diffusion::StableDiffusion;
+use sdstream::stream::batch::{tick, TickInput};
+use sdstream::stream::settings::{CfgType, Mode, StreamSettings};
+use sdstream::stream::Stream;
+use std::collections::HashMap;
+use tch::Tensor;
+
+const ATOL: f64 = 1e-4;
+const RTOL: f64 = 1e-4;
+
+fn load(case: &serde_json::Value) -> StableDiffusion {
+    let model = case["model"].as_str().unwrap();
+    let vae = case["vae"].as_str().map(|v| fixture(v).display().to_string());
+    StableDiffusion::load(&fixture(model).display().to_string(), &cpu_fp32(vae)).unwrap()
+}
+
+fn settings(case: &serde_json::Value) -> StreamSettings {
+    StreamSettings {
+        prompt: case["prompt"].as_str().unwrap().into(),
+        negative_prompt: case["negative_prompt"].as_str().unwrap_or("").into(),
+        mode: if case["mode"] == "txt2img" { Mode::Txt2img } else { Mode::Img2img },
+        t_index_list: case["t_index_list"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect(),
+        cfg_type: case["cfg_type"].as_str().unwrap().parse::<CfgType>().unwrap(),
+        guidance: case["guidance_scale"].as_f64().unwrap(),
+        delta: case["delta"].as_f64().unwrap(),
+        add_noise: case["do_add_noise"].as_bool().unwrap(),
+        denoising_batch: case["use_denoising_batch"].as_bool().unwrap(),
+        seed: case["seed"].as_u64().unwrap(),
+        width: case["width"].as_i64().unwrap(),
+        height: case["height"].as_i64().unwrap(),
+        ..StreamSettings::default()
+    }
+}
+
+fn frame_tensor(rel: &str) -> Tensor {
+    let img = sdstream::io::image::read(&fixture(rel)).unwrap();
+    sdstream::io::image::to_tensor(&img, tch::Device::Cpu, tch::Kind::Float).unwrap()
+}
+
+fn run_case(name: &str) {
+    let case = json(&format!("tests/fixtures/stream/{name}.json"));
+    let reference = tensors(&format!("tests/fixtures/stream/{name}.safetensors"));
+    let sd = load(&case);
+    let s = settings(&case);
+    let cond = sd.encode_text(&s.prompt, None).unwrap();
+    assert_close(&format!("{name}: prompt_embeds"), &cond, &reference["prompt_embeds"], ATOL, RTOL);
+    let uncond = sd.encode_text(&s.negative_prompt, None).unwrap();
+    let mut stream = Stream::new(0, &sd, s, cond, uncond).unwrap();
+    let frames: Vec<Option<String>> =
+        case["frames"].as_array().unwrap().iter().map(|f| f.as_str().map(|p| format!("tests/fixtures/stream/{p}"))).collect();
+    let warmup = case["warmup_frames"].as_u64().unwrap();
+    for (i, frame) in frames.iter().enumerate() {
+        let image = frame.as_deref().map(frame_tensor);
+        let (outs, _) = tick(&sd, vec![TickInput { stream: &mut stream, frame_id: i as u64, image }], false).unwrap();
+        let out = &outs[0];
+        assert_eq!(out.warmup, (i as u64) < warmup, "{name}: frame {i} warm-up flag");
+        if !out.warmup {
+            assert_eq!(out.answers, i as u64 - warmup, "{name}: frame {i} answers the wrong input");
+        }
+        let latent = stream.last_latent().expect("a latent after a tick");
+        assert_close(&format!("{name}: latent_out_{i}"), &latent, &reference[&format!("latent_out_{i}")], ATOL, RTOL);
+        if let Some(want) = reference.get(&format!("image_out_{i}")) {
+            assert_close(&format!("{name}: image_out_{i}"), out.image.as_ref().unwrap(), want, 1e-3, 1e-3);
+        }
+    }
+}
+
+#[test]
+fn every_streamdiffusion_case_matches() {
+    let dir = fixture("tests/fixtures/stream");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .filter(|n| n.ends_with(".json") && n != "similar_filter.json")
+        .map(|n| n.trim_end_matches(".json").to_string())
+        .collect();
+    names.sort();
+    assert!(names.len() >= 18, "expected the 18 stream cases, found {}", names.len());
+    for name in &names {
+        run_case(name);
+    }
+}
+
+#[test]
+fn similarity_filter_matches_streamdiffusion() {
+    let spec = json("tests/fixtures/stream/similar_filter.json");
+    for sc in spec["scenarios"].as_array().unwrap() {
+        let name = sc["name"].as_str().unwrap();
+        let mut filter = sdstream::stream::similarity::SimilarityFilter::new(0);
+        let samples: Vec<f64> = sc["samples"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let mut next = samples.into_iter();
+        for (i, (input, want)) in sc["inputs"].as_array().unwrap().iter().zip(sc["expected"].as_array().unwrap()).enumerate() {
+            let x = frame_tensor(&format!("tests/fixtures/stream/{}", input.as_str().unwrap()));
+            let d = filter
+                .decide(&x, sc["threshold"].as_f64().unwrap(), sc["max_skip_frame"].as_u64().unwrap() as u32, || {
+                    next.next().expect("a recorded sample per call")
+                })
+                .unwrap();
+            assert_eq!(d.skip, want["skipped"].as_bool().unwrap(), "{name}: call {i}");
+            if let Some(p) = want["skip_prob"].as_f64() {
+                assert!((d.skip_probability - p).abs() < 1e-4, "{name}: call {i} skip probability {} vs {p}", d.skip_probability);
+            }
+        }
+    }
+}
+
+/// Two streams batched into one UNet call give what each gives alone, and never each other's frames.
+#[test]
+fn batched_streams_keep_their_own_outputs() {
+    let case = json("tests/fixtures/stream/sd1_img2img_n2_self.json");
+    let sd = load(&case);
+    let mk = |seed: u64, prompt: &str| {
+        let mut s = settings(&case);
+        s.seed = seed;
+        s.prompt = prompt.into();
+        let cond = sd.encode_text(prompt, None).unwrap();
+        let uncond = sd.encode_text("", None).unwrap();
+        Stream::new(seed, &sd, s, cond, uncond).unwrap()
+    };
+    let frames: Vec<Tensor> = (0..4).map(|i| frame_tensor(&format!("tests/fixtures/stream/frames/frame_00{i}.png"))).collect();
+    let reversed: Vec<Tensor> = frames.iter().rev().map(|t| t.shallow_clone()).collect();
+    let run_alone = |seed, prompt, inputs: &[Tensor]| {
+        let mut s = mk(seed, prompt);
+        inputs
+            .iter()
+            .enumerate()
+            .map(|(i, f)| tick(&sd, vec![TickInput { stream: &mut s, frame_id: i as u64, image: Some(f.shallow_clone()) }], false).unwrap().0.remove(0).image.unwrap())
+            .collect::<Vec<_>>()
+    };
+    let alone_a = run_alone(7, "a cat", &frames);
+    let alone_b = run_alone(8, "a dog", &reversed);
+    let (mut a, mut b) = (mk(7, "a cat"), mk(8, "a dog"));
+    for i in 0..frames.len() {
+        let inputs = vec![
+            TickInput { stream: &mut b, frame_id: i as u64, image: Some(reversed[i].shallow_clone()) },
+            TickInput { stream: &mut a, frame_id: i as u64, image: Some(frames[i].shallow_clone()) },
+        ];
+        let (outs, timings) = tick(&sd, inputs, false).unwrap();
+        assert_eq!(timings.unet_batch, 4, "both streams' slots in one UNet call");
+        let by_id: HashMap<u64, &Tensor> = outs.iter().map(|o| (o.stream_id, o.image.as_ref().unwrap())).collect();
+        assert_close(&format!("stream a frame {i}"), by_id[&7], &alone_a[i], 1e-4, 1e-4);
+        assert_close(&format!("stream b frame {i}"), by_id[&8], &alone_b[i], 1e-4, 1e-4);
+        assert!(max_abs_diff(by_id[&7], by_id[&8]) > 1e-3, "the two streams' outputs must differ");
+    }
+}
