@@ -108,7 +108,9 @@ fn start_camera(
     let sink: OutputSink = Box::new(move |o| tx.try_send(o).is_ok());
     let stream = engine.handle().open_stream_with_sink(config.stream.clone(), sink)?;
     let submit = stream.submitter();
-    let capture = crate::io::camera::start(cam.index, Box::new(move |img| submit.submit(Some(img))))?;
+    let capture = crate::io::camera::start(cam.index, Box::new(move |img| {
+        submit.submit(Some(img));
+    }))?;
     tracing::info!("camera {}: {} -> viewers at /view and /mjpeg", cam.index, capture.description);
     Ok((capture, stream))
 }

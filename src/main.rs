@@ -1,1 +1,298 @@
-fn main() { sdstream::device::init(); println!("sdstream: being built"); }
+//! The `sdstream` command line: parses flags and calls the library.
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use sdstream::models::stable_diffusion::{LoadOptions, StableDiffusion};
+use sdstream::pipeline::{self, GenerateParams};
+use sdstream::stream::settings::StreamSettings;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "sdstream", version, about = "Real-time Stable Diffusion on libtorch")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate one image from a prompt.
+    Txt2img(Txt2Img),
+    /// Transform one image guided by a prompt.
+    Img2img(Img2Img),
+    /// Run a sequence of images through one stream (StreamDiffusion's stream batch), one PNG out per input.
+    Stream(StreamCmd),
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// A diffusers-layout model folder or a Hugging Face model id (e.g. stabilityai/sd-turbo).
+    #[arg(long, default_value = "models/tiny-sd-test")]
+    model: String,
+    /// A separate autoencoder folder or model id (e.g. a TAESD) replacing the model's VAE.
+    #[arg(long)]
+    vae: Option<String>,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// fp32, fp16 or bf16.
+    #[arg(long, default_value = "fp32")]
+    dtype: String,
+}
+
+impl ModelArgs {
+    fn load(&self) -> Result<StableDiffusion> {
+        let opts = LoadOptions {
+            device: sdstream::device::parse_device(&self.device)?,
+            kind: sdstream::device::parse_dtype(&self.dtype)?,
+            vae: self.vae.clone(),
+        };
+        let t0 = std::time::Instant::now();
+        let sd = StableDiffusion::load(&self.model, &opts).with_context(|| format!("loading model `{}`", self.model))?;
+        tracing::info!(
+            "loaded {} on {:?} in {} ({}, {:.1}s)",
+            self.model,
+            opts.device,
+            sdstream::device::dtype_name(opts.kind),
+            sd.autoencoder.name(),
+            t0.elapsed().as_secs_f64()
+        );
+        if sdstream::models::is_test_model(&sd.source.root) {
+            tracing::warn!("`{}` is a random-weight TEST model: its images are noise-like by design", self.model);
+        }
+        Ok(sd)
+    }
+}
+
+#[derive(Args)]
+struct GenArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 25)]
+    steps: usize,
+    /// ddim, lcm or euler.
+    #[arg(long, default_value = "ddim")]
+    scheduler: String,
+    #[arg(long, default_value_t = 7.5)]
+    guidance: f64,
+    /// Image width in pixels (txt2img: 512 when not given; img2img: the input's width).
+    #[arg(long)]
+    width: Option<i64>,
+    /// Image height in pixels (txt2img: 512 when not given; img2img: the input's height).
+    #[arg(long)]
+    height: Option<i64>,
+    /// Skip this many final CLIP layers.
+    #[arg(long)]
+    clip_skip: Option<usize>,
+    #[arg(long, default_value = "out.png")]
+    output: PathBuf,
+}
+
+impl GenArgs {
+    fn params(&self) -> Result<GenerateParams> {
+        Ok(GenerateParams {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            seed: self.seed,
+            steps: self.steps,
+            scheduler: self.scheduler.parse()?,
+            guidance: self.guidance,
+            width: self.width.unwrap_or(512),
+            height: self.height.unwrap_or(512),
+            clip_skip: self.clip_skip,
+        })
+    }
+}
+
+#[derive(Args)]
+struct Txt2Img {
+    #[command(flatten)]
+    gen: GenArgs,
+}
+
+#[derive(Args)]
+struct Img2Img {
+    #[command(flatten)]
+    gen: GenArgs,
+    /// The input image (PNG or JPEG); resized to --width x --height when those are given and differ.
+    #[arg(long)]
+    image: PathBuf,
+    /// How much to change the image, in (0, 1].
+    #[arg(long, default_value_t = 0.6)]
+    strength: f64,
+}
+
+/// Every stream setting as a flag; each one given overrides the defaults (or a config's value).
+#[derive(Args, Default, Clone)]
+pub struct StreamFlags {
+    #[arg(long)]
+    prompt: Option<String>,
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    /// img2img or txt2img.
+    #[arg(long)]
+    mode: Option<String>,
+    /// Denoising stages as indices into the 50-step LCM schedule, e.g. 32,45.
+    #[arg(long, value_delimiter = ',')]
+    t_index_list: Option<Vec<usize>>,
+    /// A 0..1 alternative to --t-index-list (with --steps stages).
+    #[arg(long)]
+    strength: Option<f64>,
+    /// Stages used with --strength (1 to 4).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// The stream's scheduler: lcm or ddim.
+    #[arg(long)]
+    scheduler: Option<String>,
+    /// none, full, self or initialize.
+    #[arg(long)]
+    cfg_type: Option<String>,
+    #[arg(long)]
+    guidance: Option<f64>,
+    #[arg(long)]
+    delta: Option<f64>,
+    #[arg(long)]
+    similarity_filter: Option<bool>,
+    #[arg(long)]
+    similarity_threshold: Option<f64>,
+    #[arg(long)]
+    max_skip_frames: Option<u32>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    width: Option<i64>,
+    #[arg(long)]
+    height: Option<i64>,
+    /// Frames over which a prompt change blends in.
+    #[arg(long)]
+    prompt_transition_frames: Option<u32>,
+    /// linear or slerp.
+    #[arg(long)]
+    prompt_interpolation: Option<String>,
+}
+
+impl StreamFlags {
+    /// The flags given, as a settings patch (JSON object of the fields to change).
+    fn patch(&self) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        let mut put = |k: &str, v: serde_json::Value| {
+            m.insert(k.to_string(), v);
+        };
+        if let Some(v) = &self.prompt { put("prompt", v.clone().into()) }
+        if let Some(v) = &self.negative_prompt { put("negative_prompt", v.clone().into()) }
+        if let Some(v) = &self.mode { put("mode", v.clone().into()) }
+        if let Some(v) = &self.t_index_list { put("t_index_list", serde_json::json!(v)) }
+        if let Some(v) = self.strength { put("strength", v.into()) }
+        if let Some(v) = self.steps { put("steps", v.into()) }
+        if let Some(v) = &self.scheduler { put("scheduler", v.clone().into()) }
+        if let Some(v) = &self.cfg_type { put("cfg_type", v.clone().into()) }
+        if let Some(v) = self.guidance { put("guidance", v.into()) }
+        if let Some(v) = self.delta { put("delta", v.into()) }
+        if let Some(v) = self.similarity_filter { put("similarity_filter", v.into()) }
+        if let Some(v) = self.similarity_threshold { put("similarity_threshold", v.into()) }
+        if let Some(v) = self.max_skip_frames { put("max_skip_frames", v.into()) }
+        if let Some(v) = self.seed { put("seed", v.into()) }
+        if let Some(v) = self.width { put("width", v.into()) }
+        if let Some(v) = self.height { put("height", v.into()) }
+        if let Some(v) = self.prompt_transition_frames { put("prompt_transition_frames", v.into()) }
+        if let Some(v) = &self.prompt_interpolation { put("prompt_interpolation", v.clone().into()) }
+        serde_json::Value::Object(m)
+    }
+
+    fn settings(&self, base: &StreamSettings) -> Result<StreamSettings> {
+        Ok(base.patched(&self.patch())?)
+    }
+}
+
+#[derive(Args)]
+struct StreamCmd {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Input images: files and/or folders (their PNG/JPEG files in name order).
+    #[arg(long, required = true, num_args = 1..)]
+    input: Vec<PathBuf>,
+    /// Output folder: one PNG per input, under the input's file name.
+    #[arg(long)]
+    output: PathBuf,
+    #[command(flatten)]
+    stream: StreamFlags,
+}
+
+fn save(image: &tch::Tensor, path: &std::path::Path) -> Result<()> {
+    let rgb = sdstream::io::image::to_rgb8(image)?;
+    sdstream::io::image::write_png(&rgb, path)?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Txt2img(a) => {
+            let params = a.gen.params()?;
+            let sd = a.gen.model.load()?;
+            let image = pipeline::txt2img(&sd, &params)?;
+            save(&image, &a.gen.output)
+        }
+        Command::Img2img(a) => {
+            let mut params = a.gen.params()?;
+            let sd = a.gen.model.load()?;
+            let rgb = sdstream::io::image::read(&a.image)?;
+            let (w, h) = (a.gen.width.unwrap_or(rgb.width() as i64), a.gen.height.unwrap_or(rgb.height() as i64));
+            if w <= 0 || h <= 0 || w > 4096 || h > 4096 {
+                anyhow::bail!("invalid --width/--height {w}x{h}: expected 1..=4096");
+            }
+            let rgb = sdstream::io::image::resize(rgb, w as u32, h as u32);
+            params.width = rgb.width() as i64;
+            params.height = rgb.height() as i64;
+            let input = sdstream::io::image::to_tensor(&rgb, sd.device, sd.kind)?;
+            let image = pipeline::img2img(&sd, &params, &input, a.strength)?;
+            save(&image, &a.gen.output)
+        }
+        Command::Stream(a) => {
+            let settings = a.stream.settings(&StreamSettings::default())?;
+            let files = sdstream::stream::offline::collect_inputs(&a.input)?;
+            let sd = a.model.load()?;
+            let reports = sdstream::stream::offline::run_files(&sd, settings.clone(), &files, &a.output)?;
+            let mut failed = 0;
+            for r in &reports {
+                match (&r.output, &r.error) {
+                    (_, Some(e)) => {
+                        failed += 1;
+                        eprintln!("{}: {e}", r.input.display());
+                    }
+                    (Some(out), None) => println!(
+                        "{} -> {}{}{}",
+                        r.input.display(),
+                        out.display(),
+                        if r.warmup { " (warm-up frame)" } else { "" },
+                        if r.skipped { " (skipped: similar to the previous frame)" } else { "" }
+                    ),
+                    (None, None) => println!("{}: no output yet (warm-up)", r.input.display()),
+                }
+            }
+            if failed > 0 {
+                anyhow::bail!("{failed} of {} frames could not be read", reports.len());
+            }
+            Ok(())
+        }
+    }
+}
+
+fn main() {
+    sdstream::device::init();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

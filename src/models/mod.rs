@@ -3,7 +3,7 @@
 pub mod clip;
 pub mod loader;
 pub mod nn;
-// pub mod stable_diffusion; (enabled once the model modules exist)
+pub mod stable_diffusion;
 pub mod taesd;
 pub mod tokenizer;
 pub mod unet;

@@ -92,9 +92,9 @@ pub fn load_autoencoder(src: &ModelSource, subdir: &str, device: Device, kind: K
     let class = class_name(&config_path)?.unwrap_or_else(|| "AutoencoderKL".into());
     let w = Weights::from_safetensors(&src.weights(subdir, "diffusion_pytorch_model", kind)?, device, kind)?;
     let ae = match class.as_str() {
-        "AutoencoderKL" => Autoencoder::Kl(AutoencoderKL::new(&w, &read_config::<AutoencoderKLConfig>(&config_path)?)?),
+        "AutoencoderKL" => Autoencoder::Kl(AutoencoderKL::new(&w, read_config::<AutoencoderKLConfig>(&config_path)?)?),
         "AutoencoderTiny" => {
-            Autoencoder::Tiny(AutoencoderTiny::new(&w, &read_config::<AutoencoderTinyConfig>(&config_path)?)?)
+            Autoencoder::Tiny(AutoencoderTiny::new(&w, read_config::<AutoencoderTinyConfig>(&config_path)?)?)
         }
         other => {
             return Err(Error::config(config_path, format!("autoencoder class `{other}` is not supported")));
@@ -125,7 +125,7 @@ impl StableDiffusion {
 
         let te_config: ClipTextConfig = read_config(&src.file("text_encoder/config.json")?)?;
         let te_w = Weights::from_safetensors(&src.weights("text_encoder", "model", kind)?, device, kind)?;
-        let text_encoder = ClipTextModel::new(&te_w, &te_config)?;
+        let text_encoder = ClipTextModel::new(&te_w, te_config)?;
         warn_unused(&te_w, "text_encoder");
 
         for f in ["vocab.json", "merges.txt"] {

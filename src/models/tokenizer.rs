@@ -220,7 +220,7 @@ impl ClipTokenizer {
             .unwrap_or_default();
 
         let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
+            .vocab_and_merges(vocab.into_iter().collect::<tokenizers::models::bpe::Vocab>(), merges)
             .unk_token(unk.content.clone())
             .continuing_subword_prefix(String::new())
             .end_of_word_suffix("</w>".into())

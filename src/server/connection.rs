@@ -178,7 +178,7 @@ pub async fn run_stream(stream: TcpStream, peer: SocketAddr, state: Arc<ServerSt
                         }
                         break;
                     }
-                    Ok(Some(m)) => m,
+                    Ok(Some(Ok(m))) => m,
                 };
                 match msg {
                     Message::Binary(data) => {

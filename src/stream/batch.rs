@@ -106,7 +106,7 @@ fn tick_group(
     let (device, kind) = (sd.device, sd.kind);
     // 1. Encode every img2img frame of the group in one autoencoder call.
     let with_image: Vec<usize> = (0..group.len()).filter(|&i| group[i].image.is_some()).collect();
-    let mut encoded: Vec<Option<Tensor>> = vec![None; group.len()];
+    let mut encoded: Vec<Option<Tensor>> = (0..group.len()).map(|_| None).collect();
     if !with_image.is_empty() {
         let images: Vec<Tensor> = with_image
             .iter()

@@ -107,9 +107,9 @@ pub fn interpolate(a: &Tensor, b: &Tensor, w: f64, how: Interpolation) -> Result
         Interpolation::Slerp => {
             let kind = a.kind();
             let (a32, b32) = (a.f_to_kind(Kind::Float)?, b.f_to_kind(Kind::Float)?);
-            let na = a32.f_norm_scalaropt_dim(2, [-1], true, Kind::Float)?.f_clamp_min(1e-8)?;
-            let nb = b32.f_norm_scalaropt_dim(2, [-1], true, Kind::Float)?.f_clamp_min(1e-8)?;
-            let dot = a32.f_div(&na)?.f_mul(&b32.f_div(&nb)?)?.f_sum_dim_intlist([-1], true, Kind::Float)?;
+            let na = a32.f_norm_scalaropt_dim(2, [-1], true)?.f_clamp_min(1e-8)?;
+            let nb = b32.f_norm_scalaropt_dim(2, [-1], true)?.f_clamp_min(1e-8)?;
+            let dot = a32.f_div(&na)?.f_mul(&b32.f_div(&nb)?)?.f_sum_dim_intlist([-1i64].as_slice(), true, Kind::Float)?;
             let theta = dot.f_clamp(-1.0 + 1e-7, 1.0 - 1e-7)?.f_acos()?;
             let sin = theta.f_sin()?;
             // Where the two vectors are (nearly) parallel, slerp degenerates to lerp.
@@ -152,7 +152,7 @@ mod tests {
         let mut s = PromptState::new(a.shallow_clone());
         s.set_target(b.shallow_clone(), 4, Interpolation::Slerp);
         let mid = (0..2).map(|_| s.next().unwrap()).last().unwrap();
-        let norm = |t: &Tensor| t.norm_scalaropt_dim(2, [-1], false, Kind::Float);
+        let norm = |t: &Tensor| t.norm_scalaropt_dim(2, [-1], false);
         let expected = (norm(&a) + norm(&b)) / 2.0;
         let diff = (norm(&mid) - expected).abs().max().double_value(&[]);
         assert!(diff < 0.5 * expected.mean(Kind::Float).double_value(&[]), "slerp lost the norm: {diff}");

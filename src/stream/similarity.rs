@@ -46,8 +46,10 @@ impl SimilarityFilter {
     /// Whether to skip `frame` (any shape; compared flattened). Keeps `frame` as the reference when it is not
     /// skipped. The cosine similarity costs one host synchronisation.
     pub fn should_skip(&mut self, frame: &Tensor, threshold: f64, max_skip_frames: u32) -> Result<bool> {
-        let rng = &mut self.rng;
-        Ok(self.decide(frame, threshold, max_skip_frames, || rng.random_range(0.0..1.0))?.skip)
+        let mut rng = std::mem::replace(&mut self.rng, rand::rngs::StdRng::seed_from_u64(0));
+        let decision = self.decide(frame, threshold, max_skip_frames, || rng.random_range(0.0..1.0));
+        self.rng = rng;
+        Ok(decision?.skip)
     }
 
     /// The decision with an injected uniform sample source (`sample` is called once per call after the first,
@@ -85,16 +87,6 @@ impl SimilarityFilter {
             self.prev = Some(frame.f_detach_copy()?);
         }
         Ok(Decision { skip, cos, skip_probability: p })
-    }
-}
-
-trait DetachCopy {
-    fn f_detach_copy(&self) -> Result<Tensor>;
-}
-
-impl DetachCopy for Tensor {
-    fn f_detach_copy(&self) -> Result<Tensor> {
-        Ok(self.f_detach()?.f_clone(self)?)
     }
 }
 
