@@ -77,6 +77,14 @@ pub fn dtype_name(kind: Kind) -> &'static str {
     }
 }
 
+/// libtorch's default CPU generator is one per process. Code that seeds it and draws a sequence from it (the
+/// single-image pipelines, [`CpuGenerator`]) holds this lock so that threads drawing at the same time cannot
+/// interleave their draws. Reentrant: a holder may take it again.
+pub fn rng_lock() -> parking_lot::ReentrantMutexGuard<'static, ()> {
+    static LOCK: parking_lot::ReentrantMutex<()> = parking_lot::const_reentrant_mutex(());
+    LOCK.lock()
+}
+
 /// A CPU generator state seeded like `torch.Generator("cpu").manual_seed(seed)`: tch's global CPU generator
 /// draws the same values as Python's in the same order, which is what seed parity with diffusers rests on.
 pub fn seed_cpu(seed: u64) {
@@ -133,6 +141,7 @@ pub struct CpuGenerator {
 
 impl CpuGenerator {
     pub fn new(seed: u64) -> Result<Self> {
+        let _lock = rng_lock();
         let saved = cpu_rng_state()?;
         tch::manual_seed(seed as i64);
         let state = cpu_rng_state();
@@ -142,6 +151,7 @@ impl CpuGenerator {
 
     /// Runs `f` with this generator as libtorch's default CPU generator.
     pub fn with<T>(&mut self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let _lock = rng_lock();
         let saved = cpu_rng_state()?;
         set_cpu_rng_state(&self.state)?;
         let out = f();

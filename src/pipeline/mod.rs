@@ -133,6 +133,8 @@ fn denoise(
 /// Latents of a txt2img generation (before decoding), as diffusers' StableDiffusionPipeline computes them.
 pub fn txt2img_latents(sd: &StableDiffusion, p: &GenerateParams) -> Result<Tensor> {
     p.validate(sd)?;
+    // The seeded draws (initial noise, LCM's step noise) come from the process's CPU generator.
+    let _rng = crate::device::rng_lock();
     let _guard = tch::no_grad_guard();
     let cond = conditioning(sd, p)?;
     let mut scheduler = schedulers::build(p.scheduler, &pipeline_scheduler_config(&sd.scheduler_config))?;
@@ -158,6 +160,7 @@ pub fn img2img_latents(sd: &StableDiffusion, p: &GenerateParams, image: &Tensor,
     if !(strength > 0.0 && strength <= 1.0) {
         return Err(Error::invalid("strength", format!("{strength} is not in (0, 1]")));
     }
+    let _rng = crate::device::rng_lock();
     let _guard = tch::no_grad_guard();
     let cond = conditioning(sd, p)?;
     let mut scheduler = schedulers::build(p.scheduler, &pipeline_scheduler_config(&sd.scheduler_config))?;

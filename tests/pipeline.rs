@@ -1,0 +1,85 @@
+//! End-to-end txt2img and img2img against diffusers' StableDiffusionPipeline / StableDiffusionImg2ImgPipeline:
+//! every case in tests/fixtures/reference/<model>/pipeline (made by tools/make_fixtures.py: every scheduler,
+//! guidance 1 and > 1, negative prompts, non-square sizes). Same model, prompt and seed on CPU in fp32:
+//! latents within 1e-4 (abs + rel), PNG within 2/255 per pixel.
+mod common;
+
+use common::*;
+use sdstream::models::stable_diffusion::StableDiffusion;
+use sdstream::pipeline::{self, GenerateParams};
+
+fn params(case: &serde_json::Value) -> GenerateParams {
+    GenerateParams {
+        prompt: case["prompt"].as_str().unwrap().into(),
+        negative_prompt: case["negative_prompt"].as_str().map(str::to_string),
+        seed: case["seed"].as_u64().unwrap(),
+        steps: case["steps"].as_u64().unwrap() as usize,
+        scheduler: case["scheduler"].as_str().unwrap().parse().unwrap(),
+        guidance: case["guidance"].as_f64().unwrap(),
+        width: case["width"].as_i64().unwrap(),
+        height: case["height"].as_i64().unwrap(),
+        clip_skip: None,
+    }
+}
+
+fn check_model(model: &str) {
+    let sd = StableDiffusion::load(&fixture(&format!("tests/fixtures/models/{model}")).display().to_string(), &cpu_fp32(None)).unwrap();
+    let index = json(&format!("tests/fixtures/reference/{model}/pipeline/index.json"));
+    let cases: Vec<&str> = index.as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    assert!(cases.len() >= 5, "{model}: too few pipeline cases");
+    for name in cases {
+        let base = format!("tests/fixtures/reference/{model}/pipeline/{name}");
+        let case = json(&format!("{base}.json"));
+        let reference = tensors(&format!("{base}.safetensors"));
+        let p = params(&case);
+        let latents = match case["mode"].as_str().unwrap() {
+            "txt2img" => pipeline::txt2img_latents(&sd, &p).unwrap(),
+            "img2img" => {
+                let input = sdstream::io::image::read(&fixture(case["input_image"].as_str().unwrap())).unwrap();
+                let image = sdstream::io::image::to_tensor(&input, tch::Device::Cpu, tch::Kind::Float).unwrap();
+                pipeline::img2img_latents(&sd, &p, &image, case["strength"].as_f64().unwrap()).unwrap()
+            }
+            other => panic!("{name}: unknown mode {other}"),
+        };
+        assert_close(&format!("{model}/{name}: latents"), &latents, &reference["latents"], 1e-4, 1e-4);
+        let image = sd.autoencoder.decode_scaled(&latents).unwrap();
+        let rgb = sdstream::io::image::to_rgb8(&image).unwrap();
+        let want = sdstream::io::image::read(&fixture(&format!("{base}.png"))).unwrap();
+        assert_eq!(rgb.dimensions(), want.dimensions(), "{model}/{name}: size");
+        let worst = rgb.as_raw().iter().zip(want.as_raw()).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+        assert!(worst <= 2, "{model}/{name}: PNG differs by {worst}/255");
+    }
+}
+
+#[test]
+fn sd1_tiny_matches_diffusers() {
+    check_model("sd1-tiny");
+}
+
+#[test]
+fn sd2_tiny_matches_diffusers() {
+    check_model("sd2-tiny");
+}
+
+#[test]
+fn lcm_tiny_matches_diffusers() {
+    check_model("lcm-tiny");
+}
+
+#[test]
+fn bad_sizes_and_strengths_are_refused_with_the_flag_named() {
+    let sd = StableDiffusion::load(&fixture("tests/fixtures/models/sd1-tiny").display().to_string(), &cpu_fp32(None)).unwrap();
+    let mut p = params(&json("tests/fixtures/reference/sd1-tiny/pipeline/txt2img_ddim_g1.0.json"));
+    p.width = 100;
+    let e = pipeline::txt2img(&sd, &p).unwrap_err().to_string();
+    assert!(e.contains("width"), "{e}");
+    p.width = 64;
+    p.steps = 0;
+    assert!(pipeline::txt2img(&sd, &p).unwrap_err().to_string().contains("steps"));
+    p.steps = 2;
+    let img = tch::Tensor::zeros([1, 3, 64, 64], (tch::Kind::Float, tch::Device::Cpu));
+    let e = pipeline::img2img(&sd, &p, &img, 1.5).unwrap_err().to_string();
+    assert!(e.contains("strength"), "{e}");
+    let e = pipeline::img2img(&sd, &p, &img, 0.1).unwrap_err().to_string();
+    assert!(e.contains("strength"), "{e}");
+}
