@@ -78,8 +78,11 @@ impl Prepared {
         beta_next.push(1.0);
         let f = sd.vae_scale_factor();
         let latent_shape = [1, sd.unet_config.in_channels, s.height / f, s.width / f];
-        // StreamDiffusion draws the init noise first thing after seeding, in fp32 on the CPU.
-        let init_noise = gen.randn(&[n, latent_shape[1], latent_shape[2], latent_shape[3]], Device::Cpu, Kind::Float)?;
+        // StreamDiffusion draws the init noise first thing after seeding, in fp32 on the CPU: one per slot with
+        // the stream batch, a single one without (where it is then never used).
+        let rows = if s.denoising_batch { n } else { 1 };
+        let init_noise = gen.randn(&[rows, latent_shape[1], latent_shape[2], latent_shape[3]], Device::Cpu, Kind::Float)?;
+        let init_noise = init_noise.f_expand([n, latent_shape[1], latent_shape[2], latent_shape[3]], false)?.f_contiguous()?;
         let init_noise = init_noise.f_to_device(device)?.f_to_kind(kind)?;
         let init_noise_rolled = init_noise.f_roll([-1], [0])?;
         Ok(Prepared {
