@@ -21,6 +21,101 @@ enum Command {
     Img2img(Img2Img),
     /// Run a sequence of images through one stream (StreamDiffusion's stream batch), one PNG out per input.
     Stream(StreamCmd),
+    /// Run the daemon: WebSocket streams, the browser client, health and metrics on one port.
+    Serve(ServeCmd),
+    /// Run the daemon with a webcam feeding a shared stream shown to viewers (`/`, `/view`, `/mjpeg`).
+    Webcam(WebcamCmd),
+    /// List the cameras this machine has.
+    Cameras,
+}
+
+#[derive(Args)]
+struct DaemonArgs {
+    /// A TOML config (configs/*.toml); flags override its values. Optional when --model is given.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// A diffusers folder or Hugging Face model id (overrides the config's).
+    #[arg(long)]
+    model: Option<String>,
+    /// A separate autoencoder (e.g. TAESD) folder or id.
+    #[arg(long)]
+    vae: Option<String>,
+    #[arg(long)]
+    device: Option<String>,
+    #[arg(long)]
+    dtype: Option<String>,
+    /// IP:PORT to listen on (default 127.0.0.1:8765). Anything but loopback needs --token.
+    #[arg(long)]
+    listen: Option<String>,
+    /// A secret clients must present (?token= or Authorization: Bearer).
+    #[arg(long)]
+    token: Option<String>,
+    #[arg(long)]
+    max_clients: Option<usize>,
+    #[arg(long)]
+    max_fps: Option<f64>,
+    #[arg(long)]
+    jpeg_quality: Option<u8>,
+    #[command(flatten)]
+    stream: StreamFlags,
+}
+
+impl DaemonArgs {
+    fn config(&self) -> Result<sdstream::config::DaemonConfig> {
+        let mut c = match &self.config {
+            Some(path) => sdstream::config::DaemonConfig::from_file(path)?,
+            None if self.model.is_some() => sdstream::config::DaemonConfig::default(),
+            None => anyhow::bail!("pass --config configs/NAME.toml or --model M"),
+        };
+        if let Some(v) = &self.model {
+            c.model.model = v.clone();
+        }
+        if let Some(v) = &self.vae {
+            c.model.vae = Some(v.clone());
+        }
+        if let Some(v) = &self.device {
+            c.model.device = v.clone();
+        }
+        if let Some(v) = &self.dtype {
+            c.model.dtype = v.clone();
+        }
+        if let Some(v) = &self.listen {
+            c.server.listen = v.clone();
+        }
+        if let Some(v) = &self.token {
+            c.server.token = Some(v.clone());
+        }
+        if let Some(v) = self.max_clients {
+            c.server.max_clients = v;
+        }
+        if let Some(v) = self.max_fps {
+            c.server.max_fps = v;
+        }
+        if let Some(v) = self.jpeg_quality {
+            c.server.jpeg_quality = v;
+        }
+        c.stream = self.stream.settings(&c.stream)?;
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+#[derive(Args)]
+struct ServeCmd {
+    #[command(flatten)]
+    daemon: DaemonArgs,
+}
+
+#[derive(Args)]
+struct WebcamCmd {
+    #[command(flatten)]
+    daemon: DaemonArgs,
+    /// The camera's index (see `sdstream cameras`).
+    #[arg(long, default_value_t = 0)]
+    camera: u32,
+    /// Also write every output frame as JPEG into this folder.
+    #[arg(long)]
+    save_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -252,6 +347,21 @@ fn run(cli: Cli) -> Result<()> {
             let input = sdstream::io::image::to_tensor(&rgb, sd.device, sd.kind)?;
             let image = pipeline::img2img(&sd, &params, &input, a.strength)?;
             save(&image, &a.gen.output)
+        }
+        Command::Serve(a) => Ok(sdstream::daemon::run(a.daemon.config()?, None)?),
+        Command::Webcam(a) => {
+            let camera = sdstream::daemon::CameraOptions { index: a.camera, save_dir: a.save_dir.clone() };
+            Ok(sdstream::daemon::run(a.daemon.config()?, Some(camera))?)
+        }
+        Command::Cameras => {
+            let cams = sdstream::io::camera::list()?;
+            if cams.is_empty() {
+                println!("no cameras found");
+            }
+            for c in cams {
+                println!("{}: {} ({})", c.index, c.name, c.description);
+            }
+            Ok(())
         }
         Command::Stream(a) => {
             let settings = a.stream.settings(&StreamSettings::default())?;

@@ -315,23 +315,9 @@ async fn handle_text(
     next_frame_id: &mut u64,
     arrivals: &mut VecDeque<(u64, Instant)>,
 ) -> TextReply {
-    let value: serde_json::Value = match serde_json::from_str(text) {
-        Ok(v) => v,
-        Err(e) => return TextReply::error("bad_json", format!("not JSON: {e}")),
-    };
-    let Some(kind) = value.get("type").and_then(|t| t.as_str()).map(str::to_string) else {
-        return TextReply::error("bad_json", "a message must be a JSON object with a string `type`");
-    };
-    let msg: ClientMessage = match serde_json::from_value(value) {
+    let msg = match ClientMessage::parse(text) {
         Ok(m) => m,
-        Err(e) => {
-            let known = ["prompt", "settings", "quality", "generate", "frame_id", "ping"];
-            return if known.contains(&kind.as_str()) {
-                TextReply::error("bad_json", format!("`{kind}` message: {e}"))
-            } else {
-                TextReply::error("unknown_type", format!("unknown message type `{kind}`; expected one of {known:?}"))
-            };
-        }
+        Err((code, message)) => return TextReply::error(code, message),
     };
     match msg {
         ClientMessage::Prompt { prompt, negative_prompt } => {

@@ -178,6 +178,10 @@ async fn route(mut stream: TcpStream, peer: SocketAddr, state: Arc<ServerState>)
             http::consume_head(&mut stream, &req).await;
             http::respond(&mut stream, "200 OK", "text/html; charset=utf-8", INDEX_HTML.as_bytes(), "").await;
         }
+        ("GET", "/favicon.ico", false) => {
+            http::consume_head(&mut stream, &req).await;
+            http::respond(&mut stream, "204 No Content", "image/x-icon", b"", "").await;
+        }
         ("GET", "/health", false) => {
             http::consume_head(&mut stream, &req).await;
             let body = serde_json::json!({

@@ -9,17 +9,16 @@ use serde::{Deserialize, Serialize};
 /// Version of this protocol, sent in `ready`.
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// Client -> server text messages.
+/// Client -> server text messages. (`settings` carries arbitrary setting names next to `type`, so it is
+/// parsed apart: see [`ClientMessage::parse`].)
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ClientMessage {
     /// Change the prompt (and optionally the negative prompt) from the next frame on.
     Prompt { prompt: String, #[serde(default)] negative_prompt: Option<String> },
     /// Change any stream settings (a partial object; the same names as in `ready.settings`).
-    Settings {
-        #[serde(flatten)]
-        settings: serde_json::Map<String, serde_json::Value>,
-    },
+    #[serde(skip)]
+    Settings { settings: serde_json::Map<String, serde_json::Value> },
     /// Output JPEG quality (1..=100).
     Quality { quality: u8 },
     /// Ask a txt2img stream for its next frame (img2img streams are driven by the frames sent).
@@ -30,6 +29,35 @@ pub enum ClientMessage {
         #[serde(default)]
         nonce: Option<serde_json::Value>,
     },
+}
+
+/// The names of the client message types.
+pub const CLIENT_TYPES: [&str; 6] = ["prompt", "settings", "quality", "generate", "frame_id", "ping"];
+
+/// Why a client text message was refused: an error code and a message for the client.
+pub type Refusal = (&'static str, String);
+
+impl ClientMessage {
+    /// Parses one text message; the refusal says what was wrong.
+    pub fn parse(text: &str) -> Result<ClientMessage, Refusal> {
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| ("bad_json", format!("not JSON: {e}")))?;
+        let Some(kind) = value.get("type").and_then(|t| t.as_str()).map(str::to_string) else {
+            return Err(("bad_json", "a message must be a JSON object with a string `type`".into()));
+        };
+        if kind == "settings" {
+            let mut map = value.as_object().cloned().unwrap_or_default();
+            map.remove("type");
+            return Ok(ClientMessage::Settings { settings: map });
+        }
+        serde_json::from_value(value).map_err(|e| {
+            if CLIENT_TYPES.contains(&kind.as_str()) {
+                ("bad_json", format!("`{kind}` message: {e}"))
+            } else {
+                ("unknown_type", format!("unknown message type `{kind}`; expected one of {CLIENT_TYPES:?}"))
+            }
+        })
+    }
 }
 
 /// Limits the server enforces, sent in `ready` so clients can adapt.
@@ -98,6 +126,25 @@ pub struct LatencySummary {
     pub p50: f64,
     pub p95: f64,
     pub max: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_parse_and_refusals_are_coded() {
+        assert!(matches!(ClientMessage::parse(r#"{"type":"prompt","prompt":"a"}"#), Ok(ClientMessage::Prompt { .. })));
+        match ClientMessage::parse(r#"{"type":"settings","cfg_type":"none","guidance":2}"#) {
+            Ok(ClientMessage::Settings { settings }) => assert_eq!(settings.len(), 2),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(ClientMessage::parse("{").unwrap_err().0, "bad_json");
+        assert_eq!(ClientMessage::parse("[1]").unwrap_err().0, "bad_json");
+        assert_eq!(ClientMessage::parse(r#"{"type":"nope"}"#).unwrap_err().0, "unknown_type");
+        assert_eq!(ClientMessage::parse(r#"{"type":"prompt"}"#).unwrap_err().0, "bad_json");
+        assert_eq!(ClientMessage::parse(r#"{"type":"prompt","prompt":"a","x":1}"#).unwrap_err().0, "bad_json");
+    }
 }
 
 impl ServerMessage<'_> {

@@ -20,7 +20,14 @@ pub struct Attention {
 
 impl Attention {
     /// `context_dim` is the width of the keys/values' source (the query width for self-attention).
-    pub fn new(w: &Weights, query_dim: i64, context_dim: i64, heads: i64, head_dim: i64, upcast: bool) -> Result<Self> {
+    pub fn new(
+        w: &Weights,
+        query_dim: i64,
+        context_dim: i64,
+        heads: i64,
+        head_dim: i64,
+        upcast: bool,
+    ) -> Result<Self> {
         let inner = heads * head_dim;
         Ok(Attention {
             to_q: Linear::new(&w.sub("to_q"), query_dim, inner, false)?,
@@ -41,7 +48,9 @@ impl Attention {
         let b = q.size()[0];
         let inner = k.size()[2];
         let head_dim = inner / self.heads;
-        let split = |t: &Tensor| -> Result<Tensor> { Ok(t.f_view([b, -1, self.heads, head_dim])?.f_transpose(1, 2)?) };
+        let split = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.f_view([b, -1, self.heads, head_dim])?.f_transpose(1, 2)?)
+        };
         let (mut q, mut k, mut v) = (split(&q)?, split(&k)?, split(&v)?);
         let kind = q.f_kind()?;
         // `upcast_attention`: attention math in fp32 for half-precision models (a no-op in fp32).
@@ -51,7 +60,8 @@ impl Attention {
             k = k.f_to_kind(Kind::Float)?;
             v = v.f_to_kind(Kind::Float)?;
         }
-        let mut o = Tensor::f_scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false)?;
+        let mut o =
+            Tensor::f_scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false)?;
         if upcast {
             o = o.f_to_kind(kind)?;
         }
@@ -98,7 +108,14 @@ pub struct BasicTransformerBlock {
 }
 
 impl BasicTransformerBlock {
-    pub fn new(w: &Weights, dim: i64, heads: i64, head_dim: i64, cross_dim: i64, upcast: bool) -> Result<Self> {
+    pub fn new(
+        w: &Weights,
+        dim: i64,
+        heads: i64,
+        head_dim: i64,
+        cross_dim: i64,
+        upcast: bool,
+    ) -> Result<Self> {
         // Transformer2DModel's default `norm_eps` for its blocks.
         let eps = 1e-5;
         Ok(BasicTransformerBlock {

@@ -8,11 +8,7 @@ use crate::error::{Error, Result};
 use crate::models::Weights;
 use tch::Tensor;
 
-fn attentions(
-    w: &Weights,
-    plan: &BlockPlan,
-    t: TransformerSettings,
-) -> Result<Vec<Transformer2DModel>> {
+fn attentions(w: &Weights, plan: &BlockPlan, t: TransformerSettings) -> Result<Vec<Transformer2DModel>> {
     if plan.kind == BlockKind::Plain {
         return Ok(Vec::new());
     }
@@ -62,7 +58,13 @@ impl DownBlock {
     }
 
     /// Returns the block's output and appends its skip connections to `skips`.
-    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor, skips: &mut Vec<Tensor>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        skips: &mut Vec<Tensor>,
+    ) -> Result<Tensor> {
         let mut h = x.shallow_clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
             h = resnet.forward(&h, temb)?;

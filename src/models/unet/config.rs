@@ -100,9 +100,19 @@ impl Default for UNetConfig {
             center_input_sample: false,
             flip_sin_to_cos: true,
             freq_shift: 0.0,
-            down_block_types: s(&["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]),
+            down_block_types: s(&[
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "DownBlock2D",
+            ]),
             mid_block_type: Some("UNetMidBlock2DCrossAttn".into()),
-            up_block_types: s(&["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]),
+            up_block_types: s(&[
+                "UpBlock2D",
+                "CrossAttnUpBlock2D",
+                "CrossAttnUpBlock2D",
+                "CrossAttnUpBlock2D",
+            ]),
             only_cross_attention: OneOrMany::One(false),
             block_out_channels: vec![320, 640, 1280, 1280],
             layers_per_block: OneOrMany::One(2),
@@ -232,10 +242,16 @@ impl UNetConfig {
             return Err(unsupported("addition_embed_type", format!("{t:?} (only null is supported)")));
         }
         if let Some(t) = &self.class_embed_type {
-            return Err(unsupported("class_embed_type", format!("{t:?} (class embeddings; only null is supported)")));
+            return Err(unsupported(
+                "class_embed_type",
+                format!("{t:?} (class embeddings; only null is supported)"),
+            ));
         }
         if let Some(n) = self.num_class_embeds {
-            return Err(unsupported("num_class_embeds", format!("{n} (class embeddings; only null is supported)")));
+            return Err(unsupported(
+                "num_class_embeds",
+                format!("{n} (class embeddings; only null is supported)"),
+            ));
         }
         if self.num_attention_heads.is_some() {
             return Err(unsupported(
@@ -245,7 +261,10 @@ impl UNetConfig {
             ));
         }
         if self.reverse_transformer_layers_per_block.as_ref().is_some_and(|v| !v.is_null()) {
-            return Err(unsupported("reverse_transformer_layers_per_block", "asymmetric UNets are not supported"));
+            return Err(unsupported(
+                "reverse_transformer_layers_per_block",
+                "asymmetric UNets are not supported",
+            ));
         }
         if let TransformerLayers::PerBlock(v) = &self.transformer_layers_per_block {
             if v.iter().any(|e| matches!(e, OneOrMany::Many(_))) {
@@ -258,7 +277,11 @@ impl UNetConfig {
         if self.dual_cross_attention {
             return Err(unsupported("dual_cross_attention", "true is not supported"));
         }
-        if self.only_cross_attention.per_block(self.down_block_types.len(), "only_cross_attention")?.contains(&true) {
+        if self
+            .only_cross_attention
+            .per_block(self.down_block_types.len(), "only_cross_attention")?
+            .contains(&true)
+        {
             return Err(unsupported("only_cross_attention", "true is not supported"));
         }
         if self.resnet_time_scale_shift != "default" {
@@ -292,7 +315,8 @@ impl UNetConfig {
         if self.norm_num_groups.is_none() {
             return Err(unsupported("norm_num_groups", "null (UNets without group norms) is not supported"));
         }
-        for (field, k) in [("conv_in_kernel", self.conv_in_kernel), ("conv_out_kernel", self.conv_out_kernel)] {
+        for (field, k) in [("conv_in_kernel", self.conv_in_kernel), ("conv_out_kernel", self.conv_out_kernel)]
+        {
             if k < 1 || k % 2 == 0 {
                 return Err(unsupported(field, format!("{k} (only odd kernel sizes keep the latent size)")));
             }
@@ -341,7 +365,10 @@ impl UNetConfig {
         };
         let positive = |field: &str, v: &[i64]| -> Result<()> {
             if let Some(x) = v.iter().find(|&&x| x <= 0) {
-                return Err(Error::invalid(format!("unet config `{field}`"), format!("has a non-positive entry {x}")));
+                return Err(Error::invalid(
+                    format!("unet config `{field}`"),
+                    format!("has a non-positive entry {x}"),
+                ));
             }
             Ok(())
         };
@@ -364,7 +391,9 @@ impl UNetConfig {
                 other => {
                     return Err(unsupported(
                         "down_block_types",
-                        format!("block type {other:?} is not supported (CrossAttnDownBlock2D, DownBlock2D are)"),
+                        format!(
+                            "block type {other:?} is not supported (CrossAttnDownBlock2D, DownBlock2D are)"
+                        ),
                     ))
                 }
             };
@@ -400,7 +429,8 @@ impl UNetConfig {
         // diffusers reverses the per-block lists for the up path (heads, cross-attention width, layer counts).
         let mut up = Vec::with_capacity(n);
         let rev = |v: &[i64]| v.iter().rev().copied().collect::<Vec<_>>();
-        let (rch, rheads, rcross, rlayers, rtlayers) = (rev(ch), rev(&heads), rev(&cross), rev(&layers), rev(&tlayers));
+        let (rch, rheads, rcross, rlayers, rtlayers) =
+            (rev(ch), rev(&heads), rev(&cross), rev(&layers), rev(&tlayers));
         let mut output_channel = rch[0];
         for (i, ty) in self.up_block_types.iter().enumerate() {
             let prev_output_channel = output_channel;

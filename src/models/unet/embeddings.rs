@@ -8,7 +8,12 @@ use tch::{Kind, Tensor};
 /// diffusers' `get_timestep_embedding` (as called by `Timesteps`, scale 1, max period 10000): sinusoidal
 /// features of one timestep per row, computed in fp32 whatever the dtype of `timesteps` (int or float),
 /// with the same sequence of ops so the values match bit for bit.
-pub fn timestep_embedding(timesteps: &Tensor, dim: i64, flip_sin_to_cos: bool, freq_shift: f64) -> Result<Tensor> {
+pub fn timestep_embedding(
+    timesteps: &Tensor,
+    dim: i64,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+) -> Result<Tensor> {
     let half = dim / 2;
     let exponent = Tensor::f_arange(half, (Kind::Float, timesteps.device()))?
         .f_mul_scalar(-(10000f64).ln())?
@@ -16,7 +21,8 @@ pub fn timestep_embedding(timesteps: &Tensor, dim: i64, flip_sin_to_cos: bool, f
     let freqs = exponent.f_exp()?;
     let args = timesteps.f_unsqueeze(1)?.f_to_kind(Kind::Float)?.f_mul(&freqs.f_unsqueeze(0)?)?;
     let (sin, cos) = (args.f_sin()?, args.f_cos()?);
-    let mut emb = if flip_sin_to_cos { Tensor::f_cat(&[cos, sin], -1)? } else { Tensor::f_cat(&[sin, cos], -1)? };
+    let mut emb =
+        if flip_sin_to_cos { Tensor::f_cat(&[cos, sin], -1)? } else { Tensor::f_cat(&[sin, cos], -1)? };
     if dim % 2 == 1 {
         emb = emb.f_constant_pad_nd([0, 1, 0, 0])?;
     }

@@ -60,7 +60,9 @@ impl UNet2DConditionModel {
         let t = TransformerSettings {
             groups: plan.norm_num_groups,
             use_linear_projection: config.use_linear_projection,
-            upcast_attention: config.upcast_attention,
+            // diffusers 0.42's scaled-dot-product attention path never reads `upcast_attention`: attention runs
+            // in the model's dtype. Doing the same keeps fp16 parity and the fast half-precision kernels.
+            upcast_attention: false,
         };
         let down_blocks = plan
             .down
@@ -78,7 +80,8 @@ impl UNet2DConditionModel {
             .enumerate()
             .map(|(i, p)| UpBlock::new(&w.sub("up_blocks").sub(i), p, r, t))
             .collect::<Result<Vec<_>>>()?;
-        let conv_norm_out = GroupNorm::new(&w.sub("conv_norm_out"), plan.norm_num_groups, ch[0], config.norm_eps)?;
+        let conv_norm_out =
+            GroupNorm::new(&w.sub("conv_norm_out"), plan.norm_num_groups, ch[0], config.norm_eps)?;
         let conv_out = Conv2d::new(
             &w.sub("conv_out"),
             ch[0],
@@ -177,7 +180,12 @@ impl UNet2DConditionModel {
         let t = match timesteps.dim() {
             0 => timesteps.f_unsqueeze(0)?,
             1 => timesteps.shallow_clone(),
-            d => return Err(Error::invalid("timesteps", format!("expected shape (batch,), got a {d}-d tensor"))),
+            d => {
+                return Err(Error::invalid(
+                    "timesteps",
+                    format!("expected shape (batch,), got a {d}-d tensor"),
+                ))
+            }
         };
         let n = t.size()[0];
         if n != batch && n != 1 {

@@ -30,9 +30,18 @@ pub struct ResnetSettings {
 }
 
 impl ResnetBlock2D {
-    pub fn new(w: &Weights, in_ch: i64, out_ch: i64, s: ResnetSettings, output_scale_factor: f64) -> Result<Self> {
-        let conv_shortcut =
-            if in_ch != out_ch { Some(Conv2d::new(&w.sub("conv_shortcut"), in_ch, out_ch, 1, 1, 0, true)?) } else { None };
+    pub fn new(
+        w: &Weights,
+        in_ch: i64,
+        out_ch: i64,
+        s: ResnetSettings,
+        output_scale_factor: f64,
+    ) -> Result<Self> {
+        let conv_shortcut = if in_ch != out_ch {
+            Some(Conv2d::new(&w.sub("conv_shortcut"), in_ch, out_ch, 1, 1, 0, true)?)
+        } else {
+            None
+        };
         Ok(ResnetBlock2D {
             norm1: GroupNorm::new(&w.sub("norm1"), s.groups, in_ch, s.eps)?,
             conv1: Conv2d::new(&w.sub("conv1"), in_ch, out_ch, 3, 1, 1, true)?,
