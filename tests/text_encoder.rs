@@ -76,8 +76,12 @@ fn tokenizer_pad_tokens() {
 fn load_text_encoder(model: &str) -> (ClipTextModel, Weights) {
     let dir = fixture(&format!("models/{model}/text_encoder"));
     let cfg: ClipTextConfig = read_config(&dir.join("config.json")).unwrap();
-    let w = Weights::from_safetensors(&[fixture(&format!("models/{model}/text_encoder/model.safetensors"))], Device::Cpu, Kind::Float)
-        .unwrap();
+    let w = Weights::from_safetensors(
+        &[fixture(&format!("models/{model}/text_encoder/model.safetensors"))],
+        Device::Cpu,
+        Kind::Float,
+    )
+    .unwrap();
     let m = ClipTextModel::new(&w, cfg).unwrap();
     (m, w)
 }
@@ -93,14 +97,32 @@ fn text_encoder_matches_transformers() {
         let ids = tensor(&r, "input_ids", &ref_path);
         let _guard = tch::no_grad_guard();
         let last = m.forward(ids).unwrap();
-        assert_close(&format!("{model} last_hidden_state"), &last, tensor(&r, "last_hidden_state", &ref_path), 1e-4);
+        assert_close(
+            &format!("{model} last_hidden_state"),
+            &last,
+            tensor(&r, "last_hidden_state", &ref_path),
+            1e-4,
+        );
         let pen = m.hidden_state(ids, 1).unwrap();
-        assert_close(&format!("{model} penultimate"), &pen, tensor(&r, "hidden_state_penultimate", &ref_path), 1e-4);
+        assert_close(
+            &format!("{model} penultimate"),
+            &pen,
+            tensor(&r, "hidden_state_penultimate", &ref_path),
+            1e-4,
+        );
         if let Some(normed) = r.get("hidden_state_penultimate_normed") {
             let skip1 = m.forward_with_skip(ids, 1).unwrap();
             assert_close(&format!("{model} clip_skip=1"), &skip1, normed, 1e-4);
         }
-        assert!(m.forward_with_skip(ids, 3).is_err(), "clip_skip beyond the layer count must be an error");
+        let n = m.config().num_hidden_layers;
+        assert!(
+            m.forward_with_skip(ids, n).is_ok(),
+            "clip_skip up to the layer count reaches the embeddings"
+        );
+        assert!(
+            m.forward_with_skip(ids, n + 1).is_err(),
+            "clip_skip beyond the layer count must be an error"
+        );
     }
 }
 

@@ -55,7 +55,8 @@ fn vae_matches_diffusers() {
         assert_close(&format!("{model} logvar"), &dist.logvar, tensor(&r, "logvar", &ref_path), 1e-4);
         let noise = dist.mean.randn_like();
         let sample = dist.sample(&noise).unwrap();
-        let want = tensor(&r, "mean", &ref_path) + tensor(&r, "logvar", &ref_path).multiply_scalar(0.5).exp() * &noise;
+        let want = tensor(&r, "mean", &ref_path)
+            + tensor(&r, "logvar", &ref_path).multiply_scalar(0.5).exp() * &noise;
         assert_close(&format!("{model} sample"), &sample, &want, 1e-4);
         let decoded = vae.decode(tensor(&r, "latent_in", &ref_path)).unwrap();
         assert_close(&format!("{model} decoded"), &decoded, tensor(&r, "decoded", &ref_path), 1e-4);
@@ -101,8 +102,10 @@ fn vae_config_defaults() {
     let cfg: AutoencoderKLConfig = serde_json::from_str("{}").unwrap();
     assert_eq!(cfg, AutoencoderKLConfig::default());
     assert_eq!((cfg.scaling_factor, cfg.layers_per_block, cfg.norm_num_groups), (0.18215, 1, 32));
-    let bad: AutoencoderKLConfig =
-        serde_json::from_str(r#"{"down_block_types": ["DownBlock2D"], "up_block_types": ["UpDecoderBlock2D"]}"#).unwrap();
+    let bad: AutoencoderKLConfig = serde_json::from_str(
+        r#"{"down_block_types": ["DownBlock2D"], "up_block_types": ["UpDecoderBlock2D"]}"#,
+    )
+    .unwrap();
     assert!(AutoencoderKL::new(&Weights::shapes_only(Kind::Float), bad).is_err());
 }
 
@@ -112,8 +115,12 @@ fn taesd_matches_diffusers() {
     let _guard = tch::no_grad_guard();
     let dir = fixture("models/taesd-tiny");
     let cfg: AutoencoderTinyConfig = read_config(&dir.join("config.json")).unwrap();
-    let w = Weights::from_safetensors(&[fixture("models/taesd-tiny/diffusion_pytorch_model.safetensors")], Device::Cpu, Kind::Float)
-        .unwrap();
+    let w = Weights::from_safetensors(
+        &[fixture("models/taesd-tiny/diffusion_pytorch_model.safetensors")],
+        Device::Cpu,
+        Kind::Float,
+    )
+    .unwrap();
     let taesd = AutoencoderTiny::new(&w, cfg).unwrap();
     assert_eq!(w.unused(), Vec::<String>::new(), "unused TAESD weights");
     assert_eq!(taesd.scaling_factor(), 1.0);

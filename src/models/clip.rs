@@ -104,7 +104,16 @@ impl ClipAttention {
         };
         let (q, k, v) = (split(&self.q_proj)?, split(&self.k_proj)?, split(&self.v_proj)?);
         let scale = (self.head_dim as f64).powf(-0.5);
-        let o = Tensor::f_scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, Some(scale), false)?;
+        let o = Tensor::f_scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            None::<Tensor>,
+            0.0,
+            true,
+            Some(scale),
+            false,
+        )?;
         let o = o.f_transpose(1, 2)?.f_reshape([b, t, c])?;
         self.out_proj.forward(&o)
     }
@@ -179,13 +188,15 @@ impl ClipTextModel {
         let emb = tm.sub("embeddings");
         // A non-persistent buffer in transformers; older checkpoints store it. Read it (as used), ignore it.
         if let Some(shape) = emb.shape_of("position_ids") {
-            emb.get_kind("position_ids", &shape, Kind::Int64)?;
+            let _ = emb.get_kind("position_ids", &shape, Kind::Int64)?;
         }
         let embeddings = ClipTextEmbeddings::new(&emb, &cfg)?;
         let lw = tm.sub("encoder").sub("layers");
-        let layers =
-            (0..cfg.num_hidden_layers).map(|i| ClipEncoderLayer::new(&lw.sub(i), &cfg)).collect::<Result<_>>()?;
-        let final_layer_norm = LayerNorm::new(&tm.sub("final_layer_norm"), cfg.hidden_size, cfg.layer_norm_eps)?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| ClipEncoderLayer::new(&lw.sub(i), &cfg))
+            .collect::<Result<_>>()?;
+        let final_layer_norm =
+            LayerNorm::new(&tm.sub("final_layer_norm"), cfg.hidden_size, cfg.layer_norm_eps)?;
         Ok(ClipTextModel { embeddings, layers, final_layer_norm, config: cfg })
     }
 
@@ -215,7 +226,10 @@ impl ClipTextModel {
             ));
         }
         if input_ids.dim() != 2 {
-            return Err(Error::invalid("input_ids", format!("shape {:?}, expected (batch, tokens)", input_ids.size())));
+            return Err(Error::invalid(
+                "input_ids",
+                format!("shape {:?}, expected (batch, tokens)", input_ids.size()),
+            ));
         }
         let ids = input_ids.f_to_kind(Kind::Int64)?.f_to_device(self.final_layer_norm.weight.device())?;
         let mut h = self.embeddings.forward(&ids)?;

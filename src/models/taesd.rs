@@ -96,7 +96,11 @@ impl TinyBlock {
                 Conv2d::new(&c.sub(2), out_ch, out_ch, 3, 1, 1, true)?,
                 Conv2d::new(&c.sub(4), out_ch, out_ch, 3, 1, 1, true)?,
             ],
-            skip: if in_ch != out_ch { Some(Conv2d::new(&w.sub("skip"), in_ch, out_ch, 1, 1, 0, false)?) } else { None },
+            skip: if in_ch != out_ch {
+                Some(Conv2d::new(&w.sub("skip"), in_ch, out_ch, 1, 1, 0, false)?)
+            } else {
+                None
+            },
             act,
         })
     }

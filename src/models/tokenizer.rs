@@ -46,7 +46,13 @@ struct SpecialSpec {
 
 impl SpecialSpec {
     fn plain(content: &str) -> Self {
-        SpecialSpec { content: content.into(), normalized: None, lstrip: false, rstrip: false, single_word: false }
+        SpecialSpec {
+            content: content.into(),
+            normalized: None,
+            lstrip: false,
+            rstrip: false,
+            single_word: false,
+        }
     }
 
     fn parse(v: &Value) -> Option<Self> {
@@ -123,7 +129,12 @@ fn merges_from_text(text: &str, path: &Path) -> Result<Vec<(String, String)>> {
         let mut parts = line.split(' ');
         match (parts.next(), parts.next(), parts.next()) {
             (Some(a), Some(b), None) if !a.is_empty() && !b.is_empty() => merges.push((a.into(), b.into())),
-            _ => return Err(Error::config(path, format!("line {} is not a merge `left right`: {line:?}", i + 1))),
+            _ => {
+                return Err(Error::config(
+                    path,
+                    format!("line {} is not a merge `left right`: {line:?}", i + 1),
+                ))
+            }
         }
     }
     Ok(merges)
@@ -205,9 +216,11 @@ impl ClipTokenizer {
             None | Some(Value::Null) => DEFAULT_MAX_LENGTH,
             Some(v) => match v.as_u64() {
                 // transformers writes a huge sentinel (1e30) for "no limit"; the text encoder has 77 positions.
-                Some(n) if n >= 2 && n <= 1 << 20 => n as usize,
+                Some(n) if (2..=1 << 20).contains(&n) => n as usize,
                 _ if v.as_f64().is_some_and(|f| f > 1e20) => DEFAULT_MAX_LENGTH,
-                _ => return Err(Error::config(&config_path, format!("model_max_length {v} is not a length"))),
+                _ => {
+                    return Err(Error::config(&config_path, format!("model_max_length {v} is not a length")))
+                }
             },
         };
 
@@ -286,7 +299,13 @@ impl ClipTokenizer {
             pad_type_id: 0,
             pad_token: pad.content.clone(),
         }));
-        Ok(ClipTokenizer { tokenizer, max_length, pad_id: pad_id as i64, bos_id: bos_id as i64, eos_id: eos_id as i64 })
+        Ok(ClipTokenizer {
+            tokenizer,
+            max_length,
+            pad_id: pad_id as i64,
+            bos_id: bos_id as i64,
+            eos_id: eos_id as i64,
+        })
     }
 
     /// The ids of `<|startoftext|> text <|endoftext|>`, truncated and padded to exactly

@@ -127,12 +127,14 @@ impl ResnetBlock2D {
 /// A linear layer of the mid-block attention, stored as `new` (`to_q`) or, in old checkpoints, as `old`
 /// (`query`), possibly as a 1x1 convolution weight.
 fn attention_linear(w: &Weights, new: &str, old: &str, ch: i64) -> Result<Linear> {
-    let name = if !w.contains(&format!("{new}.weight")) && w.contains(&format!("{old}.weight")) { old } else { new };
+    let name =
+        if !w.contains(&format!("{new}.weight")) && w.contains(&format!("{old}.weight")) { old } else { new };
     let lw = w.sub(name);
     match lw.shape_of("weight") {
-        Some(s) if s == [ch, ch, 1, 1] => {
-            Ok(Linear { weight: lw.get("weight", &s)?.f_reshape([ch, ch])?, bias: Some(lw.get("bias", &[ch])?) })
-        }
+        Some(s) if s == [ch, ch, 1, 1] => Ok(Linear {
+            weight: lw.get("weight", &s)?.f_reshape([ch, ch])?,
+            bias: Some(lw.get("bias", &[ch])?),
+        }),
         _ => Linear::new(&lw, ch, ch, true),
     }
 }
@@ -184,10 +186,14 @@ pub(crate) struct MidBlock {
 impl MidBlock {
     fn new(w: &Weights, ch: i64, groups: i64, act: Activation, add_attention: bool) -> Result<Self> {
         let rw = w.sub("resnets");
-        let resnets =
-            (0..2).map(|i| ResnetBlock2D::new(&rw.sub(i), ch, ch, groups, act)).collect::<Result<Vec<_>>>()?;
-        let attentions =
-            if add_attention { vec![VaeAttention::new(&w.sub("attentions").sub(0), ch, groups)?] } else { vec![] };
+        let resnets = (0..2)
+            .map(|i| ResnetBlock2D::new(&rw.sub(i), ch, ch, groups, act))
+            .collect::<Result<Vec<_>>>()?;
+        let attentions = if add_attention {
+            vec![VaeAttention::new(&w.sub("attentions").sub(0), ch, groups)?]
+        } else {
+            vec![]
+        };
         Ok(MidBlock { resnets, attentions })
     }
 
@@ -208,7 +214,15 @@ pub(crate) struct DownEncoderBlock2D {
 }
 
 impl DownEncoderBlock2D {
-    fn new(w: &Weights, in_ch: i64, out_ch: i64, layers: usize, groups: i64, act: Activation, down: bool) -> Result<Self> {
+    fn new(
+        w: &Weights,
+        in_ch: i64,
+        out_ch: i64,
+        layers: usize,
+        groups: i64,
+        act: Activation,
+        down: bool,
+    ) -> Result<Self> {
         let rw = w.sub("resnets");
         let resnets = (0..layers)
             .map(|i| ResnetBlock2D::new(&rw.sub(i), if i == 0 { in_ch } else { out_ch }, out_ch, groups, act))
@@ -241,7 +255,15 @@ pub(crate) struct UpDecoderBlock2D {
 }
 
 impl UpDecoderBlock2D {
-    fn new(w: &Weights, in_ch: i64, out_ch: i64, layers: usize, groups: i64, act: Activation, up: bool) -> Result<Self> {
+    fn new(
+        w: &Weights,
+        in_ch: i64,
+        out_ch: i64,
+        layers: usize,
+        groups: i64,
+        act: Activation,
+        up: bool,
+    ) -> Result<Self> {
         let rw = w.sub("resnets");
         let resnets = (0..layers)
             .map(|i| ResnetBlock2D::new(&rw.sub(i), if i == 0 { in_ch } else { out_ch }, out_ch, groups, act))
@@ -289,7 +311,15 @@ impl Encoder {
             let in_ch = out_ch;
             out_ch = ch;
             let last = i == boc.len() - 1;
-            down_blocks.push(DownEncoderBlock2D::new(&dw.sub(i), in_ch, out_ch, cfg.layers_per_block, groups, act, !last)?);
+            down_blocks.push(DownEncoderBlock2D::new(
+                &dw.sub(i),
+                in_ch,
+                out_ch,
+                cfg.layers_per_block,
+                groups,
+                act,
+                !last,
+            )?);
         }
         let top = *boc.last().unwrap_or(&0);
         Ok(Encoder {
@@ -335,7 +365,15 @@ impl Decoder {
             let in_ch = out_ch;
             out_ch = ch;
             let last = i == rev.len() - 1;
-            up_blocks.push(UpDecoderBlock2D::new(&uw.sub(i), in_ch, out_ch, cfg.layers_per_block + 1, groups, act, !last)?);
+            up_blocks.push(UpDecoderBlock2D::new(
+                &uw.sub(i),
+                in_ch,
+                out_ch,
+                cfg.layers_per_block + 1,
+                groups,
+                act,
+                !last,
+            )?);
         }
         let bottom = cfg.block_out_channels[0];
         Ok(Decoder {
@@ -403,10 +441,16 @@ impl AutoencoderKL {
     pub fn new(w: &Weights, cfg: AutoencoderKLConfig) -> Result<Self> {
         cfg.validate()?;
         let lc = cfg.latent_channels;
-        let quant_conv =
-            if cfg.use_quant_conv { Some(Conv2d::new(&w.sub("quant_conv"), 2 * lc, 2 * lc, 1, 1, 0, true)?) } else { None };
-        let post_quant_conv =
-            if cfg.use_post_quant_conv { Some(Conv2d::new(&w.sub("post_quant_conv"), lc, lc, 1, 1, 0, true)?) } else { None };
+        let quant_conv = if cfg.use_quant_conv {
+            Some(Conv2d::new(&w.sub("quant_conv"), 2 * lc, 2 * lc, 1, 1, 0, true)?)
+        } else {
+            None
+        };
+        let post_quant_conv = if cfg.use_post_quant_conv {
+            Some(Conv2d::new(&w.sub("post_quant_conv"), lc, lc, 1, 1, 0, true)?)
+        } else {
+            None
+        };
         Ok(AutoencoderKL {
             encoder: Encoder::new(&w.sub("encoder"), &cfg)?,
             decoder: Decoder::new(&w.sub("decoder"), &cfg)?,

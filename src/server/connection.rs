@@ -143,6 +143,7 @@ pub async fn run_stream(stream: TcpStream, peer: SocketAddr, state: Arc<ServerSt
 
     let mut shutdown = state.shutdown.clone();
     let idle = Duration::from_secs(state.config.idle_timeout_s);
+    let mut last_activity = tokio::time::Instant::now();
     let min_interval = Duration::from_secs_f64(1.0 / state.config.max_fps);
     let mut last_frame: Option<Instant> = None;
     let mut next_frame_id: u64 = 0;
@@ -159,15 +160,16 @@ pub async fn run_stream(stream: TcpStream, peer: SocketAddr, state: Arc<ServerSt
                 close(&mut tx, CloseCode::Away, "server shutting down").await;
                 break;
             }
-            msg = tokio::time::timeout(idle, rx.next()) => {
+            _ = tokio::time::sleep_until(last_activity + idle) => {
+                send_error(&mut tx, "idle_timeout", format!("no message for {} s", idle.as_secs()), true).await;
+                close(&mut tx, CloseCode::Normal, "idle").await;
+                break;
+            }
+            msg = rx.next() => {
+                last_activity = tokio::time::Instant::now();
                 let msg = match msg {
-                    Err(_) => {
-                        send_error(&mut tx, "idle_timeout", format!("no message for {} s", idle.as_secs()), true).await;
-                        close(&mut tx, CloseCode::Normal, "idle").await;
-                        break;
-                    }
-                    Ok(None) => break,
-                    Ok(Some(Err(e))) => {
+                    None => break,
+                    Some(Err(e)) => {
                         use tokio_tungstenite::tungstenite::Error as WsError;
                         if let WsError::Capacity(c) = &e {
                             state.metrics.messages_bad.fetch_add(1, Ordering::Relaxed);
@@ -178,7 +180,7 @@ pub async fn run_stream(stream: TcpStream, peer: SocketAddr, state: Arc<ServerSt
                         }
                         break;
                     }
-                    Ok(Some(Ok(m))) => m,
+                    Some(Ok(m)) => m,
                 };
                 match msg {
                     Message::Binary(data) => {

@@ -1,0 +1,371 @@
+//! The daemon on loopback: protocol, limits and reliability (issue: garbage, huge messages, bad JSON, unknown
+//! types, out-of-range settings, a PNG bomb, hundreds of connect/disconnect cycles, several clients at once
+//! each getting only their own frames), with the real engine on the bundled tiny TEST model. Every wait is
+//! bounded.
+mod common;
+
+use futures_util::{SinkExt, StreamExt};
+use sdstream::config::ServerConfig;
+use sdstream::engine::{Engine, EngineConfig};
+use sdstream::server::Server;
+use sdstream::stream::settings::StreamSettings;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+type Client = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn engine() -> Engine {
+    let load = common::cpu_fp32(Some(common::fixture("models/tiny-taesd-test").display().to_string()));
+    let mut c = EngineConfig::new(common::fixture("models/tiny-sd-test").display().to_string(), load);
+    c.max_streams = 64;
+    Engine::start(c).expect("the tiny test model loads")
+}
+
+fn server_config() -> ServerConfig {
+    ServerConfig {
+        listen: "127.0.0.1:0".into(),
+        max_clients: 4,
+        max_message_bytes: 2 * 1024 * 1024,
+        max_fps: 1000.0,
+        idle_timeout_s: 30,
+        ..ServerConfig::default()
+    }
+}
+
+fn stream_defaults() -> StreamSettings {
+    StreamSettings { width: 64, height: 64, t_index_list: vec![32, 45], ..StreamSettings::default() }
+}
+
+async fn start(engine: &Engine, config: ServerConfig) -> Server {
+    Server::start(engine.handle(), engine.info.clone(), config, stream_defaults()).await.expect("server starts")
+}
+
+async fn connect(server: &Server) -> Client {
+    let url = format!("ws://{}/ws", server.local_addr);
+    let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url)).await.unwrap().unwrap();
+    ws
+}
+
+/// The next text message as JSON (skipping `stats`), or None when the connection closed.
+async fn next_json(ws: &mut Client) -> Option<serde_json::Value> {
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.expect("a message in time") {
+            Some(Ok(Message::Text(t))) => {
+                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                if v["type"] != "stats" {
+                    return Some(v);
+                }
+            }
+            Some(Ok(Message::Binary(_))) => panic!("unexpected binary message"),
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+/// Waits for the next output: its `frame` header and the JPEG.
+async fn next_frame(ws: &mut Client) -> (serde_json::Value, Vec<u8>) {
+    let header = loop {
+        let v = next_json(ws).await.expect("connection open");
+        if v["type"] == "frame" {
+            break v;
+        }
+        assert_ne!(v["type"], "error", "unexpected error: {v}");
+    };
+    match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
+        Some(Ok(Message::Binary(b))) => (header, b.to_vec()),
+        other => panic!("expected the JPEG after a frame header, got {other:?}"),
+    }
+}
+
+fn test_jpeg(seed: u8) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8 * 4, y as u8 * 4, seed]));
+    sdstream::io::image::encode_jpeg(&img, 90).unwrap()
+}
+
+async fn ready(ws: &mut Client) -> serde_json::Value {
+    let v = next_json(ws).await.expect("ready");
+    assert_eq!(v["type"], "ready", "{v}");
+    v
+}
+
+/// Sends a frame and waits for its output, proving the connection (and the engine) still work.
+async fn round_trip(ws: &mut Client) {
+    ws.send(Message::binary(test_jpeg(1))).await.unwrap();
+    let (header, jpeg) = next_frame(ws).await;
+    assert!(header["timings"]["unet_ms"].as_f64().is_some(), "{header}");
+    assert!(sdstream::io::image::decode(&jpeg, "output").is_ok(), "the output is a JPEG");
+}
+
+fn rss_mb() -> f64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: f64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0.0);
+    pages * 4096.0 / 1e6
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_errors_are_answered_and_the_connection_stays_open() {
+    let engine = engine();
+    let server = start(&engine, server_config()).await;
+    let mut ws = connect(&server).await;
+    let r = ready(&mut ws).await;
+    assert_eq!(r["model"]["test_model"], true);
+    assert_eq!(r["settings"]["width"], 64);
+    round_trip(&mut ws).await;
+
+    for (msg, code) in [
+        ("this is not json", "bad_json"),
+        ("[1,2,3]", "bad_json"),
+        (r#"{"type":"launch_missiles"}"#, "unknown_type"),
+        (r#"{"type":"prompt"}"#, "bad_json"),
+        (r#"{"type":"settings","width":100}"#, "bad_setting"),
+        (r#"{"type":"settings","guidance":1e9}"#, "bad_setting"),
+        (r#"{"type":"settings","t_index_list":[45,32]}"#, "bad_setting"),
+        (r#"{"type":"settings","model_path":"/etc/passwd"}"#, "bad_setting"),
+        (r#"{"type":"quality","quality":0}"#, "bad_setting"),
+    ] {
+        ws.send(Message::text(msg)).await.unwrap();
+        let v = next_json(&mut ws).await.expect("still open");
+        assert_eq!(v["type"], "error", "{msg} -> {v}");
+        assert_eq!(v["code"], code, "{msg} -> {v}");
+        assert_eq!(v["fatal"], false, "{msg} -> {v}");
+    }
+    // Garbage bytes and a PNG that declares a huge size: answered for that frame only.
+    ws.send(Message::binary(vec![0x42u8; 1000])).await.unwrap();
+    let v = next_json(&mut ws).await.unwrap();
+    assert_eq!(v["code"], "bad_frame", "{v}");
+    tokio::time::sleep(Duration::from_millis(10)).await; // stay under the frame-rate cap
+    ws.send(Message::binary(png_bomb())).await.unwrap();
+    let v = next_json(&mut ws).await.unwrap();
+    assert_eq!(v["code"], "bad_frame", "{v}");
+
+    // A valid settings change is acknowledged with the new settings; the old ones stayed before it.
+    ws.send(Message::text(r#"{"type":"settings","guidance":1.5,"cfg_type":"none"}"#)).await.unwrap();
+    let v = next_json(&mut ws).await.unwrap();
+    assert_eq!(v["type"], "settings", "{v}");
+    assert_eq!(v["settings"]["guidance"], 1.5);
+    assert_eq!(v["settings"]["width"], 64, "the refused width change left the size alone");
+    ws.send(Message::text(r#"{"type":"ping","nonce":7}"#)).await.unwrap();
+    assert_eq!(next_json(&mut ws).await.unwrap()["nonce"], 7);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    round_trip(&mut ws).await;
+    drop(ws);
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+/// A PNG whose header declares 100000 x 100000 pixels (40 GB decoded).
+fn png_bomb() -> Vec<u8> {
+    let mut png = vec![0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A];
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(b"IHDR");
+    ihdr.extend_from_slice(&100_000u32.to_be_bytes());
+    ihdr.extend_from_slice(&100_000u32.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    png.extend_from_slice(&13u32.to_be_bytes());
+    png.extend_from_slice(&ihdr);
+    let crc = crc32(&ihdr);
+    png.extend_from_slice(&crc.to_be_bytes());
+    png.extend_from_slice(&[0, 0, 0, 0, b'I', b'E', b'N', b'D', 0xAE, 0x42, 0x60, 0x82]);
+    png
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = 0xFFFF_FFFFu32;
+    for &b in data {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_message_closes_only_that_connection() {
+    let engine = engine();
+    let server = start(&engine, server_config()).await;
+    let mut victim = connect(&server).await;
+    ready(&mut victim).await;
+    let mut bystander = connect(&server).await;
+    ready(&mut bystander).await;
+    // 100 MB against a 2 MB limit.
+    let _ = victim.send(Message::binary(vec![0u8; 100 * 1024 * 1024])).await;
+    let mut saw_too_large = false;
+    while let Some(v) = next_json(&mut victim).await {
+        if v["code"] == "too_large" {
+            saw_too_large = true;
+        }
+    }
+    assert!(saw_too_large, "the client is told its message was too large");
+    round_trip(&mut bystander).await;
+    let mut fresh = connect(&server).await;
+    ready(&mut fresh).await;
+    round_trip(&mut fresh).await;
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_clients_each_get_only_their_own_frames() {
+    let engine = engine();
+    let server = start(&engine, server_config()).await;
+    let mut clients = Vec::new();
+    for i in 0..3u64 {
+        let mut ws = connect(&server).await;
+        let r = ready(&mut ws).await;
+        // Each client numbers its frames in its own range, and runs one stage so outputs answer at once.
+        ws.send(Message::text(format!(r#"{{"type":"frame_id","id":{}}}"#, (i + 1) * 1000))).await.unwrap();
+        ws.send(Message::text(r#"{"type":"settings","t_index_list":[40]}"#)).await.unwrap();
+        assert_eq!(next_json(&mut ws).await.unwrap()["type"], "settings");
+        clients.push((i, r["stream_id"].as_u64().unwrap(), ws));
+    }
+    let ids: std::collections::HashSet<u64> = clients.iter().map(|c| c.1).collect();
+    assert_eq!(ids.len(), 3, "one stream per connection");
+    for round in 0..4u64 {
+        for (i, _, ws) in clients.iter_mut() {
+            ws.send(Message::binary(test_jpeg(*i as u8 * 60))).await.unwrap();
+        }
+        for (i, _, ws) in clients.iter_mut() {
+            let (header, _) = next_frame(ws).await;
+            let want = (*i + 1) * 1000 + round;
+            assert_eq!(header["frame_id"], want, "client {i} got {header}");
+        }
+    }
+    let c = engine.counters();
+    assert!(c.ticks.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundreds_of_connect_disconnect_cycles_leave_nothing_behind() {
+    let engine = engine();
+    // Clients that vanish without a close frame hold their slot until the server sees the socket end.
+    let server = start(&engine, ServerConfig { max_clients: 32, ..server_config() }).await;
+    // Warm up the allocator and caches before measuring.
+    for _ in 0..20 {
+        let mut ws = connect(&server).await;
+        ready(&mut ws).await;
+    }
+    let before = rss_mb();
+    for i in 0..300 {
+        let mut ws = connect(&server).await;
+        ready(&mut ws).await;
+        if i % 3 == 0 {
+            // Leave mid-frame.
+            ws.send(Message::binary(test_jpeg(2))).await.unwrap();
+        }
+        if i % 2 == 0 {
+            let _ = ws.close(None).await;
+        }
+    }
+    // Raw TCP garbage and half-open sockets.
+    for _ in 0..20 {
+        let mut tcp = tokio::net::TcpStream::connect(server.local_addr).await.unwrap();
+        tcp.write_all(b"\x16\x03\x01garbage that is not http\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 64];
+        let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await;
+    }
+    // Every stream is closed once its connection is gone.
+    let deadline = std::time::Instant::now() + WAIT;
+    while engine.counters().streams_open.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+        assert!(std::time::Instant::now() < deadline, "streams were left open");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let grown = rss_mb() - before;
+    eprintln!("memory grew by {grown:.1} MB over 300 cycles");
+    assert!(grown < 150.0, "memory grew by {grown:.1} MB over 300 connect/disconnect cycles");
+    let mut ws = connect(&server).await;
+    ready(&mut ws).await;
+    round_trip(&mut ws).await;
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_refuse_with_a_reason() {
+    let engine = engine();
+    let config = ServerConfig { max_clients: 1, idle_timeout_s: 2, max_fps: 5.0, ..server_config() };
+    let server = start(&engine, config).await;
+    let mut first = connect(&server).await;
+    ready(&mut first).await;
+    // A second client is told the server is full.
+    let mut second = connect(&server).await;
+    let v = next_json(&mut second).await.expect("a refusal message");
+    assert_eq!(v["code"], "server_full", "{v}");
+    assert_eq!(v["fatal"], true);
+    assert!(next_json(&mut second).await.is_none(), "then closed");
+    // Frames above the rate cap are dropped and the client is told.
+    for _ in 0..5 {
+        first.send(Message::binary(test_jpeg(3))).await.unwrap();
+    }
+    let mut rate_limited = false;
+    loop {
+        let v = next_json(&mut first).await.expect("open");
+        if v["code"] == "rate_limited" {
+            rate_limited = true;
+            break;
+        }
+        if v["type"] == "frame" {
+            let _ = first.next().await;
+        }
+    }
+    assert!(rate_limited);
+    // Silence past the idle timeout closes the connection with a reason.
+    let mut idle_error = false;
+    while let Some(v) = next_json(&mut first).await {
+        if v["code"] == "idle_timeout" {
+            idle_error = true;
+        }
+        if v["type"] == "frame" {
+            let _ = first.next().await;
+        }
+    }
+    assert!(idle_error, "the idle client is told why it is disconnected");
+    // The slot is free again.
+    let mut third = connect(&server).await;
+    ready(&mut third).await;
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_origin_and_http_endpoints() {
+    let engine = engine();
+    let config = ServerConfig { token: Some("s3cret".into()), ..server_config() };
+    let server = start(&engine, config).await;
+    let addr = server.local_addr;
+    let get = |path: &'static str, headers: &'static str| async move {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}\r\n");
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(WAIT, tcp.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).to_string()
+    };
+    assert!(get("/health", "").await.starts_with("HTTP/1.1 401"));
+    let health = get("/health?token=s3cret", "").await;
+    assert!(health.starts_with("HTTP/1.1 200") && health.contains("\"test_model\":true"), "{health}");
+    let metrics = get("/metrics", "Authorization: Bearer s3cret\r\n").await;
+    assert!(metrics.contains("sdstream_latency_ms_bucket"), "{metrics}");
+    let page = get("/?token=s3cret", "").await;
+    assert!(page.contains("<title>sdstream</title>"));
+    assert!(get("/nothing?token=s3cret", "").await.starts_with("HTTP/1.1 404"));
+    // WebSocket: no token, wrong origin, then right.
+    let url = format!("ws://{addr}/ws");
+    assert!(tokio_tungstenite::connect_async(url.clone()).await.is_err(), "no token is refused");
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!("{url}?token=s3cret")).unwrap();
+    req.headers_mut().insert("Origin", "http://evil.example".parse().unwrap());
+    assert!(tokio_tungstenite::connect_async(req).await.is_err(), "a foreign Origin is refused");
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{url}?token=s3cret")).await.unwrap();
+    ready(&mut ws).await;
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[test]
+fn listening_beyond_loopback_needs_a_token() {
+    let addr: std::net::SocketAddr = "0.0.0.0:8765".parse().unwrap();
+    let e = sdstream::server::check_listen(&addr, &None).unwrap_err().to_string();
+    assert!(e.contains("--token"), "{e}");
+    assert!(sdstream::server::check_listen(&addr, &Some("t".into())).is_ok());
+    assert!(sdstream::server::check_listen(&"127.0.0.1:1".parse().unwrap(), &None).is_ok());
+}
