@@ -75,16 +75,25 @@ impl DaemonConfig {
         self.stream.validate()?;
         let s = &self.server;
         if s.max_clients == 0 || s.max_clients > 1024 {
-            return Err(Error::invalid("server.max_clients", format!("{} is not in 1..=1024", s.max_clients)));
+            return Err(Error::invalid(
+                "server.max_clients",
+                format!("{} is not in 1..=1024", s.max_clients),
+            ));
         }
         if s.max_message_bytes < 1024 || s.max_message_bytes > 256 * 1024 * 1024 {
-            return Err(Error::invalid("server.max_message_bytes", format!("{} is not in 1 KiB..=256 MiB", s.max_message_bytes)));
+            return Err(Error::invalid(
+                "server.max_message_bytes",
+                format!("{} is not in 1 KiB..=256 MiB", s.max_message_bytes),
+            ));
         }
         if !(s.max_fps.is_finite() && s.max_fps > 0.0 && s.max_fps <= 1000.0) {
             return Err(Error::invalid("server.max_fps", format!("{} is not in (0, 1000]", s.max_fps)));
         }
         if !(1..=100).contains(&s.jpeg_quality) {
-            return Err(Error::invalid("server.jpeg_quality", format!("{} is not in 1..=100", s.jpeg_quality)));
+            return Err(Error::invalid(
+                "server.jpeg_quality",
+                format!("{} is not in 1..=100", s.jpeg_quality),
+            ));
         }
         if s.idle_timeout_s == 0 {
             return Err(Error::invalid("server.idle_timeout_s", "must be at least 1"));

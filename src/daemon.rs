@@ -35,16 +35,20 @@ fn engine_config(config: &DaemonConfig) -> Result<EngineConfig> {
 pub fn run(config: DaemonConfig, camera: Option<CameraOptions>) -> Result<()> {
     config.validate()?;
     // Refuse a non-loopback address without a token before loading anything.
-    let addr: std::net::SocketAddr = config
-        .server
-        .listen
-        .parse()
-        .map_err(|e| Error::invalid("listen", format!("`{}`: {e} (expected IP:PORT)", config.server.listen)))?;
+    let addr: std::net::SocketAddr = config.server.listen.parse().map_err(|e| {
+        Error::invalid("listen", format!("`{}`: {e} (expected IP:PORT)", config.server.listen))
+    })?;
     crate::server::check_listen(&addr, &config.server.token)?;
     let t0 = std::time::Instant::now();
     let engine = Engine::start(engine_config(&config)?)?;
     let info = engine.info.clone();
-    tracing::info!("model {} ready on {} in {} ({:.1}s)", info.model, info.device, info.dtype, t0.elapsed().as_secs_f64());
+    tracing::info!(
+        "model {} ready on {} in {} ({:.1}s)",
+        info.model,
+        info.device,
+        info.dtype,
+        t0.elapsed().as_secs_f64()
+    );
     if info.test_model {
         tracing::warn!("{} is a random-weight TEST model: its pictures are noise-like by design; pass --model for real weights", info.model);
     }
@@ -55,7 +59,8 @@ pub fn run(config: DaemonConfig, camera: Option<CameraOptions>) -> Result<()> {
         .build()
         .map_err(|e| Error::Model(format!("cannot start the async runtime: {e}")))?;
     let result = runtime.block_on(async {
-        let server = Server::start(engine.handle(), info, config.server.clone(), config.stream.clone()).await?;
+        let server =
+            Server::start(engine.handle(), info, config.server.clone(), config.stream.clone()).await?;
         let capture = match &camera {
             Some(cam) => Some(start_camera(&engine, &server, &config, cam)?),
             None => None,
@@ -108,9 +113,12 @@ fn start_camera(
     let sink: OutputSink = Box::new(move |o| tx.try_send(o).is_ok());
     let stream = engine.handle().open_stream_with_sink(config.stream.clone(), sink)?;
     let submit = stream.submitter();
-    let capture = crate::io::camera::start(cam.index, Box::new(move |img| {
-        submit.submit(Some(img));
-    }))?;
+    let capture = crate::io::camera::start(
+        cam.index,
+        Box::new(move |img| {
+            submit.submit(Some(img));
+        }),
+    )?;
     tracing::info!("camera {}: {} -> viewers at /view and /mjpeg", cam.index, capture.description);
     Ok((capture, stream))
 }

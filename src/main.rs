@@ -142,7 +142,8 @@ impl ModelArgs {
             vae: self.vae.clone(),
         };
         let t0 = std::time::Instant::now();
-        let sd = StableDiffusion::load(&self.model, &opts).with_context(|| format!("loading model `{}`", self.model))?;
+        let sd = StableDiffusion::load(&self.model, &opts)
+            .with_context(|| format!("loading model `{}`", self.model))?;
         tracing::info!(
             "loaded {} on {:?} in {} ({}, {:.1}s)",
             self.model,
@@ -152,7 +153,10 @@ impl ModelArgs {
             t0.elapsed().as_secs_f64()
         );
         if sdstream::models::is_test_model(&sd.source.root) {
-            tracing::warn!("`{}` is a random-weight TEST model: its images are noise-like by design", self.model);
+            tracing::warn!(
+                "`{}` is a random-weight TEST model: its images are noise-like by design",
+                self.model
+            );
         }
         Ok(sd)
     }
@@ -278,24 +282,60 @@ impl StreamFlags {
         let mut put = |k: &str, v: serde_json::Value| {
             m.insert(k.to_string(), v);
         };
-        if let Some(v) = &self.prompt { put("prompt", v.clone().into()) }
-        if let Some(v) = &self.negative_prompt { put("negative_prompt", v.clone().into()) }
-        if let Some(v) = &self.mode { put("mode", v.clone().into()) }
-        if let Some(v) = &self.t_index_list { put("t_index_list", serde_json::json!(v)) }
-        if let Some(v) = self.strength { put("strength", v.into()) }
-        if let Some(v) = self.steps { put("steps", v.into()) }
-        if let Some(v) = &self.scheduler { put("scheduler", v.clone().into()) }
-        if let Some(v) = &self.cfg_type { put("cfg_type", v.clone().into()) }
-        if let Some(v) = self.guidance { put("guidance", v.into()) }
-        if let Some(v) = self.delta { put("delta", v.into()) }
-        if let Some(v) = self.similarity_filter { put("similarity_filter", v.into()) }
-        if let Some(v) = self.similarity_threshold { put("similarity_threshold", v.into()) }
-        if let Some(v) = self.max_skip_frames { put("max_skip_frames", v.into()) }
-        if let Some(v) = self.seed { put("seed", v.into()) }
-        if let Some(v) = self.width { put("width", v.into()) }
-        if let Some(v) = self.height { put("height", v.into()) }
-        if let Some(v) = self.prompt_transition_frames { put("prompt_transition_frames", v.into()) }
-        if let Some(v) = &self.prompt_interpolation { put("prompt_interpolation", v.clone().into()) }
+        if let Some(v) = &self.prompt {
+            put("prompt", v.clone().into())
+        }
+        if let Some(v) = &self.negative_prompt {
+            put("negative_prompt", v.clone().into())
+        }
+        if let Some(v) = &self.mode {
+            put("mode", v.clone().into())
+        }
+        if let Some(v) = &self.t_index_list {
+            put("t_index_list", serde_json::json!(v))
+        }
+        if let Some(v) = self.strength {
+            put("strength", v.into())
+        }
+        if let Some(v) = self.steps {
+            put("steps", v.into())
+        }
+        if let Some(v) = &self.scheduler {
+            put("scheduler", v.clone().into())
+        }
+        if let Some(v) = &self.cfg_type {
+            put("cfg_type", v.clone().into())
+        }
+        if let Some(v) = self.guidance {
+            put("guidance", v.into())
+        }
+        if let Some(v) = self.delta {
+            put("delta", v.into())
+        }
+        if let Some(v) = self.similarity_filter {
+            put("similarity_filter", v.into())
+        }
+        if let Some(v) = self.similarity_threshold {
+            put("similarity_threshold", v.into())
+        }
+        if let Some(v) = self.max_skip_frames {
+            put("max_skip_frames", v.into())
+        }
+        if let Some(v) = self.seed {
+            put("seed", v.into())
+        }
+        if let Some(v) = self.width {
+            put("width", v.into())
+        }
+        if let Some(v) = self.height {
+            put("height", v.into())
+        }
+        if let Some(v) = self.prompt_transition_frames {
+            put("prompt_transition_frames", v.into())
+        }
+        if let Some(v) = &self.prompt_interpolation {
+            put("prompt_interpolation", v.clone().into())
+        }
         serde_json::Value::Object(m)
     }
 
@@ -337,7 +377,8 @@ fn run(cli: Cli) -> Result<()> {
             let mut params = a.gen.params()?;
             let sd = a.gen.model.load()?;
             let rgb = sdstream::io::image::read(&a.image)?;
-            let (w, h) = (a.gen.width.unwrap_or(rgb.width() as i64), a.gen.height.unwrap_or(rgb.height() as i64));
+            let (w, h) =
+                (a.gen.width.unwrap_or(rgb.width() as i64), a.gen.height.unwrap_or(rgb.height() as i64));
             if w <= 0 || h <= 0 || w > 4096 || h > 4096 {
                 anyhow::bail!("invalid --width/--height {w}x{h}: expected 1..=4096");
             }

@@ -23,7 +23,11 @@ fn params(case: &serde_json::Value) -> GenerateParams {
 }
 
 fn check_model(model: &str) {
-    let sd = StableDiffusion::load(&fixture(&format!("tests/fixtures/models/{model}")).display().to_string(), &cpu_fp32(None)).unwrap();
+    let sd = StableDiffusion::load(
+        &fixture(&format!("tests/fixtures/models/{model}")).display().to_string(),
+        &cpu_fp32(None),
+    )
+    .unwrap();
     let index = json(&format!("tests/fixtures/reference/{model}/pipeline/index.json"));
     let cases: Vec<&str> = index.as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
     assert!(cases.len() >= 5, "{model}: too few pipeline cases");
@@ -35,8 +39,10 @@ fn check_model(model: &str) {
         let latents = match case["mode"].as_str().unwrap() {
             "txt2img" => pipeline::txt2img_latents(&sd, &p).unwrap(),
             "img2img" => {
-                let input = sdstream::io::image::read(&fixture(case["input_image"].as_str().unwrap())).unwrap();
-                let image = sdstream::io::image::to_tensor(&input, tch::Device::Cpu, tch::Kind::Float).unwrap();
+                let input =
+                    sdstream::io::image::read(&fixture(case["input_image"].as_str().unwrap())).unwrap();
+                let image =
+                    sdstream::io::image::to_tensor(&input, tch::Device::Cpu, tch::Kind::Float).unwrap();
                 pipeline::img2img_latents(&sd, &p, &image, case["strength"].as_f64().unwrap()).unwrap()
             }
             other => panic!("{name}: unknown mode {other}"),
@@ -68,7 +74,11 @@ fn lcm_tiny_matches_diffusers() {
 
 #[test]
 fn bad_sizes_and_strengths_are_refused_with_the_flag_named() {
-    let sd = StableDiffusion::load(&fixture("tests/fixtures/models/sd1-tiny").display().to_string(), &cpu_fp32(None)).unwrap();
+    let sd = StableDiffusion::load(
+        &fixture("tests/fixtures/models/sd1-tiny").display().to_string(),
+        &cpu_fp32(None),
+    )
+    .unwrap();
     let mut p = params(&json("tests/fixtures/reference/sd1-tiny/pipeline/txt2img_ddim_g1.0.json"));
     p.width = 100;
     let e = pipeline::txt2img(&sd, &p).unwrap_err().to_string();

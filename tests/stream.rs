@@ -26,7 +26,12 @@ fn settings(case: &serde_json::Value) -> StreamSettings {
         prompt: case["prompt"].as_str().unwrap().into(),
         negative_prompt: case["negative_prompt"].as_str().unwrap_or("").into(),
         mode: if case["mode"] == "txt2img" { Mode::Txt2img } else { Mode::Img2img },
-        t_index_list: case["t_index_list"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect(),
+        t_index_list: case["t_index_list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect(),
         cfg_type: case["cfg_type"].as_str().unwrap().parse::<CfgType>().unwrap(),
         guidance: case["guidance_scale"].as_f64().unwrap(),
         delta: case["delta"].as_f64().unwrap(),
@@ -53,19 +58,30 @@ fn run_case(name: &str) {
     assert_close(&format!("{name}: prompt_embeds"), &cond, &reference["prompt_embeds"], ATOL, RTOL);
     let uncond = sd.encode_text(&s.negative_prompt, None).unwrap();
     let mut stream = Stream::new(0, &sd, s, cond, uncond).unwrap();
-    let frames: Vec<Option<String>> =
-        case["frames"].as_array().unwrap().iter().map(|f| f.as_str().map(|p| format!("tests/fixtures/stream/{p}"))).collect();
+    let frames: Vec<Option<String>> = case["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().map(|p| format!("tests/fixtures/stream/{p}")))
+        .collect();
     let warmup = case["warmup_frames"].as_u64().unwrap();
     for (i, frame) in frames.iter().enumerate() {
         let image = frame.as_deref().map(frame_tensor);
-        let (outs, _) = tick(&sd, vec![TickInput { stream: &mut stream, frame_id: i as u64, image }], false).unwrap();
+        let (outs, _) =
+            tick(&sd, vec![TickInput { stream: &mut stream, frame_id: i as u64, image }], false).unwrap();
         let out = &outs[0];
         assert_eq!(out.warmup, (i as u64) < warmup, "{name}: frame {i} warm-up flag");
         if !out.warmup {
             assert_eq!(out.answers, i as u64 - warmup, "{name}: frame {i} answers the wrong input");
         }
         let latent = stream.last_latent().expect("a latent after a tick");
-        assert_close(&format!("{name}: latent_out_{i}"), &latent, &reference[&format!("latent_out_{i}")], ATOL, RTOL);
+        assert_close(
+            &format!("{name}: latent_out_{i}"),
+            &latent,
+            &reference[&format!("latent_out_{i}")],
+            ATOL,
+            RTOL,
+        );
         if let Some(want) = reference.get(&format!("image_out_{i}")) {
             assert_close(&format!("{name}: image_out_{i}"), out.image.as_ref().unwrap(), want, 1e-3, 1e-3);
         }
@@ -95,18 +111,28 @@ fn similarity_filter_matches_streamdiffusion() {
     for sc in spec["scenarios"].as_array().unwrap() {
         let name = sc["name"].as_str().unwrap();
         let mut filter = sdstream::stream::similarity::SimilarityFilter::new(0);
-        let samples: Vec<f64> = sc["samples"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let samples: Vec<f64> =
+            sc["samples"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
         let mut next = samples.into_iter();
-        for (i, (input, want)) in sc["inputs"].as_array().unwrap().iter().zip(sc["expected"].as_array().unwrap()).enumerate() {
+        for (i, (input, want)) in
+            sc["inputs"].as_array().unwrap().iter().zip(sc["expected"].as_array().unwrap()).enumerate()
+        {
             let x = frame_tensor(&format!("tests/fixtures/stream/{}", input.as_str().unwrap()));
             let d = filter
-                .decide(&x, sc["threshold"].as_f64().unwrap(), sc["max_skip_frame"].as_u64().unwrap() as u32, || {
-                    next.next().expect("a recorded sample per call")
-                })
+                .decide(
+                    &x,
+                    sc["threshold"].as_f64().unwrap(),
+                    sc["max_skip_frame"].as_u64().unwrap() as u32,
+                    || next.next().expect("a recorded sample per call"),
+                )
                 .unwrap();
             assert_eq!(d.skip, want["skipped"].as_bool().unwrap(), "{name}: call {i}");
             if let Some(p) = want["skip_prob"].as_f64() {
-                assert!((d.skip_probability - p).abs() < 1e-4, "{name}: call {i} skip probability {} vs {p}", d.skip_probability);
+                assert!(
+                    (d.skip_probability - p).abs() < 1e-4,
+                    "{name}: call {i} skip probability {} vs {p}",
+                    d.skip_probability
+                );
             }
         }
     }
@@ -125,14 +151,26 @@ fn batched_streams_keep_their_own_outputs() {
         let uncond = sd.encode_text("", None).unwrap();
         Stream::new(seed, &sd, s, cond, uncond).unwrap()
     };
-    let frames: Vec<Tensor> = (0..4).map(|i| frame_tensor(&format!("tests/fixtures/stream/frames/frame_00{i}.png"))).collect();
+    let frames: Vec<Tensor> =
+        (0..4).map(|i| frame_tensor(&format!("tests/fixtures/stream/frames/frame_00{i}.png"))).collect();
     let reversed: Vec<Tensor> = frames.iter().rev().map(|t| t.shallow_clone()).collect();
     let run_alone = |seed, prompt, inputs: &[Tensor]| {
         let mut s = mk(seed, prompt);
         inputs
             .iter()
             .enumerate()
-            .map(|(i, f)| tick(&sd, vec![TickInput { stream: &mut s, frame_id: i as u64, image: Some(f.shallow_clone()) }], false).unwrap().0.remove(0).image.unwrap())
+            .map(|(i, f)| {
+                tick(
+                    &sd,
+                    vec![TickInput { stream: &mut s, frame_id: i as u64, image: Some(f.shallow_clone()) }],
+                    false,
+                )
+                .unwrap()
+                .0
+                .remove(0)
+                .image
+                .unwrap()
+            })
             .collect::<Vec<_>>()
     };
     let alone_a = run_alone(7, "a cat", &frames);
@@ -145,7 +183,8 @@ fn batched_streams_keep_their_own_outputs() {
         ];
         let (outs, timings) = tick(&sd, inputs, false).unwrap();
         assert_eq!(timings.unet_batch, 4, "both streams' slots in one UNet call");
-        let by_id: HashMap<u64, &Tensor> = outs.iter().map(|o| (o.stream_id, o.image.as_ref().unwrap())).collect();
+        let by_id: HashMap<u64, &Tensor> =
+            outs.iter().map(|o| (o.stream_id, o.image.as_ref().unwrap())).collect();
         assert_close(&format!("stream a frame {i}"), by_id[&7], &alone_a[i], 1e-4, 1e-4);
         assert_close(&format!("stream b frame {i}"), by_id[&8], &alone_b[i], 1e-4, 1e-4);
         assert!(max_abs_diff(by_id[&7], by_id[&8]) > 1e-3, "the two streams' outputs must differ");

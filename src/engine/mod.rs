@@ -35,7 +35,14 @@ pub struct EngineConfig {
 
 impl EngineConfig {
     pub fn new(model: impl Into<String>, load: LoadOptions) -> Self {
-        EngineConfig { model: model.into(), load, max_streams: 16, prompt_cache: 64, measure_stages: true, output_queue: 4 }
+        EngineConfig {
+            model: model.into(),
+            load,
+            max_streams: 16,
+            prompt_cache: 64,
+            measure_stages: true,
+            output_queue: 4,
+        }
     }
 }
 
@@ -116,9 +123,20 @@ pub struct EngineCounters {
 pub type OutputSink = Box<dyn Fn(Output) -> bool + Send>;
 
 enum Command {
-    Open { settings: StreamSettings, outputs: OutputSink, counters: Arc<StreamCounters>, reply: Sender<Result<u64>> },
-    Close { id: u64 },
-    Settings { id: u64, patch: serde_json::Value, reply: Sender<Result<StreamSettings>> },
+    Open {
+        settings: StreamSettings,
+        outputs: OutputSink,
+        counters: Arc<StreamCounters>,
+        reply: Sender<Result<u64>>,
+    },
+    Close {
+        id: u64,
+    },
+    Settings {
+        id: u64,
+        patch: serde_json::Value,
+        reply: Sender<Result<StreamSettings>>,
+    },
     Shutdown,
 }
 
@@ -147,7 +165,8 @@ impl Engine {
     pub fn start(config: EngineConfig) -> Result<Engine> {
         let (commands, command_rx) = bounded::<Command>(256);
         let (wake, wake_rx) = bounded::<()>(1);
-        let shared = Arc::new(Shared { pending: Mutex::new(HashMap::new()), counters: EngineCounters::default() });
+        let shared =
+            Arc::new(Shared { pending: Mutex::new(HashMap::new()), counters: EngineCounters::default() });
         let (ready_tx, ready_rx) = bounded::<Result<ModelInfo>>(1);
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
@@ -169,12 +188,20 @@ impl Engine {
                     vae_scale_factor: sd.vae_scale_factor(),
                 };
                 let _ = ready_tx.send(Ok(info));
-                let mut worker = Worker { sd, config, streams: HashMap::new(), cache: None, shared: thread_shared, next_id: 1 };
+                let mut worker = Worker {
+                    sd,
+                    config,
+                    streams: HashMap::new(),
+                    cache: None,
+                    shared: thread_shared,
+                    next_id: 1,
+                };
                 worker.cache = Some(PromptCache::new(worker.config.prompt_cache));
                 worker.run(command_rx, wake_rx);
             })
             .map_err(|e| Error::Model(format!("cannot start the inference thread: {e}")))?;
-        let info = ready_rx.recv().map_err(|_| Error::Model("the inference thread died while loading".into()))??;
+        let info =
+            ready_rx.recv().map_err(|_| Error::Model("the inference thread died while loading".into()))??;
         Ok(Engine { handle: EngineHandle { commands, wake, shared }, thread: Some(thread), info })
     }
 
@@ -248,11 +275,12 @@ impl Submitter {
 impl EngineHandle {
     fn request<T>(&self, make: impl FnOnce(Sender<Result<T>>) -> Command) -> Result<T> {
         let (tx, rx) = bounded(1);
-        self.commands
-            .send_timeout(make(tx), Duration::from_secs(5))
-            .map_err(|_| Error::Model("the engine is not accepting commands (shutting down or stalled)".into()))?;
+        self.commands.send_timeout(make(tx), Duration::from_secs(5)).map_err(|_| {
+            Error::Model("the engine is not accepting commands (shutting down or stalled)".into())
+        })?;
         let _ = self.wake.try_send(());
-        rx.recv_timeout(Duration::from_secs(120)).map_err(|_| Error::Model("the engine did not answer".into()))?
+        rx.recv_timeout(Duration::from_secs(120))
+            .map_err(|_| Error::Model("the engine did not answer".into()))?
     }
 
     /// Opens a stream with `settings`; fails with a clear message when the settings are invalid or the engine
@@ -275,8 +303,12 @@ impl EngineHandle {
         let counters = Arc::new(StreamCounters::default());
         let c = counters.clone();
         let id = self.request(|reply| Command::Open { settings, outputs: sink, counters: c, reply })?;
-        let submitter =
-            Submitter { id, engine: self.clone(), counters: counters.clone(), next_frame: Arc::new(AtomicU64::new(0)) };
+        let submitter = Submitter {
+            id,
+            engine: self.clone(),
+            counters: counters.clone(),
+            next_frame: Arc::new(AtomicU64::new(0)),
+        };
         Ok(StreamHandle { id, outputs: None, counters, submitter })
     }
 
@@ -396,9 +428,17 @@ impl Worker {
         }
     }
 
-    fn open(&mut self, settings: StreamSettings, outputs: OutputSink, counters: Arc<StreamCounters>) -> Result<u64> {
+    fn open(
+        &mut self,
+        settings: StreamSettings,
+        outputs: OutputSink,
+        counters: Arc<StreamCounters>,
+    ) -> Result<u64> {
         if self.streams.len() >= self.config.max_streams {
-            return Err(Error::invalid("stream", format!("the engine already runs its maximum of {} streams", self.config.max_streams)));
+            return Err(Error::invalid(
+                "stream",
+                format!("the engine already runs its maximum of {} streams", self.config.max_streams),
+            ));
         }
         let cond = self.embeddings(&settings.prompt)?;
         let uncond = self.embeddings(&settings.negative_prompt)?;
@@ -411,9 +451,16 @@ impl Worker {
     }
 
     fn update(&mut self, id: u64, patch: &serde_json::Value) -> Result<StreamSettings> {
-        let current = self.streams.get(&id).ok_or_else(|| Error::invalid("stream", "is closed"))?.stream.settings().clone();
+        let current = self
+            .streams
+            .get(&id)
+            .ok_or_else(|| Error::invalid("stream", "is closed"))?
+            .stream
+            .settings()
+            .clone();
         let next = current.patched(patch)?;
-        let prompts_changed = next.prompt != current.prompt || next.negative_prompt != current.negative_prompt;
+        let prompts_changed =
+            next.prompt != current.prompt || next.negative_prompt != current.negative_prompt;
         let embeddings = if prompts_changed {
             Some((self.embeddings(&next.prompt)?, self.embeddings(&next.negative_prompt)?))
         } else {
@@ -487,7 +534,8 @@ impl Worker {
                     continue;
                 }
             };
-            let (received, queue_ms, preprocess_ms) = meta.get(&out.stream_id).copied().unwrap_or((tick_start, 0.0, 0.0));
+            let (received, queue_ms, preprocess_ms) =
+                meta.get(&out.stream_id).copied().unwrap_or((tick_start, 0.0, 0.0));
             let times = StageTimes {
                 queue_ms,
                 preprocess_ms,

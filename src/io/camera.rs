@@ -74,7 +74,10 @@ mod native {
         }
         if !cams.iter().any(|c| c.index == index) {
             let known: Vec<String> = cams.iter().map(|c| format!("{} ({})", c.index, c.name)).collect();
-            return Err(Error::invalid("camera", format!("no camera {index}; cameras: {}", known.join(", "))));
+            return Err(Error::invalid(
+                "camera",
+                format!("no camera {index}; cameras: {}", known.join(", ")),
+            ));
         }
         let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<String>>(1);
         let stop = Arc::new(AtomicBool::new(false));
@@ -87,15 +90,22 @@ mod native {
                 let mut camera = match nokhwa::Camera::new(CameraIndex::Index(index), format) {
                     Ok(c) => c,
                     Err(e) => {
-                        let _ = ready_tx.send(Err(Error::invalid("camera", format!("camera {index} cannot be opened (busy or unsupported format?): {e}"))));
+                        let _ = ready_tx.send(Err(Error::invalid(
+                            "camera",
+                            format!("camera {index} cannot be opened (busy or unsupported format?): {e}"),
+                        )));
                         return;
                     }
                 };
                 if let Err(e) = camera.open_stream() {
-                    let _ = ready_tx.send(Err(Error::invalid("camera", format!("camera {index} cannot start streaming (busy?): {e}"))));
+                    let _ = ready_tx.send(Err(Error::invalid(
+                        "camera",
+                        format!("camera {index} cannot start streaming (busy?): {e}"),
+                    )));
                     return;
                 }
-                let _ = ready_tx.send(Ok(format!("{} {:?}", camera.info().human_name(), camera.camera_format())));
+                let _ =
+                    ready_tx.send(Ok(format!("{} {:?}", camera.info().human_name(), camera.camera_format())));
                 let mut failures = 0;
                 while !stop_thread.load(Ordering::Relaxed) {
                     match camera.frame().and_then(|f| f.decode_image::<RgbFormat>()) {

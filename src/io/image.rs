@@ -82,6 +82,7 @@ pub fn write_png(img: &RgbImage, path: &Path) -> Result<()> {
 pub fn encode_jpeg(img: &RgbImage, quality: u8) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality.clamp(1, 100));
-    img.write_with_encoder(enc).map_err(|e| Error::Image { what: "jpeg encoder".into(), msg: e.to_string() })?;
+    img.write_with_encoder(enc)
+        .map_err(|e| Error::Image { what: "jpeg encoder".into(), msg: e.to_string() })?;
     Ok(out)
 }

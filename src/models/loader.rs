@@ -131,7 +131,10 @@ impl ModelSource {
         let mut names: Vec<&String> = idx.weight_map.values().collect();
         names.sort();
         names.dedup();
-        names.iter().map(|n| self.file(&if dir.is_empty() { n.to_string() } else { format!("{dir}/{n}") })).collect()
+        names
+            .iter()
+            .map(|n| self.file(&if dir.is_empty() { n.to_string() } else { format!("{dir}/{n}") }))
+            .collect()
     }
 }
 

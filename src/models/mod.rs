@@ -37,7 +37,9 @@ impl<T: Clone> OneOrMany<T> {
         match self {
             OneOrMany::One(v) => Ok(vec![v.clone(); n]),
             OneOrMany::Many(v) if v.len() == n => Ok(v.clone()),
-            OneOrMany::Many(v) => Err(Error::invalid(field, format!("has {} entries, the model has {n} blocks", v.len()))),
+            OneOrMany::Many(v) => {
+                Err(Error::invalid(field, format!("has {} entries, the model has {n} blocks", v.len())))
+            }
         }
     }
 }

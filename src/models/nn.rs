@@ -76,7 +76,12 @@ impl GroupNorm {
                 w.sub("weight").prefix_name()
             )));
         }
-        Ok(GroupNorm { weight: w.get("weight", &[channels])?, bias: w.get("bias", &[channels])?, groups, eps })
+        Ok(GroupNorm {
+            weight: w.get("weight", &[channels])?,
+            bias: w.get("bias", &[channels])?,
+            groups,
+            eps,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

@@ -30,7 +30,11 @@ impl Autoencoder {
     /// Latents of an image in [-1, 1], in the UNet's scale (multiplied by the scaling factor).
     /// For the VAE, `sample_noise` gives the noise for sampling the latent distribution (diffusers draws it
     /// from the pipeline's generator); TAESD is deterministic and draws nothing.
-    pub fn encode_scaled(&self, image: &Tensor, sample_noise: impl FnOnce(&[i64]) -> Result<Tensor>) -> Result<Tensor> {
+    pub fn encode_scaled(
+        &self,
+        image: &Tensor,
+        sample_noise: impl FnOnce(&[i64]) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         match self {
             Autoencoder::Kl(vae) => {
                 let dist = vae.encode(image)?;
@@ -92,7 +96,9 @@ pub fn load_autoencoder(src: &ModelSource, subdir: &str, device: Device, kind: K
     let class = class_name(&config_path)?.unwrap_or_else(|| "AutoencoderKL".into());
     let w = Weights::from_safetensors(&src.weights(subdir, "diffusion_pytorch_model", kind)?, device, kind)?;
     let ae = match class.as_str() {
-        "AutoencoderKL" => Autoencoder::Kl(AutoencoderKL::new(&w, read_config::<AutoencoderKLConfig>(&config_path)?)?),
+        "AutoencoderKL" => {
+            Autoencoder::Kl(AutoencoderKL::new(&w, read_config::<AutoencoderKLConfig>(&config_path)?)?)
+        }
         "AutoencoderTiny" => {
             Autoencoder::Tiny(AutoencoderTiny::new(&w, read_config::<AutoencoderTinyConfig>(&config_path)?)?)
         }
@@ -111,7 +117,9 @@ impl StableDiffusion {
         let src = ModelSource::resolve(spec)?;
         let index_path = src.file("model_index.json")?;
         let index: serde_json::Value = read_config(&index_path)?;
-        if index.get("text_encoder_2").is_some() || index.get("_class_name").and_then(|c| c.as_str()).is_some_and(|c| c.contains("XL")) {
+        if index.get("text_encoder_2").is_some()
+            || index.get("_class_name").and_then(|c| c.as_str()).is_some_and(|c| c.contains("XL"))
+        {
             return Err(Error::Unsupported(format!(
                 "{}: SDXL models (two text encoders) are not supported yet",
                 index_path.display()
@@ -119,7 +127,8 @@ impl StableDiffusion {
         }
 
         let unet_config = UNetConfig::from_file(&src.file("unet/config.json")?)?;
-        let unet_w = Weights::from_safetensors(&src.weights("unet", "diffusion_pytorch_model", kind)?, device, kind)?;
+        let unet_w =
+            Weights::from_safetensors(&src.weights("unet", "diffusion_pytorch_model", kind)?, device, kind)?;
         let unet = UNet2DConditionModel::new(&unet_w, &unet_config)?;
         warn_unused(&unet_w, "unet");
 
@@ -140,7 +149,17 @@ impl StableDiffusion {
             None => load_autoencoder(&src, "vae", device, kind)?,
         };
         let scheduler_config = SchedulerConfig::from_file(&src.file("scheduler/scheduler_config.json")?)?;
-        Ok(StableDiffusion { source: src, tokenizer, text_encoder, unet, unet_config, autoencoder, scheduler_config, device, kind })
+        Ok(StableDiffusion {
+            source: src,
+            tokenizer,
+            text_encoder,
+            unet,
+            unet_config,
+            autoencoder,
+            scheduler_config,
+            device,
+            kind,
+        })
     }
 
     /// Prompt embeddings (1, 77, D) for one text, as diffusers' encode_prompt computes them.

@@ -87,7 +87,8 @@ impl Weights {
                     });
                 }
                 let shape = info.shape.iter().map(|&d| d as i64).collect();
-                entries.insert(name.clone(), Entry { file: i, dtype: info.dtype, shape, range: (start, end) });
+                entries
+                    .insert(name.clone(), Entry { file: i, dtype: info.dtype, shape, range: (start, end) });
             }
             files.push(MappedFile { path, mmap, data_start });
         }
@@ -203,11 +204,16 @@ impl Weights {
                 if bytes.len() != expected_len {
                     return Err(Error::WeightFile {
                         path: f.path.clone(),
-                        msg: format!("tensor `{full}` holds {} bytes, its shape needs {expected_len}", bytes.len()),
+                        msg: format!(
+                            "tensor `{full}` holds {} bytes, its shape needs {expected_len}",
+                            bytes.len()
+                        ),
                     });
                 }
                 store.used.borrow_mut().insert(full);
-                Tensor::f_from_data_size(bytes, shape, file_kind)?.f_to_kind(kind)?.f_to_device(store.device)?
+                Tensor::f_from_data_size(bytes, shape, file_kind)?
+                    .f_to_kind(kind)?
+                    .f_to_device(store.device)?
             }
             Source::Random => {
                 let opts = (Kind::Float, store.device);

@@ -65,7 +65,9 @@ fn conditioning(sd: &StableDiffusion, p: &GenerateParams) -> Result<Conditioning
         cond
     };
     let timestep_cond = match sd.unet_config.time_cond_proj_dim {
-        Some(dim) => Some(guidance_embedding(&[p.guidance - 1.0], dim)?.f_to_device(sd.device)?.f_to_kind(sd.kind)?),
+        Some(dim) => {
+            Some(guidance_embedding(&[p.guidance - 1.0], dim)?.f_to_device(sd.device)?.f_to_kind(sd.kind)?)
+        }
         None => None,
     };
     Ok(Conditioning { embeddings, guided, timestep_cond })
@@ -94,7 +96,8 @@ pub fn guidance_embedding(w: &[f64], dim: i64) -> Result<Tensor> {
 pub fn pipeline_scheduler_config(c: &schedulers::SchedulerConfig) -> schedulers::SchedulerConfig {
     let mut c = c.clone();
     c.steps_offset = Some(1);
-    let loaded_clips_by_default = matches!(c.class_name.as_deref(), Some("DDIMScheduler") | Some("DDPMScheduler"));
+    let loaded_clips_by_default =
+        matches!(c.class_name.as_deref(), Some("DDIMScheduler") | Some("DDPMScheduler"));
     if c.clip_sample.is_some() || loaded_clips_by_default {
         c.clip_sample = Some(false);
     }
@@ -112,11 +115,13 @@ fn denoise(
 ) -> Result<Tensor> {
     let timesteps = scheduler.timesteps().to_vec();
     for (i, &t) in timesteps.iter().enumerate().skip(start) {
-        let input = if cond.guided { Tensor::f_cat(&[&latents, &latents], 0)? } else { latents.shallow_clone() };
+        let input =
+            if cond.guided { Tensor::f_cat(&[&latents, &latents], 0)? } else { latents.shallow_clone() };
         let input = scheduler.scale_model_input(&input, i)?;
         let batch = input.size()[0];
         let t = Tensor::f_full([batch], t, (scheduler.timestep_kind(), sd.device))?;
-        let cond_b = cond.timestep_cond.as_ref().map(|c| c.f_expand([batch, c.size()[1]], false)).transpose()?;
+        let cond_b =
+            cond.timestep_cond.as_ref().map(|c| c.f_expand([batch, c.size()[1]], false)).transpose()?;
         let eps = sd.unet.forward(&input, &t, &cond.embeddings, cond_b.as_ref())?;
         let eps = if cond.guided {
             let parts = eps.f_chunk(2, 0)?;
@@ -155,7 +160,12 @@ pub fn txt2img(sd: &StableDiffusion, p: &GenerateParams) -> Result<Tensor> {
 }
 
 /// Latents of an img2img generation from `image` ((1, 3, H, W) in [-1, 1]) at `strength` in (0, 1].
-pub fn img2img_latents(sd: &StableDiffusion, p: &GenerateParams, image: &Tensor, strength: f64) -> Result<Tensor> {
+pub fn img2img_latents(
+    sd: &StableDiffusion,
+    p: &GenerateParams,
+    image: &Tensor,
+    strength: f64,
+) -> Result<Tensor> {
     p.validate(sd)?;
     if !(strength > 0.0 && strength <= 1.0) {
         return Err(Error::invalid("strength", format!("{strength} is not in (0, 1]")));
@@ -171,7 +181,10 @@ pub fn img2img_latents(sd: &StableDiffusion, p: &GenerateParams, image: &Tensor,
     if start >= total {
         return Err(Error::invalid(
             "strength",
-            format!("{strength} with {} steps leaves no denoising step; raise --strength or --steps", p.steps),
+            format!(
+                "{strength} with {} steps leaves no denoising step; raise --strength or --steps",
+                p.steps
+            ),
         ));
     }
     seed_cpu(p.seed);

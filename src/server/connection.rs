@@ -152,7 +152,13 @@ pub async fn run_stream(stream: TcpStream, peer: SocketAddr, state: Arc<ServerSt
     let mut last_rate_notice: Option<Instant> = None;
     let mut stats_timer = tokio::time::interval(Duration::from_secs(1));
     stats_timer.tick().await;
-    let mut window = StatsWindow { last: Instant::now(), frames_in: 0, frames_out: 0, latencies: Vec::new(), stages: StageTimes::default() };
+    let mut window = StatsWindow {
+        last: Instant::now(),
+        frames_in: 0,
+        frames_out: 0,
+        latencies: Vec::new(),
+        stages: StageTimes::default(),
+    };
 
     loop {
         tokio::select! {
@@ -276,7 +282,8 @@ pub async fn run_stream(stream: TcpStream, peer: SocketAddr, state: Arc<ServerSt
             }
         }
     }
-    let dropped = handle.counters.dropped_input.load(Ordering::Relaxed) + handle.counters.dropped_output.load(Ordering::Relaxed);
+    let dropped = handle.counters.dropped_input.load(Ordering::Relaxed)
+        + handle.counters.dropped_output.load(Ordering::Relaxed);
     state.metrics.frames_dropped.fetch_add(dropped, Ordering::Relaxed);
     // Closing the stream (dropping the handle) may wait on the engine's command queue: not on an async thread.
     let _ = tokio::task::spawn_blocking(move || drop(handle)).await;
@@ -297,7 +304,11 @@ impl TextReply {
     }
 }
 
-async fn apply_patch(handle: &Arc<StreamHandle>, patch: serde_json::Value, settings: &mut crate::stream::settings::StreamSettings) -> TextReply {
+async fn apply_patch(
+    handle: &Arc<StreamHandle>,
+    patch: serde_json::Value,
+    settings: &mut crate::stream::settings::StreamSettings,
+) -> TextReply {
     let h = handle.clone();
     match tokio::task::spawn_blocking(move || h.update_settings(patch)).await {
         Ok(Ok(next)) => {
@@ -344,7 +355,10 @@ async fn handle_text(
         }
         ClientMessage::Generate {} => {
             if settings.mode != crate::stream::settings::Mode::Txt2img {
-                return TextReply::error("bad_setting", "`generate` is for txt2img streams; send frames to an img2img stream");
+                return TextReply::error(
+                    "bad_setting",
+                    "`generate` is for txt2img streams; send frames to an img2img stream",
+                );
             }
             let id = *next_frame_id;
             *next_frame_id += 1;
@@ -359,7 +373,9 @@ async fn handle_text(
             *next_frame_id = id;
             TextReply::none()
         }
-        ClientMessage::Ping { nonce } => TextReply { json: Some(ServerMessage::Pong { nonce }.to_json()), error: None },
+        ClientMessage::Ping { nonce } => {
+            TextReply { json: Some(ServerMessage::Pong { nonce }.to_json()), error: None }
+        }
     }
 }
 

@@ -109,7 +109,13 @@ pub async fn peek_request(stream: &TcpStream, timeout: Duration) -> Option<Reque
 }
 
 /// Writes a complete HTTP/1.1 response and closes.
-pub async fn respond(stream: &mut TcpStream, status: &str, content_type: &str, body: &[u8], extra_headers: &str) {
+pub async fn respond(
+    stream: &mut TcpStream,
+    status: &str,
+    content_type: &str,
+    body: &[u8],
+    extra_headers: &str,
+) {
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n\
          X-Content-Type-Options: nosniff\r\nConnection: close\r\n{extra_headers}\r\n",
@@ -133,7 +139,13 @@ mod tests {
 
     #[test]
     fn query_params_are_decoded() {
-        let r = Request { method: "GET".into(), path: "/ws".into(), query: "token=a%20b+c&x=1".into(), headers: vec![], head_len: 0 };
+        let r = Request {
+            method: "GET".into(),
+            path: "/ws".into(),
+            query: "token=a%20b+c&x=1".into(),
+            headers: vec![],
+            head_len: 0,
+        };
         assert_eq!(r.query_param("token").as_deref(), Some("a b c"));
         assert_eq!(r.query_param("x").as_deref(), Some("1"));
         assert_eq!(r.query_param("y"), None);

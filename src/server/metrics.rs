@@ -3,7 +3,8 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Upper bounds (ms) of the latency histogram's buckets.
-const BUCKETS_MS: [f64; 14] = [5.0, 10.0, 15.0, 20.0, 30.0, 50.0, 75.0, 100.0, 150.0, 250.0, 500.0, 1000.0, 2500.0, 10000.0];
+const BUCKETS_MS: [f64; 14] =
+    [5.0, 10.0, 15.0, 20.0, 30.0, 50.0, 75.0, 100.0, 150.0, 250.0, 500.0, 1000.0, 2500.0, 10000.0];
 
 #[derive(Default)]
 pub struct Metrics {
@@ -39,21 +40,52 @@ impl Metrics {
         let mut s = String::new();
         let g = |v: &AtomicU64| v.load(Ordering::Relaxed);
         let mut counter = |name: &str, help: &str, kind: &str, v: u64| {
-            let _ = writeln!(s, "# HELP sdstream_{name} {help}\n# TYPE sdstream_{name} {kind}\nsdstream_{name} {v}");
+            let _ = writeln!(
+                s,
+                "# HELP sdstream_{name} {help}\n# TYPE sdstream_{name} {kind}\nsdstream_{name} {v}"
+            );
         };
-        counter("connections_total", "WebSocket connections accepted.", "counter", g(&self.connections_total));
+        counter(
+            "connections_total",
+            "WebSocket connections accepted.",
+            "counter",
+            g(&self.connections_total),
+        );
         counter("clients", "WebSocket clients connected now.", "gauge", g(&self.clients));
-        counter("refused_total", "Connections refused (full, unauthorized, bad origin).", "counter", g(&self.refused_total));
+        counter(
+            "refused_total",
+            "Connections refused (full, unauthorized, bad origin).",
+            "counter",
+            g(&self.refused_total),
+        );
         counter("frames_in_total", "Frames received from clients.", "counter", g(&self.frames_in));
         counter("frames_out_total", "Output frames sent to clients.", "counter", g(&self.frames_out));
-        counter("frames_dropped_total", "Frames dropped (latest-frame-wins or slow consumers).", "counter", g(&self.frames_dropped));
-        counter("frames_rate_limited_total", "Frames dropped by the per-connection frame-rate cap.", "counter", g(&self.frames_rate_limited));
+        counter(
+            "frames_dropped_total",
+            "Frames dropped (latest-frame-wins or slow consumers).",
+            "counter",
+            g(&self.frames_dropped),
+        );
+        counter(
+            "frames_rate_limited_total",
+            "Frames dropped by the per-connection frame-rate cap.",
+            "counter",
+            g(&self.frames_rate_limited),
+        );
         counter("frames_bad_total", "Frames that could not be decoded.", "counter", g(&self.frames_bad));
-        counter("messages_bad_total", "Text messages refused (bad JSON, unknown type, bad setting).", "counter", g(&self.messages_bad));
+        counter(
+            "messages_bad_total",
+            "Text messages refused (bad JSON, unknown type, bad setting).",
+            "counter",
+            g(&self.messages_bad),
+        );
         for (name, help, v) in extra {
             counter(name, help, "counter", *v);
         }
-        let _ = writeln!(s, "# HELP sdstream_latency_ms Frame latency inside the daemon, arrival to send, in ms.");
+        let _ = writeln!(
+            s,
+            "# HELP sdstream_latency_ms Frame latency inside the daemon, arrival to send, in ms."
+        );
         let _ = writeln!(s, "# TYPE sdstream_latency_ms histogram");
         for (i, b) in BUCKETS_MS.iter().enumerate() {
             let _ = writeln!(s, "sdstream_latency_ms_bucket{{le=\"{b}\"}} {}", g(&self.latency_buckets[i]));

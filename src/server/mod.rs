@@ -42,7 +42,9 @@ pub fn check_listen(addr: &SocketAddr, token: &Option<String>) -> Result<()> {
     if !addr.ip().is_loopback() && token.as_deref().is_none_or(str::is_empty) {
         return Err(Error::invalid(
             "listen",
-            format!("{addr} is not a loopback address: set --token (clients then present it) to listen there"),
+            format!(
+                "{addr} is not a loopback address: set --token (clients then present it) to listen there"
+            ),
         ));
     }
     Ok(())
@@ -70,7 +72,8 @@ impl Server {
             .parse()
             .map_err(|e| Error::invalid("listen", format!("`{}`: {e} (expected IP:PORT)", config.listen)))?;
         check_listen(&addr, &config.token)?;
-        let listener = TcpListener::bind(addr).await.map_err(|e| Error::invalid("listen", format!("{addr}: {e}")))?;
+        let listener =
+            TcpListener::bind(addr).await.map_err(|e| Error::invalid("listen", format!("{addr}: {e}")))?;
         let local_addr = listener.local_addr().map_err(|e| Error::invalid("listen", e.to_string()))?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (alive, alive_rx) = tokio::sync::mpsc::channel(1);
@@ -197,9 +200,21 @@ async fn route(mut stream: TcpStream, peer: SocketAddr, state: Arc<ServerState>)
             let c = state.engine.counters();
             let extra = [
                 ("engine_ticks_total", "Engine ticks (batched UNet calls).", c.ticks.load(Ordering::Relaxed)),
-                ("prompt_cache_hits_total", "Prompt embedding cache hits.", c.prompt_cache_hits.load(Ordering::Relaxed)),
-                ("prompt_cache_misses_total", "Prompt embedding cache misses.", c.prompt_cache_misses.load(Ordering::Relaxed)),
-                ("text_encoder_calls_total", "Text encoder calls.", c.text_encoder_calls.load(Ordering::Relaxed)),
+                (
+                    "prompt_cache_hits_total",
+                    "Prompt embedding cache hits.",
+                    c.prompt_cache_hits.load(Ordering::Relaxed),
+                ),
+                (
+                    "prompt_cache_misses_total",
+                    "Prompt embedding cache misses.",
+                    c.prompt_cache_misses.load(Ordering::Relaxed),
+                ),
+                (
+                    "text_encoder_calls_total",
+                    "Text encoder calls.",
+                    c.text_encoder_calls.load(Ordering::Relaxed),
+                ),
             ];
             let body = state.metrics.render(&extra);
             http::respond(&mut stream, "200 OK", "text/plain; version=0.0.4", body.as_bytes(), "").await;
@@ -210,7 +225,14 @@ async fn route(mut stream: TcpStream, peer: SocketAddr, state: Arc<ServerState>)
         }
         (_, _, true) => {
             http::consume_head(&mut stream, &req).await;
-            http::respond(&mut stream, "404 Not Found", "text/plain", b"WebSocket endpoints: /ws, /view\n", "").await;
+            http::respond(
+                &mut stream,
+                "404 Not Found",
+                "text/plain",
+                b"WebSocket endpoints: /ws, /view\n",
+                "",
+            )
+            .await;
         }
         _ => {
             http::consume_head(&mut stream, &req).await;

@@ -15,7 +15,11 @@ pub const PROTOCOL_VERSION: u32 = 1;
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ClientMessage {
     /// Change the prompt (and optionally the negative prompt) from the next frame on.
-    Prompt { prompt: String, #[serde(default)] negative_prompt: Option<String> },
+    Prompt {
+        prompt: String,
+        #[serde(default)]
+        negative_prompt: Option<String>,
+    },
     /// Change any stream settings (a partial object; the same names as in `ready.settings`).
     #[serde(skip)]
     Settings { settings: serde_json::Map<String, serde_json::Value> },
@@ -93,7 +97,9 @@ pub enum ServerMessage<'a> {
         bytes: usize,
     },
     /// The settings now in force, after a `settings` or `prompt` message.
-    Settings { settings: &'a StreamSettings },
+    Settings {
+        settings: &'a StreamSettings,
+    },
     Error {
         /// A stable machine-readable code: bad_json, unknown_type, bad_frame, bad_setting, rate_limited,
         /// too_large, server_full, unauthorized, idle_timeout, internal.
@@ -134,7 +140,10 @@ mod tests {
 
     #[test]
     fn messages_parse_and_refusals_are_coded() {
-        assert!(matches!(ClientMessage::parse(r#"{"type":"prompt","prompt":"a"}"#), Ok(ClientMessage::Prompt { .. })));
+        assert!(matches!(
+            ClientMessage::parse(r#"{"type":"prompt","prompt":"a"}"#),
+            Ok(ClientMessage::Prompt { .. })
+        ));
         match ClientMessage::parse(r#"{"type":"settings","cfg_type":"none","guidance":2}"#) {
             Ok(ClientMessage::Settings { settings }) => assert_eq!(settings.len(), 2),
             other => panic!("{other:?}"),
@@ -143,12 +152,17 @@ mod tests {
         assert_eq!(ClientMessage::parse("[1]").unwrap_err().0, "bad_json");
         assert_eq!(ClientMessage::parse(r#"{"type":"nope"}"#).unwrap_err().0, "unknown_type");
         assert_eq!(ClientMessage::parse(r#"{"type":"prompt"}"#).unwrap_err().0, "bad_json");
-        assert_eq!(ClientMessage::parse(r#"{"type":"prompt","prompt":"a","x":1}"#).unwrap_err().0, "bad_json");
+        assert_eq!(
+            ClientMessage::parse(r#"{"type":"prompt","prompt":"a","x":1}"#).unwrap_err().0,
+            "bad_json"
+        );
     }
 }
 
 impl ServerMessage<'_> {
     pub fn to_json(&self) -> String {
-        serde_json::to_string(self).unwrap_or_else(|e| format!(r#"{{"type":"error","code":"internal","message":"{e}","fatal":false}}"#))
+        serde_json::to_string(self).unwrap_or_else(|e| {
+            format!(r#"{{"type":"error","code":"internal","message":"{e}","fatal":false}}"#)
+        })
     }
 }

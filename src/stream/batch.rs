@@ -49,7 +49,11 @@ fn sync(sd: &StableDiffusion) {
 
 /// Runs one tick. Streams of different latent sizes go through separate UNet calls (they cannot be stacked).
 /// `measure` synchronises the device around each stage so the timings are true (costs a little speed).
-pub fn tick(sd: &StableDiffusion, inputs: Vec<TickInput<'_>>, measure: bool) -> Result<(Vec<TickOutput>, TickTimings)> {
+pub fn tick(
+    sd: &StableDiffusion,
+    inputs: Vec<TickInput<'_>>,
+    measure: bool,
+) -> Result<(Vec<TickOutput>, TickTimings)> {
     let _guard = tch::no_grad_guard();
     let mut timings = TickTimings::default();
     let mut outputs = Vec::with_capacity(inputs.len());
@@ -87,7 +91,12 @@ pub fn tick(sd: &StableDiffusion, inputs: Vec<TickInput<'_>>, measure: bool) -> 
     Ok((outputs, timings))
 }
 
-fn timed<T>(sd: &StableDiffusion, measure: bool, acc: &mut Duration, f: impl FnOnce() -> Result<T>) -> Result<T> {
+fn timed<T>(
+    sd: &StableDiffusion,
+    measure: bool,
+    acc: &mut Duration,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
     let t0 = Instant::now();
     let out = f()?;
     if measure {
@@ -110,7 +119,15 @@ fn tick_group(
     if !with_image.is_empty() {
         let images: Vec<Tensor> = with_image
             .iter()
-            .map(|&i| group[i].image.as_ref().expect("filtered").f_to_device(device)?.f_to_kind(kind).map_err(Error::from))
+            .map(|&i| {
+                group[i]
+                    .image
+                    .as_ref()
+                    .expect("filtered")
+                    .f_to_device(device)?
+                    .f_to_kind(kind)
+                    .map_err(Error::from)
+            })
             .collect::<Result<_>>()?;
         let z = timed(sd, measure, &mut timings.encode, || {
             let batch = Tensor::f_cat(&images, 0)?;
@@ -144,12 +161,16 @@ fn tick_group(
         }
     }
     let sizes: Vec<i64> = works.iter().map(|w| w.sample.size()[0]).collect();
-    let pred = if works.is_empty() { None } else { Some(timed(sd, measure, &mut timings.unet, || {
-        let sample = Tensor::f_cat(&works.iter().map(|w| &w.sample).collect::<Vec<_>>(), 0)?;
-        let t = Tensor::f_cat(&works.iter().map(|w| &w.timesteps).collect::<Vec<_>>(), 0)?;
-        let emb = Tensor::f_cat(&works.iter().map(|w| &w.embeddings).collect::<Vec<_>>(), 0)?;
-        sd.unet.forward(&sample, &t, &emb, None)
-    })?) };
+    let pred = if works.is_empty() {
+        None
+    } else {
+        Some(timed(sd, measure, &mut timings.unet, || {
+            let sample = Tensor::f_cat(&works.iter().map(|w| &w.sample).collect::<Vec<_>>(), 0)?;
+            let t = Tensor::f_cat(&works.iter().map(|w| &w.timesteps).collect::<Vec<_>>(), 0)?;
+            let emb = Tensor::f_cat(&works.iter().map(|w| &w.embeddings).collect::<Vec<_>>(), 0)?;
+            sd.unet.forward(&sample, &t, &emb, None)
+        })?)
+    };
     timings.streams = timings.streams.max(works.len());
     timings.unet_batch = timings.unet_batch.max(sizes.iter().sum());
     let mut results = Vec::with_capacity(group.len());

@@ -43,7 +43,10 @@ struct Prepared {
 }
 
 fn column(values: &[f32], device: Device, kind: Kind) -> Result<Tensor> {
-    Ok(Tensor::f_from_slice(values)?.f_view([values.len() as i64, 1, 1, 1])?.f_to_device(device)?.f_to_kind(kind)?)
+    Ok(Tensor::f_from_slice(values)?
+        .f_view([values.len() as i64, 1, 1, 1])?
+        .f_to_device(device)?
+        .f_to_kind(kind)?)
 }
 
 impl Prepared {
@@ -81,8 +84,11 @@ impl Prepared {
         // StreamDiffusion draws the init noise first thing after seeding, in fp32 on the CPU: one per slot with
         // the stream batch, a single one without (where it is then never used).
         let rows = if s.denoising_batch { n } else { 1 };
-        let init_noise = gen.randn(&[rows, latent_shape[1], latent_shape[2], latent_shape[3]], Device::Cpu, Kind::Float)?;
-        let init_noise = init_noise.f_expand([n, latent_shape[1], latent_shape[2], latent_shape[3]], false)?.f_contiguous()?;
+        let init_noise =
+            gen.randn(&[rows, latent_shape[1], latent_shape[2], latent_shape[3]], Device::Cpu, Kind::Float)?;
+        let init_noise = init_noise
+            .f_expand([n, latent_shape[1], latent_shape[2], latent_shape[3]], false)?
+            .f_contiguous()?;
         let init_noise = init_noise.f_to_device(device)?.f_to_kind(kind)?;
         let init_noise_rolled = init_noise.f_roll([-1], [0])?;
         Ok(Prepared {
@@ -146,7 +152,13 @@ pub struct Stream {
 impl Stream {
     /// A stream with `settings` (validated), its prompt embeddings (1, 77, D) given by the caller (who owns
     /// the prompt cache).
-    pub fn new(id: u64, sd: &StableDiffusion, settings: StreamSettings, cond: Tensor, uncond: Tensor) -> Result<Self> {
+    pub fn new(
+        id: u64,
+        sd: &StableDiffusion,
+        settings: StreamSettings,
+        cond: Tensor,
+        uncond: Tensor,
+    ) -> Result<Self> {
         settings.validate()?;
         let f = sd.vae_scale_factor();
         if settings.width % f != 0 || settings.height % f != 0 {
@@ -260,7 +272,11 @@ impl Stream {
             }
             (Mode::Txt2img, _) => {
                 let (device, kind) = (p.init_noise.device(), p.init_noise.kind());
-                self.generator.randn(&p.latent_shape, Device::Cpu, Kind::Float)?.f_to_device(device)?.f_to_kind(kind).map_err(Into::into)
+                self.generator
+                    .randn(&p.latent_shape, Device::Cpu, Kind::Float)?
+                    .f_to_device(device)?
+                    .f_to_kind(kind)
+                    .map_err(Into::into)
             }
             (Mode::Img2img, None) => Err(Error::invalid("frame", "an img2img stream needs an input frame")),
         }
@@ -297,7 +313,11 @@ impl Stream {
                 timesteps: Tensor::f_cat(&[&p.timesteps, &p.timesteps], 0)?,
                 embeddings: Tensor::f_cat(&[&uncond.f_expand_as(&cond_n)?, &cond_n], 0)?,
             },
-            _ => UnetWork { sample: x.shallow_clone(), timesteps: p.timesteps.shallow_clone(), embeddings: cond_n },
+            _ => UnetWork {
+                sample: x.shallow_clone(),
+                timesteps: p.timesteps.shallow_clone(),
+                embeddings: cond_n,
+            },
         };
         self.pending_x = Some(x);
         self.in_flight.push_back(frame_id);
@@ -366,7 +386,12 @@ impl Stream {
     /// A whole frame without the stream batch: the stages run one after another (one UNet call each), each
     /// estimate re-noised to the next stage with fresh noise from the stream's generator; no latency, no
     /// warm-up. StreamDiffusion's `use_denoising_batch=False`.
-    pub fn run_sequential(&mut self, sd: &StableDiffusion, entry: Tensor, frame_id: u64) -> Result<FrameResult> {
+    pub fn run_sequential(
+        &mut self,
+        sd: &StableDiffusion,
+        entry: Tensor,
+        frame_id: u64,
+    ) -> Result<FrameResult> {
         let p = &self.prepared;
         let (device, kind) = (p.init_noise.device(), p.init_noise.kind());
         let cond = self.cond.next()?.f_to_kind(kind)?;
@@ -404,14 +429,19 @@ impl Stream {
                 }
                 _ => pred,
             };
-            let f_theta = x.f_sub(&p.beta.f_narrow(0, k, 1)?.f_mul(&eps)?)?.f_div(&p.alpha.f_narrow(0, k, 1)?)?;
-            let x0 = p.c_out.f_narrow(0, k, 1)?.f_mul(&f_theta)?.f_add(&p.c_skip.f_narrow(0, k, 1)?.f_mul(&x)?)?;
+            let f_theta =
+                x.f_sub(&p.beta.f_narrow(0, k, 1)?.f_mul(&eps)?)?.f_div(&p.alpha.f_narrow(0, k, 1)?)?;
+            let x0 =
+                p.c_out.f_narrow(0, k, 1)?.f_mul(&f_theta)?.f_add(&p.c_skip.f_narrow(0, k, 1)?.f_mul(&x)?)?;
             if k + 1 < p.n {
                 let mut next = p.alpha.f_narrow(0, k + 1, 1)?.f_mul(&x0)?;
                 let noise = match (self.settings.scheduler, self.settings.add_noise) {
-                    (StreamScheduler::Lcm, true) => {
-                        Some(self.generator.randn(&p.latent_shape, Device::Cpu, Kind::Float)?.f_to_device(device)?.f_to_kind(kind)?)
-                    }
+                    (StreamScheduler::Lcm, true) => Some(
+                        self.generator
+                            .randn(&p.latent_shape, Device::Cpu, Kind::Float)?
+                            .f_to_device(device)?
+                            .f_to_kind(kind)?,
+                    ),
                     (StreamScheduler::Lcm, false) => None,
                     (StreamScheduler::Ddim, _) => Some(eps),
                 };

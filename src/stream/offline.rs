@@ -27,7 +27,10 @@ pub fn collect_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
         } else if p.is_file() {
             files.push(p.clone());
         } else {
-            return Err(Error::io(p, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder")));
+            return Err(Error::io(
+                p,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
+            ));
         }
     }
     if files.is_empty() {
@@ -48,7 +51,12 @@ pub struct FrameReport {
 /// Streams `files` through one stream and writes `output_dir/<input stem>.png` for each. An unreadable input
 /// is reported for that frame only and the stream carries on. Frames of another size are resized to the
 /// stream's size.
-pub fn run_files(sd: &StableDiffusion, settings: StreamSettings, files: &[PathBuf], output_dir: &Path) -> Result<Vec<FrameReport>> {
+pub fn run_files(
+    sd: &StableDiffusion,
+    settings: StreamSettings,
+    files: &[PathBuf],
+    output_dir: &Path,
+) -> Result<Vec<FrameReport>> {
     let cond = sd.encode_text(&settings.prompt, None)?;
     let uncond = sd.encode_text(&settings.negative_prompt, None)?;
     let mut stream = Stream::new(0, sd, settings, cond, uncond)?;
@@ -66,13 +74,21 @@ pub fn run_files(sd: &StableDiffusion, settings: StreamSettings, files: &[PathBu
         let image = match image {
             Ok(image) => image,
             Err(e) => {
-                reports.push(FrameReport { input: file.clone(), output: None, warmup: false, skipped: false, error: Some(e.to_string()) });
+                reports.push(FrameReport {
+                    input: file.clone(),
+                    output: None,
+                    warmup: false,
+                    skipped: false,
+                    error: Some(e.to_string()),
+                });
                 continue;
             }
         };
-        let (outputs, _) = tick(sd, vec![TickInput { stream: &mut stream, frame_id: i as u64, image }], false)?;
+        let (outputs, _) =
+            tick(sd, vec![TickInput { stream: &mut stream, frame_id: i as u64, image }], false)?;
         let out = outputs.into_iter().next().ok_or_else(|| Error::Model("tick gave no output".into()))?;
-        let stem = file.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| format!("{i:06}"));
+        let stem =
+            file.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| format!("{i:06}"));
         let path = output_dir.join(format!("{stem}.png"));
         let written = match &out.image {
             Some(img) => {
@@ -81,7 +97,13 @@ pub fn run_files(sd: &StableDiffusion, settings: StreamSettings, files: &[PathBu
             }
             None => None,
         };
-        reports.push(FrameReport { input: file.clone(), output: written, warmup: out.warmup, skipped: out.skipped, error: None });
+        reports.push(FrameReport {
+            input: file.clone(),
+            output: written,
+            warmup: out.warmup,
+            skipped: out.skipped,
+            error: None,
+        });
     }
     Ok(reports)
 }

@@ -30,7 +30,11 @@ impl PromptCache {
     }
 
     /// The embedding for `key`, computed with `encode` only on a miss.
-    pub fn get_or_encode(&mut self, key: PromptKey, encode: impl FnOnce(&str) -> Result<Tensor>) -> Result<Tensor> {
+    pub fn get_or_encode(
+        &mut self,
+        key: PromptKey,
+        encode: impl FnOnce(&str) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         if let Some(t) = self.entries.get(&key) {
             self.hits += 1;
             return Ok(t.shallow_clone());
@@ -109,7 +113,11 @@ pub fn interpolate(a: &Tensor, b: &Tensor, w: f64, how: Interpolation) -> Result
             let (a32, b32) = (a.f_to_kind(Kind::Float)?, b.f_to_kind(Kind::Float)?);
             let na = a32.f_norm_scalaropt_dim(2, [-1], true)?.f_clamp_min(1e-8)?;
             let nb = b32.f_norm_scalaropt_dim(2, [-1], true)?.f_clamp_min(1e-8)?;
-            let dot = a32.f_div(&na)?.f_mul(&b32.f_div(&nb)?)?.f_sum_dim_intlist([-1i64].as_slice(), true, Kind::Float)?;
+            let dot = a32.f_div(&na)?.f_mul(&b32.f_div(&nb)?)?.f_sum_dim_intlist(
+                [-1i64].as_slice(),
+                true,
+                Kind::Float,
+            )?;
             let theta = dot.f_clamp(-1.0 + 1e-7, 1.0 - 1e-7)?.f_acos()?;
             let sin = theta.f_sin()?;
             // Where the two vectors are (nearly) parallel, slerp degenerates to lerp.
@@ -134,7 +142,7 @@ mod tests {
         let mut calls = 0;
         let key = |t: &str| PromptKey { model: "m".into(), text: t.into(), clip_skip: None };
         for t in ["a", "b", "a", "a", "c", "b"] {
-            cache
+            let _ = cache
                 .get_or_encode(key(t), |_| {
                     calls += 1;
                     Ok(Tensor::zeros([1], (Kind::Float, Device::Cpu)))
@@ -154,7 +162,7 @@ mod tests {
         let mid = (0..2).map(|_| s.next().unwrap()).last().unwrap();
         let norm = |t: &Tensor| t.norm_scalaropt_dim(2, [-1], false);
         let expected = (norm(&a) + norm(&b)) / 2.0;
-        let diff = (norm(&mid) - expected).abs().max().double_value(&[]);
+        let diff = (norm(&mid) - &expected).abs().max().double_value(&[]);
         assert!(diff < 0.5 * expected.mean(Kind::Float).double_value(&[]), "slerp lost the norm: {diff}");
         let last = (0..2).map(|_| s.next().unwrap()).last().unwrap();
         assert!(!s.in_transition());

@@ -142,7 +142,10 @@ impl StreamSettings {
     pub fn validate(&self) -> Result<()> {
         for (name, v) in [("width", self.width), ("height", self.height)] {
             if !(MIN_SIDE..=MAX_SIDE).contains(&v) || v % 8 != 0 {
-                return Err(Error::invalid(name, format!("{v} is not a multiple of 8 in {MIN_SIDE}..={MAX_SIDE}")));
+                return Err(Error::invalid(
+                    name,
+                    format!("{v} is not a multiple of 8 in {MIN_SIDE}..={MAX_SIDE}"),
+                ));
             }
         }
         if let Some(s) = self.strength {
@@ -155,7 +158,10 @@ impl StreamSettings {
         } else {
             let t = &self.t_index_list;
             if t.is_empty() || t.len() > 4 {
-                return Err(Error::invalid("t_index_list", format!("has {} entries, expected 1 to 4", t.len())));
+                return Err(Error::invalid(
+                    "t_index_list",
+                    format!("has {} entries, expected 1 to 4", t.len()),
+                ));
             }
             if t.iter().any(|&i| i >= STREAM_SCHEDULE_STEPS) {
                 return Err(Error::invalid("t_index_list", format!("{t:?}: every entry must be below 50")));
@@ -205,7 +211,8 @@ impl StreamSettings {
             }
             map.insert(k.clone(), v.clone());
         }
-        let next: StreamSettings = serde_json::from_value(merged).map_err(|e| Error::invalid("settings", e.to_string()))?;
+        let next: StreamSettings =
+            serde_json::from_value(merged).map_err(|e| Error::invalid("settings", e.to_string()))?;
         next.validate()?;
         Ok(next)
     }

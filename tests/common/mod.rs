@@ -19,7 +19,8 @@ pub fn tensors(rel: &str) -> HashMap<String, Tensor> {
 
 pub fn json(rel: &str) -> serde_json::Value {
     let p = fixture(rel);
-    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap())
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
 /// Largest absolute difference (shapes must match).
