@@ -41,6 +41,9 @@ struct Store {
     kind: Kind,
     used: RefCell<HashSet<String>>,
     requested: RefCell<BTreeMap<String, Vec<i64>>>,
+    /// A shallow clone (same storage) of every tensor handed out, by full name: LoRAs patch weights in place
+    /// through these after loading (see `models::lora`).
+    handed: RefCell<HashMap<String, Tensor>>,
 }
 
 /// A handle on a weight store plus a name prefix; cheap to clone. `w.sub("conv1").get("weight", &[..])`.
@@ -112,6 +115,7 @@ impl Weights {
             kind,
             used: RefCell::new(HashSet::new()),
             requested: RefCell::new(BTreeMap::new()),
+            handed: RefCell::new(HashMap::new()),
         };
         Weights { store: Rc::new(store), prefix: String::new() }
     }
@@ -230,7 +234,24 @@ impl Weights {
             }
             Source::ShapesOnly => Tensor::f_zeros([], (kind, Device::Cpu))?.f_expand(shape, false)?,
         };
+        if !matches!(store.source, Source::ShapesOnly) {
+            store.handed.borrow_mut().insert(self.full_name(name), t.shallow_clone());
+        }
         Ok(t)
+    }
+
+    /// The tensor a module was given for `name` (relative to this handle), sharing its storage: writing to it
+    /// in place changes the module's weight. `None` when no module asked for it.
+    pub fn loaded(&self, name: &str) -> Option<Tensor> {
+        self.store.handed.borrow().get(&self.full_name(name)).map(|t| t.shallow_clone())
+    }
+
+    /// Full names of the tensors handed out to modules under this handle's prefix, sorted.
+    pub fn loaded_names(&self) -> Vec<String> {
+        let mut v: Vec<String> =
+            self.store.handed.borrow().keys().filter(|k| k.starts_with(&self.prefix)).cloned().collect();
+        v.sort();
+        v
     }
 
     /// Names of stored tensors under this handle's prefix that no module asked for (a config that does not
