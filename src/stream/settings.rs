@@ -211,8 +211,19 @@ impl StreamSettings {
             }
             map.insert(k.clone(), v.clone());
         }
-        let next: StreamSettings =
-            serde_json::from_value(merged).map_err(|e| Error::invalid("settings", e.to_string()))?;
+        let next: StreamSettings = serde_json::from_value(merged).map_err(|e| {
+            // Name the setting that did not parse: try the changed fields one at a time.
+            let base = serde_json::to_value(self).unwrap_or_default();
+            let culprit = obj.iter().find(|(k, v)| {
+                let mut one = base.clone();
+                one[k.as_str()] = (*v).clone();
+                serde_json::from_value::<StreamSettings>(one).is_err()
+            });
+            match culprit {
+                Some((k, _)) => Error::invalid(k.as_str(), e.to_string()),
+                None => Error::invalid("settings", e.to_string()),
+            }
+        })?;
         next.validate()?;
         Ok(next)
     }

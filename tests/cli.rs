@@ -1,0 +1,183 @@
+//! The command line with bad input: every case exits non-zero with a message naming the file, field or flag,
+//! and never panics. Plus the single-image commands on the bundled tiny TEST model.
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn sdstream(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sdstream"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("HF_HUB_OFFLINE", "1")
+        .env("RUST_BACKTRACE", "0")
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!text.contains("panicked"), "sdstream {args:?} panicked:\n{text}");
+    assert!(!text.contains("cannot be used multiple times"), "test bug: a flag given twice: {args:?}");
+    (out.status.success(), text)
+}
+
+fn fails_naming(args: &[&str], needle: &str) {
+    let (ok, text) = sdstream(args);
+    assert!(!ok, "sdstream {args:?} should fail:\n{text}");
+    assert!(text.contains(needle), "sdstream {args:?}: the message should name `{needle}`:\n{text}");
+}
+
+/// A copy of the tiny test model in a temporary folder, to break.
+fn model_copy(name: &str) -> PathBuf {
+    let dst = std::env::temp_dir().join(format!("sdstream-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dst);
+    copy_dir(&common::fixture("models/tiny-sd-test"), &dst);
+    dst
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), to).unwrap();
+        }
+    }
+}
+
+/// `txt2img` on `model` with defaults for every flag that `extra` does not set.
+fn txt2img(model: &str, extra: &[&str]) -> Vec<String> {
+    let defaults = [
+        ("--device", "cpu"),
+        ("--output", "/tmp/sdstream-cli-out.png"),
+        ("--prompt", "a fox"),
+        ("--steps", "2"),
+        ("--width", "64"),
+        ("--height", "64"),
+    ];
+    let mut v: Vec<String> = vec!["txt2img".into(), "--model".into(), model.into()];
+    for (flag, value) in defaults {
+        if !extra.contains(&flag) {
+            v.extend([flag.to_string(), value.to_string()]);
+        }
+    }
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn run(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn bad_flags_are_named() {
+    let m = "models/tiny-sd-test";
+    fails_naming(&run(&txt2img(m, &["--width", "100"])), "width");
+    fails_naming(&run(&txt2img(m, &["--scheduler", "pndm"])), "scheduler");
+    fails_naming(&run(&txt2img(m, &["--device", "tpu"])), "device");
+    fails_naming(&run(&txt2img(m, &["--device", "cuda:7"])), "cuda:7");
+    fails_naming(&run(&txt2img(m, &["--dtype", "int3"])), "dtype");
+    fails_naming(&run(&txt2img("no/such-model-anywhere", &[])), "--model");
+    fails_naming(&run(&txt2img("/no/such/folder", &[])), "/no/such/folder");
+    fails_naming(
+        &["img2img", "--model", m, "--prompt", "x", "--image", "/no/such.png", "--device", "cpu"],
+        "/no/such.png",
+    );
+    let bad = std::env::temp_dir().join("sdstream-cli-not-an-image.png");
+    std::fs::write(&bad, b"definitely not a png").unwrap();
+    fails_naming(
+        &["img2img", "--model", m, "--prompt", "x", "--image", bad.to_str().unwrap(), "--device", "cpu"],
+        "not-an-image",
+    );
+    fails_naming(&["serve", "--config", "configs/tiny.toml", "--listen", "0.0.0.0:8765"], "--token");
+    fails_naming(&["serve", "--config", "/no/such.toml"], "/no/such.toml");
+    fails_naming(&["stream", "--model", m, "--input", "/no/such/dir", "--output", "/tmp/x"], "/no/such/dir");
+    fails_naming(
+        &["stream", "--model", m, "--input", "models", "--output", "/tmp/x", "--cfg-type", "half"],
+        "cfg_type",
+    );
+}
+
+#[test]
+fn broken_model_files_are_named() {
+    // A truncated weights file.
+    let dir = model_copy("truncated");
+    let unet = dir.join("unet/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&unet).unwrap();
+    std::fs::write(&unet, &bytes[..bytes.len() / 2]).unwrap();
+    fails_naming(&run(&txt2img(dir.to_str().unwrap(), &[])), "diffusion_pytorch_model.safetensors");
+    // A missing weights file.
+    std::fs::remove_file(&unet).unwrap();
+    fails_naming(&run(&txt2img(dir.to_str().unwrap(), &[])), "unet/diffusion_pytorch_model");
+    // A config whose shapes do not match the weights: the tensor and both shapes are named.
+    let dir = model_copy("shape");
+    let cfg_path = dir.join("unet/config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["cross_attention_dim"] = 40.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    fails_naming(&run(&txt2img(dir.to_str().unwrap(), &[])), "attn2.to_k.weight");
+    // An unsupported (SDXL) config.
+    cfg["cross_attention_dim"] = 48.into();
+    cfg["addition_embed_type"] = "text_time".into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    fails_naming(&run(&txt2img(dir.to_str().unwrap(), &[])), "SDXL");
+    // Bad JSON.
+    std::fs::write(&cfg_path, "{ not json").unwrap();
+    fails_naming(&run(&txt2img(dir.to_str().unwrap(), &[])), "config.json");
+}
+
+#[test]
+fn single_image_commands_write_pngs() {
+    let out = std::env::temp_dir().join(format!("sdstream-cli-{}.png", std::process::id()));
+    let (ok, text) = sdstream(&[
+        "txt2img",
+        "--model",
+        "models/tiny-sd-test",
+        "--prompt",
+        "a fox",
+        "--seed",
+        "3",
+        "--steps",
+        "2",
+        "--scheduler",
+        "euler",
+        "--guidance",
+        "1.0",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--device",
+        "cpu",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{text}");
+    assert!(text.contains("random-weight TEST model"), "the log names the test model:\n{text}");
+    let img = image::open(&out).unwrap();
+    assert_eq!((img.width(), img.height()), (64, 64));
+    let out2 = std::env::temp_dir().join(format!("sdstream-cli-{}-i2i.png", std::process::id()));
+    let (ok, text) = sdstream(&[
+        "img2img",
+        "--model",
+        "models/tiny-sd-test",
+        "--prompt",
+        "a fox",
+        "--image",
+        out.to_str().unwrap(),
+        "--strength",
+        "0.5",
+        "--steps",
+        "4",
+        "--scheduler",
+        "lcm",
+        "--device",
+        "cpu",
+        "--output",
+        out2.to_str().unwrap(),
+    ]);
+    assert!(ok, "{text}");
+    assert_eq!(image::open(&out2).unwrap().width(), 64);
+}
