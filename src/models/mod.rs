@@ -2,7 +2,9 @@
 //! safetensors load unchanged, and reads its shapes from the model's own config.json.
 pub mod clip;
 pub mod loader;
+pub mod lora;
 pub mod nn;
+pub mod resnet;
 pub mod stable_diffusion;
 pub mod taesd;
 pub mod tokenizer;

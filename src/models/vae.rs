@@ -5,6 +5,7 @@
 //! diffusers' own; mid-block attentions saved under the pre-0.14 names (`query`, `key`, `value`,
 //! `proj_attn`) load too.
 use super::nn::{Activation, Conv2d, GroupNorm, Linear};
+use super::resnet::{Downsample2D, ResnetBlock2D, ResnetSettings, Upsample2D};
 use super::weights::Weights;
 use super::OneOrMany;
 use crate::error::{Error, Result};
@@ -85,43 +86,9 @@ impl AutoencoderKLConfig {
     }
 }
 
-/// `ResnetBlock2D` without a time embedding: norm, act, conv, norm, act, conv, plus a 1x1 `conv_shortcut`
-/// where the channel count changes.
-#[derive(Debug)]
-pub(crate) struct ResnetBlock2D {
-    norm1: GroupNorm,
-    conv1: Conv2d,
-    norm2: GroupNorm,
-    conv2: Conv2d,
-    conv_shortcut: Option<Conv2d>,
-    act: Activation,
-}
-
-impl ResnetBlock2D {
-    fn new(w: &Weights, in_ch: i64, out_ch: i64, groups: i64, act: Activation) -> Result<Self> {
-        Ok(ResnetBlock2D {
-            norm1: GroupNorm::new(&w.sub("norm1"), groups, in_ch, VAE_EPS)?,
-            conv1: Conv2d::new(&w.sub("conv1"), in_ch, out_ch, 3, 1, 1, true)?,
-            norm2: GroupNorm::new(&w.sub("norm2"), groups, out_ch, VAE_EPS)?,
-            conv2: Conv2d::new(&w.sub("conv2"), out_ch, out_ch, 3, 1, 1, true)?,
-            conv_shortcut: if in_ch != out_ch {
-                Some(Conv2d::new(&w.sub("conv_shortcut"), in_ch, out_ch, 1, 1, 0, true)?)
-            } else {
-                None
-            },
-            act,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.act.forward(&self.norm1.forward(x)?)?)?;
-        let h = self.conv2.forward(&self.act.forward(&self.norm2.forward(&h)?)?)?;
-        let skip = match &self.conv_shortcut {
-            Some(c) => c.forward(x)?,
-            None => x.shallow_clone(),
-        };
-        Ok(skip.f_add(&h)?)
-    }
+/// The VAE's resnets: diffusers' `ResnetBlock2D` without a time embedding, eps 1e-6.
+fn resnet(w: &Weights, in_ch: i64, out_ch: i64, groups: i64, act: Activation) -> Result<ResnetBlock2D> {
+    ResnetBlock2D::new(w, in_ch, out_ch, ResnetSettings { temb_channels: None, groups, eps: VAE_EPS, act }, 1.0)
 }
 
 /// A linear layer of the mid-block attention, stored as `new` (`to_q`) or, in old checkpoints, as `old`
@@ -187,7 +154,7 @@ impl MidBlock {
     fn new(w: &Weights, ch: i64, groups: i64, act: Activation, add_attention: bool) -> Result<Self> {
         let rw = w.sub("resnets");
         let resnets = (0..2)
-            .map(|i| ResnetBlock2D::new(&rw.sub(i), ch, ch, groups, act))
+            .map(|i| resnet(&rw.sub(i), ch, ch, groups, act))
             .collect::<Result<Vec<_>>>()?;
         let attentions = if add_attention {
             vec![VaeAttention::new(&w.sub("attentions").sub(0), ch, groups)?]
@@ -198,11 +165,11 @@ impl MidBlock {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut h = self.resnets[0].forward(x)?;
+        let mut h = self.resnets[0].forward(x, None)?;
         if let Some(a) = self.attentions.first() {
             h = a.forward(&h)?;
         }
-        self.resnets[1].forward(&h)
+        self.resnets[1].forward(&h, None)
     }
 }
 
@@ -210,7 +177,7 @@ impl MidBlock {
 #[derive(Debug)]
 pub(crate) struct DownEncoderBlock2D {
     resnets: Vec<ResnetBlock2D>,
-    downsample: Option<Conv2d>,
+    downsample: Option<Downsample2D>,
 }
 
 impl DownEncoderBlock2D {
@@ -225,10 +192,10 @@ impl DownEncoderBlock2D {
     ) -> Result<Self> {
         let rw = w.sub("resnets");
         let resnets = (0..layers)
-            .map(|i| ResnetBlock2D::new(&rw.sub(i), if i == 0 { in_ch } else { out_ch }, out_ch, groups, act))
+            .map(|i| resnet(&rw.sub(i), if i == 0 { in_ch } else { out_ch }, out_ch, groups, act))
             .collect::<Result<Vec<_>>>()?;
         let downsample = if down {
-            Some(Conv2d::new(&w.sub("downsamplers").sub(0).sub("conv"), out_ch, out_ch, 3, 2, 0, true)?)
+            Some(Downsample2D::new(&w.sub("downsamplers").sub(0), out_ch, 0)?)
         } else {
             None
         };
@@ -238,10 +205,10 @@ impl DownEncoderBlock2D {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = x.shallow_clone();
         for r in &self.resnets {
-            h = r.forward(&h)?;
+            h = r.forward(&h, None)?;
         }
-        if let Some(conv) = &self.downsample {
-            h = conv.forward(&h.f_constant_pad_nd([0, 1, 0, 1])?)?;
+        if let Some(down) = &self.downsample {
+            h = down.forward(&h)?;
         }
         Ok(h)
     }
@@ -251,7 +218,7 @@ impl DownEncoderBlock2D {
 #[derive(Debug)]
 pub(crate) struct UpDecoderBlock2D {
     resnets: Vec<ResnetBlock2D>,
-    upsample: Option<Conv2d>,
+    upsample: Option<Upsample2D>,
 }
 
 impl UpDecoderBlock2D {
@@ -266,10 +233,10 @@ impl UpDecoderBlock2D {
     ) -> Result<Self> {
         let rw = w.sub("resnets");
         let resnets = (0..layers)
-            .map(|i| ResnetBlock2D::new(&rw.sub(i), if i == 0 { in_ch } else { out_ch }, out_ch, groups, act))
+            .map(|i| resnet(&rw.sub(i), if i == 0 { in_ch } else { out_ch }, out_ch, groups, act))
             .collect::<Result<Vec<_>>>()?;
         let upsample = if up {
-            Some(Conv2d::new(&w.sub("upsamplers").sub(0).sub("conv"), out_ch, out_ch, 3, 1, 1, true)?)
+            Some(Upsample2D::new(&w.sub("upsamplers").sub(0), out_ch)?)
         } else {
             None
         };
@@ -279,11 +246,10 @@ impl UpDecoderBlock2D {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = x.shallow_clone();
         for r in &self.resnets {
-            h = r.forward(&h)?;
+            h = r.forward(&h, None)?;
         }
-        if let Some(conv) = &self.upsample {
-            let (_, _, hh, ww) = h.size4()?;
-            h = conv.forward(&h.f_upsample_nearest2d([hh * 2, ww * 2], 2.0, 2.0)?)?;
+        if let Some(up) = &self.upsample {
+            h = up.forward(&h, None)?;
         }
         Ok(h)
     }

@@ -3,7 +3,7 @@
 //! `UpBlock2D` as [`UpBlock`] (the plain variants are the same blocks without attentions).
 use super::attention::{Transformer2DModel, TransformerSettings};
 use super::config::{BlockKind, BlockPlan, MidPlan};
-use super::resnet::{Downsample2D, ResnetBlock2D, ResnetSettings, Upsample2D};
+use crate::models::resnet::{Downsample2D, ResnetBlock2D, ResnetSettings, Upsample2D};
 use crate::error::{Error, Result};
 use crate::models::Weights;
 use tch::Tensor;
@@ -67,7 +67,7 @@ impl DownBlock {
     ) -> Result<Tensor> {
         let mut h = x.shallow_clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
-            h = resnet.forward(&h, temb)?;
+            h = resnet.forward(&h, Some(temb))?;
             if let Some(attn) = self.attentions.get(i) {
                 h = attn.forward(&h, context)?;
             }
@@ -113,10 +113,10 @@ impl MidBlock {
     }
 
     pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let mut h = self.resnets[0].forward(x, temb)?;
+        let mut h = self.resnets[0].forward(x, Some(temb))?;
         for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
             h = attn.forward(&h, context)?;
-            h = resnet.forward(&h, temb)?;
+            h = resnet.forward(&h, Some(temb))?;
         }
         Ok(h)
     }
@@ -167,7 +167,7 @@ impl UpBlock {
         for (i, resnet) in self.resnets.iter().enumerate() {
             let skip = skips.pop().ok_or_else(|| Error::Model("unet: ran out of skip connections".into()))?;
             h = Tensor::f_cat(&[h, skip], 1)?;
-            h = resnet.forward(&h, temb)?;
+            h = resnet.forward(&h, Some(temb))?;
             if let Some(attn) = self.attentions.get(i) {
                 h = attn.forward(&h, context)?;
             }

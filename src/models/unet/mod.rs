@@ -1,7 +1,7 @@
 //! The denoising UNet: diffusers' `UNet2DConditionModel` and its parts, one module per diffusers source file.
 //! - [`config`]: `unet/config.json` ([`UNetConfig`]), what is supported, and the per-block plan.
 //! - [`embeddings`]: `Timesteps` / `TimestepEmbedding`.
-//! - [`resnet`]: `ResnetBlock2D`, `Downsample2D`, `Upsample2D`.
+//! - `ResnetBlock2D`, `Downsample2D`, `Upsample2D` live in [`crate::models::resnet`] (shared with the VAE).
 //! - [`attention`]: `Transformer2DModel`, `BasicTransformerBlock`, `Attention`, GEGLU `FeedForward`.
 //! - [`blocks`]: the down, mid and up blocks.
 //! - [`model`]: [`UNet2DConditionModel`] itself.
@@ -10,7 +10,6 @@ pub mod blocks;
 pub mod config;
 pub mod embeddings;
 pub mod model;
-pub mod resnet;
 
 pub use config::UNetConfig;
 pub use model::{parameter_count, UNet2DConditionModel};

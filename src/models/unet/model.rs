@@ -4,7 +4,7 @@ use super::attention::TransformerSettings;
 use super::blocks::{DownBlock, MidBlock, UpBlock};
 use super::config::UNetConfig;
 use super::embeddings::{timestep_embedding, TimestepEmbedding};
-use super::resnet::ResnetSettings;
+use crate::models::resnet::ResnetSettings;
 use crate::error::{Error, Result};
 use crate::models::nn::{Activation, Conv2d, GroupNorm};
 use crate::models::Weights;
@@ -52,7 +52,7 @@ impl UNet2DConditionModel {
             config.time_cond_proj_dim,
         )?;
         let r = ResnetSettings {
-            temb_channels: plan.time_embed_dim,
+            temb_channels: Some(plan.time_embed_dim),
             groups: plan.norm_num_groups,
             eps: config.norm_eps,
             act,

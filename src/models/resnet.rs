@@ -1,5 +1,6 @@
-//! The UNet's convolutional pieces: diffusers' `ResnetBlock2D` (diffusers/models/resnet.py), `Downsample2D`
-//! (downsampling.py) and `Upsample2D` (upsampling.py), in the configurations `UNet2DConditionModel` uses.
+//! The convolutional pieces the UNet and the VAE share: diffusers' `ResnetBlock2D` (diffusers/models/resnet.py),
+//! `Downsample2D` (downsampling.py) and `Upsample2D` (upsampling.py), in the configurations
+//! `UNet2DConditionModel` and `AutoencoderKL` use.
 use crate::error::Result;
 use crate::models::nn::{Activation, Conv2d, GroupNorm, Linear};
 use crate::models::Weights;
@@ -7,12 +8,13 @@ use tch::Tensor;
 
 /// diffusers' `ResnetBlock2D` with `time_embedding_norm="default"`, `skip_time_act=False`, pre-norm:
 /// `norm1 -> act -> conv1 (+ time_emb_proj(act(temb))) -> norm2 -> act -> conv2`, plus the input (through a 1x1
-/// `conv_shortcut` when the channel count changes), divided by `output_scale_factor`.
+/// `conv_shortcut` when the channel count changes), divided by `output_scale_factor`. The VAE's resnets have no
+/// time embedding (`temb_channels` None).
 #[derive(Debug)]
 pub struct ResnetBlock2D {
     norm1: GroupNorm,
     conv1: Conv2d,
-    time_emb_proj: Linear,
+    time_emb_proj: Option<Linear>,
     norm2: GroupNorm,
     conv2: Conv2d,
     conv_shortcut: Option<Conv2d>,
@@ -20,10 +22,11 @@ pub struct ResnetBlock2D {
     output_scale_factor: f64,
 }
 
-/// The hyper-parameters shared by every resnet of a UNet.
+/// The hyper-parameters shared by every resnet of a UNet (or of a VAE).
 #[derive(Debug, Clone, Copy)]
 pub struct ResnetSettings {
-    pub temb_channels: i64,
+    /// Width of the time embedding; None for resnets without one (the VAE's).
+    pub temb_channels: Option<i64>,
     pub groups: i64,
     pub eps: f64,
     pub act: Activation,
@@ -45,7 +48,10 @@ impl ResnetBlock2D {
         Ok(ResnetBlock2D {
             norm1: GroupNorm::new(&w.sub("norm1"), s.groups, in_ch, s.eps)?,
             conv1: Conv2d::new(&w.sub("conv1"), in_ch, out_ch, 3, 1, 1, true)?,
-            time_emb_proj: Linear::new(&w.sub("time_emb_proj"), s.temb_channels, out_ch, true)?,
+            time_emb_proj: match s.temb_channels {
+                Some(t) => Some(Linear::new(&w.sub("time_emb_proj"), t, out_ch, true)?),
+                None => None,
+            },
             norm2: GroupNorm::new(&w.sub("norm2"), s.groups, out_ch, s.eps)?,
             conv2: Conv2d::new(&w.sub("conv2"), out_ch, out_ch, 3, 1, 1, true)?,
             conv_shortcut,
@@ -54,12 +60,14 @@ impl ResnetBlock2D {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let mut h = self.norm1.forward(x)?;
         h = self.act.forward(&h)?;
         h = self.conv1.forward(&h)?;
-        let t = self.time_emb_proj.forward(&self.act.forward(temb)?)?.f_unsqueeze(-1)?.f_unsqueeze(-1)?;
-        h = h.f_add(&t)?;
+        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
+            let t = proj.forward(&self.act.forward(temb)?)?.f_unsqueeze(-1)?.f_unsqueeze(-1)?;
+            h = h.f_add(&t)?;
+        }
         h = self.norm2.forward(&h)?;
         h = self.act.forward(&h)?;
         h = self.conv2.forward(&h)?;
