@@ -14,11 +14,20 @@ pub struct ModelConfig {
     pub vae: Option<String>,
     pub device: String,
     pub dtype: String,
+    /// LoRAs fused at load: `loras = [{ path = "...", scale = 1.0 }]` (path: a .safetensors file, a folder
+    /// holding one, or a Hugging Face id). `--lora PATH[:SCALE]` flags add to these.
+    pub loras: Vec<crate::models::lora::LoraSpec>,
 }
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        ModelConfig { model: String::new(), vae: None, device: "auto".into(), dtype: "fp16".into() }
+        ModelConfig {
+            model: String::new(),
+            vae: None,
+            device: "auto".into(),
+            dtype: "fp16".into(),
+            loras: Vec::new(),
+        }
     }
 }
 
@@ -108,7 +117,7 @@ mod tests {
 
     #[test]
     fn shipped_configs_parse() {
-        for name in ["tiny", "sd-turbo", "sd15-lcm"] {
+        for name in ["tiny", "sd-turbo", "sd15-lcm", "sd15-lcm-lora"] {
             let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("configs/{name}.toml"));
             let c = DaemonConfig::from_file(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(!c.model.model.is_empty(), "{name}");

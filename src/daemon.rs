@@ -28,6 +28,7 @@ fn engine_config(config: &DaemonConfig) -> Result<EngineConfig> {
     };
     let mut e = EngineConfig::new(m.model.clone(), load);
     e.max_streams = config.server.max_clients + 1;
+    e.loras = m.loras.clone();
     Ok(e)
 }
 

@@ -7,6 +7,7 @@
 //! - [`stream`]: StreamDiffusion's stream batch, residual CFG, similarity filter, prompt cache and transitions.
 //! - [`engine`]: the one inference thread that owns every tch object and batches all streams' slots.
 //! - [`server`], [`daemon`], [`config`]: the WebSocket daemon, its browser client and its configs.
+pub mod bench;
 pub mod config;
 pub mod daemon;
 pub mod device;

@@ -27,6 +27,8 @@ enum Command {
     Webcam(WebcamCmd),
     /// List the cameras this machine has.
     Cameras,
+    /// Benchmark the components and the daemon end to end (table, JSON, SVG plot, --compare).
+    Bench(sdstream::bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -44,6 +46,10 @@ struct DaemonArgs {
     device: Option<String>,
     #[arg(long)]
     dtype: Option<String>,
+    /// A LoRA to fuse at load, PATH[:SCALE] (a .safetensors file, a folder holding one, or a Hugging Face id);
+    /// repeatable, added to the config's `[model] loras`.
+    #[arg(long = "lora", value_name = "PATH[:SCALE]")]
+    lora: Vec<String>,
     /// IP:PORT to listen on (default 127.0.0.1:8765). Anything but loopback needs --token.
     #[arg(long)]
     listen: Option<String>,
@@ -78,6 +84,9 @@ impl DaemonArgs {
         }
         if let Some(v) = &self.dtype {
             c.model.dtype = v.clone();
+        }
+        for l in &self.lora {
+            c.model.loras.push(l.parse()?);
         }
         if let Some(v) = &self.listen {
             c.server.listen = v.clone();
@@ -132,6 +141,10 @@ struct ModelArgs {
     /// fp32, fp16 or bf16.
     #[arg(long, default_value = "fp32")]
     dtype: String,
+    /// A LoRA to fuse at load, PATH[:SCALE] (a .safetensors file, a folder holding one, or a Hugging Face id);
+    /// repeatable.
+    #[arg(long = "lora", value_name = "PATH[:SCALE]")]
+    lora: Vec<String>,
 }
 
 impl ModelArgs {
@@ -142,8 +155,12 @@ impl ModelArgs {
             vae: self.vae.clone(),
         };
         let t0 = std::time::Instant::now();
-        let sd = StableDiffusion::load(&self.model, &opts)
+        let mut sd = StableDiffusion::load(&self.model, &opts)
             .with_context(|| format!("loading model `{}`", self.model))?;
+        for l in &self.lora {
+            let spec: sdstream::models::lora::LoraSpec = l.parse()?;
+            sd.load_lora(&spec).with_context(|| format!("loading LoRA `{}`", spec.path))?;
+        }
         tracing::info!(
             "loaded {} on {:?} in {} ({}, {:.1}s)",
             self.model,
@@ -402,6 +419,10 @@ fn run(cli: Cli) -> Result<()> {
             for c in cams {
                 println!("{}: {} ({})", c.index, c.name, c.description);
             }
+            Ok(())
+        }
+        Command::Bench(a) => {
+            sdstream::bench::run(&a)?;
             Ok(())
         }
         Command::Stream(a) => {

@@ -12,11 +12,18 @@ use std::time::{Duration, Instant};
 
 fn engine() -> Engine {
     let load = common::cpu_fp32(Some(common::fixture("models/tiny-taesd-test").display().to_string()));
-    Engine::start(EngineConfig::new(common::fixture("models/tiny-sd-test").display().to_string(), load)).unwrap()
+    Engine::start(EngineConfig::new(common::fixture("models/tiny-sd-test").display().to_string(), load))
+        .unwrap()
 }
 
 fn settings() -> StreamSettings {
-    StreamSettings { width: 64, height: 64, t_index_list: vec![32, 45], prompt: "a fox".into(), ..Default::default() }
+    StreamSettings {
+        width: 64,
+        height: 64,
+        t_index_list: vec![32, 45],
+        prompt: "a fox".into(),
+        ..Default::default()
+    }
 }
 
 fn frame(seed: u8) -> image::RgbImage {
@@ -45,7 +52,11 @@ fn latest_frame_wins_and_drops_are_counted() {
     }
     assert_eq!(last, Some(199), "the newest frame is always processed");
     let c = &stream.counters;
-    let (inn, out, dropped) = (c.frames_in.load(Ordering::Relaxed), c.frames_out.load(Ordering::Relaxed), c.dropped_input.load(Ordering::Relaxed));
+    let (inn, out, dropped) = (
+        c.frames_in.load(Ordering::Relaxed),
+        c.frames_out.load(Ordering::Relaxed),
+        c.dropped_input.load(Ordering::Relaxed),
+    );
     assert_eq!(inn, 200);
     assert!(dropped > 0, "a flood of frames must drop some");
     assert_eq!(out + dropped, inn, "every frame is either processed or counted as dropped");
@@ -139,7 +150,8 @@ fn batched_streams_throughput_is_reported() {
     .unwrap();
     let mk = |seed| {
         let s = StreamSettings { seed, ..settings() };
-        Stream::new(seed, &sd, s, sd.encode_text("a fox", None).unwrap(), sd.encode_text("", None).unwrap()).unwrap()
+        Stream::new(seed, &sd, s, sd.encode_text("a fox", None).unwrap(), sd.encode_text("", None).unwrap())
+            .unwrap()
     };
     let img = sdstream::io::image::to_tensor(&frame(3), tch::Device::Cpu, tch::Kind::Float).unwrap();
     let ticks = 30;
@@ -156,7 +168,12 @@ fn batched_streams_throughput_is_reported() {
                 assert_eq!(t.unet_batch, 4, "both streams' two slots in one UNet call");
             } else {
                 for s in [&mut a, &mut b] {
-                    tick(&sd, vec![TickInput { stream: s, frame_id: i, image: Some(img.shallow_clone()) }], false).unwrap();
+                    tick(
+                        &sd,
+                        vec![TickInput { stream: s, frame_id: i, image: Some(img.shallow_clone()) }],
+                        false,
+                    )
+                    .unwrap();
                 }
             }
         }

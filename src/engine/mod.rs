@@ -31,6 +31,8 @@ pub struct EngineConfig {
     pub measure_stages: bool,
     /// Outputs waiting for a slow consumer, per stream, before new ones are dropped.
     pub output_queue: usize,
+    /// LoRAs fused right after the model loads.
+    pub loras: Vec<crate::models::lora::LoraSpec>,
 }
 
 impl EngineConfig {
@@ -42,6 +44,7 @@ impl EngineConfig {
             prompt_cache: 64,
             measure_stages: true,
             output_queue: 4,
+            loras: Vec::new(),
         }
     }
 }
@@ -137,6 +140,11 @@ enum Command {
         patch: serde_json::Value,
         reply: Sender<Result<StreamSettings>>,
     },
+    LoraScale {
+        name: String,
+        scale: f64,
+        reply: Sender<Result<Vec<crate::models::lora::LoraInfo>>>,
+    },
     Shutdown,
 }
 
@@ -172,13 +180,17 @@ impl Engine {
         let thread = std::thread::Builder::new()
             .name("sdstream-inference".into())
             .spawn(move || {
-                let sd = match StableDiffusion::load(&config.model, &config.load) {
+                let mut sd = match StableDiffusion::load(&config.model, &config.load) {
                     Ok(sd) => sd,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
                         return;
                     }
                 };
+                if let Err(e) = sd.load_loras(&config.loras) {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
                 let info = ModelInfo {
                     model: config.model.clone(),
                     device: format!("{:?}", sd.device),
@@ -281,6 +293,12 @@ impl EngineHandle {
         let _ = self.wake.try_send(());
         rx.recv_timeout(Duration::from_secs(120))
             .map_err(|_| Error::Model("the engine did not answer".into()))?
+    }
+
+    /// Changes the scale of a fused LoRA (by name, its file stem, or index; 0 unfuses it) between ticks;
+    /// returns every LoRA with its scale.
+    pub fn set_lora_scale(&self, name: &str, scale: f64) -> Result<Vec<crate::models::lora::LoraInfo>> {
+        self.request(|reply| Command::LoraScale { name: name.to_string(), scale, reply })
     }
 
     /// Opens a stream with `settings`; fails with a clear message when the settings are invalid or the engine
@@ -424,6 +442,10 @@ impl Worker {
                 let result = self.update(id, &patch);
                 let _ = reply.send(result);
             }
+            Command::LoraScale { name, scale, reply } => {
+                let result = self.set_lora_scale(&name, scale);
+                let _ = reply.send(result);
+            }
             Command::Shutdown => {}
         }
     }
@@ -448,6 +470,30 @@ impl Worker {
         self.streams.insert(id, OpenStream { stream, outputs, counters });
         self.shared.counters.streams_open.fetch_add(1, Ordering::Relaxed);
         Ok(id)
+    }
+
+    /// Changes a fused LoRA's scale between ticks. A LoRA on the text encoder changes prompt embeddings: the
+    /// cache is emptied and every open stream's prompts are encoded again.
+    fn set_lora_scale(&mut self, name: &str, scale: f64) -> Result<Vec<crate::models::lora::LoraInfo>> {
+        let i = self.sd.loras.find(name)?;
+        self.sd.loras.set_scale(i, scale)?;
+        if self.sd.loras.touches_text_encoder(i) {
+            self.cache = Some(PromptCache::new(self.config.prompt_cache));
+            let prompts: Vec<(u64, String, String)> = self
+                .streams
+                .iter()
+                .map(|(id, o)| {
+                    (*id, o.stream.settings().prompt.clone(), o.stream.settings().negative_prompt.clone())
+                })
+                .collect();
+            for (id, prompt, negative) in prompts {
+                let (cond, uncond) = (self.embeddings(&prompt)?, self.embeddings(&negative)?);
+                if let Some(open) = self.streams.get_mut(&id) {
+                    open.stream.set_prompt_embeddings(cond, uncond);
+                }
+            }
+        }
+        Ok(self.sd.loras.list())
     }
 
     fn update(&mut self, id: u64, patch: &serde_json::Value) -> Result<StreamSettings> {

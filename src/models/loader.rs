@@ -28,7 +28,7 @@ const PIPELINE_FILES: &[&str] = &[
     "scheduler/scheduler_config.json",
 ];
 
-fn looks_like_hub_id(spec: &str) -> bool {
+pub(crate) fn looks_like_hub_id(spec: &str) -> bool {
     let parts: Vec<&str> = spec.split('/').collect();
     parts.len() == 2
         && parts.iter().all(|p| {
@@ -139,7 +139,7 @@ impl ModelSource {
 }
 
 /// A file of a hub model: from hf-hub's cache, else downloaded (unless HF_HUB_OFFLINE is set).
-fn hub_file(id: &str, rel: &str) -> Result<PathBuf> {
+pub(crate) fn hub_file(id: &str, rel: &str) -> Result<PathBuf> {
     let cache = hf_hub::Cache::from_env();
     if let Some(p) = cache.model(id.to_string()).get(rel) {
         return Ok(p);

@@ -80,6 +80,12 @@ pub struct StableDiffusion {
     pub scheduler_config: SchedulerConfig,
     pub device: Device,
     pub kind: Kind,
+    /// The UNet's and the text encoder's weight stores: they reach the tensors the modules hold, so LoRAs can
+    /// be fused (and unfused) in place after loading.
+    pub unet_weights: Weights,
+    pub text_encoder_weights: Weights,
+    /// The LoRAs fused into the weights (empty after `load`; see `models::lora`).
+    pub loras: super::lora::LoraSet,
 }
 
 fn warn_unused(w: &Weights, what: &str) {
@@ -159,6 +165,9 @@ impl StableDiffusion {
             scheduler_config,
             device,
             kind,
+            unet_weights: unet_w,
+            text_encoder_weights: te_w,
+            loras: super::lora::LoraSet::new(),
         })
     }
 
