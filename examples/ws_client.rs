@@ -40,7 +40,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let files = match &folder {
-        Some(f) => sdstream::stream::offline::collect_inputs(&[f.clone()])?,
+        Some(f) => sdstream::stream::offline::collect_inputs(std::slice::from_ref(f))?,
         None => Vec::new(),
     };
     if let Some(dir) = &save {

@@ -21,6 +21,7 @@ pub struct LoadOptions {
 }
 
 /// The image autoencoder in use: the model's AutoencoderKL or a TAESD (AutoencoderTiny).
+#[allow(clippy::large_enum_variant)] // one per loaded model: boxing buys nothing
 pub enum Autoencoder {
     Kl(AutoencoderKL),
     Tiny(AutoencoderTiny),

@@ -134,6 +134,14 @@ pub struct LatencySummary {
     pub max: f64,
 }
 
+impl ServerMessage<'_> {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|e| {
+            format!(r#"{{"type":"error","code":"internal","message":"{e}","fatal":false}}"#)
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,13 +164,5 @@ mod tests {
             ClientMessage::parse(r#"{"type":"prompt","prompt":"a","x":1}"#).unwrap_err().0,
             "bad_json"
         );
-    }
-}
-
-impl ServerMessage<'_> {
-    pub fn to_json(&self) -> String {
-        serde_json::to_string(self).unwrap_or_else(|e| {
-            format!(r#"{{"type":"error","code":"internal","message":"{e}","fatal":false}}"#)
-        })
     }
 }

@@ -299,7 +299,7 @@ impl Stream {
             }
             None => entry,
         };
-        let cond = self.cond.next()?.f_to_kind(p.init_noise.kind())?;
+        let cond = self.cond.advance()?.f_to_kind(p.init_noise.kind())?;
         let cond_n = cond.f_expand([p.n, cond.size()[1], cond.size()[2]], false)?;
         let uncond = self.uncond.f_to_kind(p.init_noise.kind())?;
         let work = match (self.guided(), self.settings.cfg_type) {
@@ -394,7 +394,7 @@ impl Stream {
     ) -> Result<FrameResult> {
         let p = &self.prepared;
         let (device, kind) = (p.init_noise.device(), p.init_noise.kind());
-        let cond = self.cond.next()?.f_to_kind(kind)?;
+        let cond = self.cond.advance()?.f_to_kind(kind)?;
         let uncond = self.uncond.f_to_kind(kind)?;
         let (guided, cfg, g) = (self.guided(), self.settings.cfg_type, self.settings.guidance);
         // Without the stream batch StreamDiffusion never updates the stock noise (but `initialize` still puts

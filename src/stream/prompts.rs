@@ -85,7 +85,7 @@ impl PromptState {
     }
 
     /// The embedding for the next frame (advancing any transition by one frame).
-    pub fn next(&mut self) -> Result<Tensor> {
+    pub fn advance(&mut self) -> Result<Tensor> {
         if let Some(tr) = &mut self.transition {
             tr.frame += 1;
             let w = tr.frame as f64 / tr.frames as f64;
@@ -159,12 +159,12 @@ mod tests {
         let b = Tensor::randn([1, 4, 16], (Kind::Float, Device::Cpu));
         let mut s = PromptState::new(a.shallow_clone());
         s.set_target(b.shallow_clone(), 4, Interpolation::Slerp);
-        let mid = (0..2).map(|_| s.next().unwrap()).last().unwrap();
+        let mid = (0..2).map(|_| s.advance().unwrap()).last().unwrap();
         let norm = |t: &Tensor| t.norm_scalaropt_dim(2, [-1], false);
         let expected = (norm(&a) + norm(&b)) / 2.0;
         let diff = (norm(&mid) - &expected).abs().max().double_value(&[]);
         assert!(diff < 0.5 * expected.mean(Kind::Float).double_value(&[]), "slerp lost the norm: {diff}");
-        let last = (0..2).map(|_| s.next().unwrap()).last().unwrap();
+        let last = (0..2).map(|_| s.advance().unwrap()).last().unwrap();
         assert!(!s.in_transition());
         assert_eq!(last.eq_tensor(&b).all().int64_value(&[]), 1);
         let lin = interpolate(&a, &b, 0.25, Interpolation::Linear).unwrap();
