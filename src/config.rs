@@ -46,6 +46,9 @@ pub struct ServerConfig {
     pub jpeg_quality: u8,
     /// Extra Origins allowed for browser clients (the server's own host is always allowed).
     pub allowed_origins: Vec<String>,
+    /// Synchronise the GPU around each stage so the per-stage timings in `frame`/`stats` are exact (costs a
+    /// little speed); unset: on for the CPU, off for CUDA.
+    pub measure_stages: Option<bool>,
 }
 
 impl Default for ServerConfig {
@@ -59,6 +62,7 @@ impl Default for ServerConfig {
             idle_timeout_s: 60,
             jpeg_quality: 85,
             allowed_origins: Vec::new(),
+            measure_stages: None,
         }
     }
 }

@@ -28,6 +28,9 @@ fn engine_config(config: &DaemonConfig) -> Result<EngineConfig> {
     };
     let mut e = EngineConfig::new(m.model.clone(), load);
     e.max_streams = config.server.max_clients + 1;
+    if let Some(m) = config.server.measure_stages {
+        e.measure_stages = m;
+    }
     e.loras = m.loras.clone();
     Ok(e)
 }

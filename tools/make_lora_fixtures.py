@@ -177,15 +177,20 @@ def main():
     save("sd1_old.safetensors", old_format(u1, t1))
 
     u3, t3 = make_lora(unet_mods, 4, 3), make_lora(te_mods, 4, 4)
+    def meta(**kw):
+        # peft keeps target_modules as a set; a sorted list keeps the file byte-identical across runs.
+        d = LoraConfig(**kw).to_dict()
+        d["target_modules"] = sorted(d["target_modules"])
+        return d
+
     unet_targets = sorted({n.rsplit(".", 1)[-1] if not n.endswith("to_out.0") else "to_out.0" for n, _ in unet_mods})
     StableDiffusionPipeline.save_lora_weights(
         str(OUT),
         unet_lora_layers=peft("", u3),
         text_encoder_lora_layers=peft("", t3),
         weight_name="sd1_alpha.safetensors",
-        unet_lora_adapter_metadata=LoraConfig(r=4, lora_alpha=8, alpha_pattern={"proj_out": 2},
-                                              target_modules=unet_targets).to_dict(),
-        text_encoder_lora_adapter_metadata=LoraConfig(r=4, lora_alpha=2, target_modules=list(TE_ATTN)).to_dict(),
+        unet_lora_adapter_metadata=meta(r=4, lora_alpha=8, alpha_pattern={"proj_out": 2}, target_modules=unet_targets),
+        text_encoder_lora_adapter_metadata=meta(r=4, lora_alpha=2, target_modules=list(TE_ATTN)),
     )
 
     conv_mods = targets(sd1.unet, UNET_CONV, exact=("conv_in", "conv_out", "time_embedding.linear_1"))

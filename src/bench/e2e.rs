@@ -53,6 +53,11 @@ pub struct E2eResult {
     /// Frames sent that triggered no output (replaced while waiting: latest-frame-wins, rate-limited, lost).
     pub dropped: u64,
     pub errors: u64,
+    /// The daemon's own counters from each stream's last `stats` message, summed: inputs replaced while
+    /// waiting (latest-frame-wins), outputs dropped for a slow consumer, frames over the rate limit.
+    pub daemon_dropped_input: u64,
+    pub daemon_dropped_output: u64,
+    pub daemon_rate_limited: u64,
     /// From the first measured frame sent to the last measured output received, over all streams.
     pub duration_s: f64,
     /// Measured outputs per second, all streams together.
@@ -75,6 +80,7 @@ struct ClientLog {
     sent: u64,
     received: u64,
     errors: u64,
+    daemon: [u64; 3],
     first_measured_send: Option<Instant>,
     last_measured_receive: Option<Instant>,
     latency: Vec<f64>,
@@ -196,6 +202,9 @@ fn summarise(streams: usize, plan: &E2ePlan, logs: Vec<ClientLog>) -> E2eResult 
         measured,
         dropped: sent.saturating_sub(received),
         errors: logs.iter().map(|l| l.errors).sum(),
+        daemon_dropped_input: logs.iter().map(|l| l.daemon[0]).sum(),
+        daemon_dropped_output: logs.iter().map(|l| l.daemon[1]).sum(),
+        daemon_rate_limited: logs.iter().map(|l| l.daemon[2]).sum(),
         duration_s,
         throughput_fps: if duration_s > 0.0 { measured as f64 / duration_s } else { 0.0 },
         per_stream_fps: Summary::of(&per_stream),
@@ -295,6 +304,7 @@ async fn client(
                 let v: serde_json::Value = serde_json::from_str(&t).map_err(ws_error)?;
                 match v["type"].as_str() {
                     Some("frame") => header = Some(v),
+                    Some("stats") => log.daemon = daemon_counters(&v),
                     Some("error") => {
                         log.errors += 1;
                         if v["fatal"].as_bool() == Some(true) {
@@ -335,6 +345,21 @@ async fn client(
             Some(Err(e)) => return Err(ws_error(e)),
         }
     }
+    // One more `stats` message (about once a second) brings the daemon's counters up to date.
+    let until = tokio::time::Instant::now() + Duration::from_millis(1500);
+    while let Ok(Some(Ok(m))) = tokio::time::timeout_at(until, rx.next()).await {
+        if let Message::Text(t) = m {
+            let v: serde_json::Value = serde_json::from_str(&t).map_err(ws_error)?;
+            if v["type"] == "stats" {
+                log.daemon = daemon_counters(&v);
+                break;
+            }
+        }
+    }
     let _ = tx.send(Message::Close(None)).await;
     Ok(log)
+}
+
+fn daemon_counters(stats: &serde_json::Value) -> [u64; 3] {
+    ["dropped_input", "dropped_output", "rate_limited"].map(|k| stats[k].as_u64().unwrap_or(0))
 }

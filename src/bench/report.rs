@@ -103,7 +103,7 @@ impl BenchReport {
             for e in &self.e2e {
                 let _ = writeln!(
                     s,
-                    "{:<10} {:>9.2} {:>10.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>8} {:>7}",
+                    "{:<10} {:>9.2} {:>10.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>8} {:>10} {:>7}",
                     format!("{} stream{}", e.streams, if e.streams == 1 { "" } else { "s" }),
                     e.throughput_fps,
                     e.per_stream_fps.median,
@@ -112,6 +112,10 @@ impl BenchReport {
                     e.latency_ms.p99,
                     e.content_latency_ms.median,
                     format!("{}/{}", e.dropped, e.sent),
+                    format!(
+                        "{}/{}/{}",
+                        e.daemon_dropped_input, e.daemon_dropped_output, e.daemon_rate_limited
+                    ),
                     e.errors
                 );
             }
@@ -127,7 +131,7 @@ impl BenchReport {
                 }
                 let _ = writeln!(s);
             }
-            let _ = writeln!(s, "(latency: frame sent -> the output it triggered received; content: from the frame the output answers)");
+            let _ = writeln!(s, "(latency: frame sent -> the output it triggered received; content: from the frame the output answers;\n dropped: frames that triggered no output; in/out/rate: the daemon's dropped inputs, dropped outputs, rate-limited)");
         }
         s
     }

@@ -88,7 +88,13 @@ impl AutoencoderKLConfig {
 
 /// The VAE's resnets: diffusers' `ResnetBlock2D` without a time embedding, eps 1e-6.
 fn resnet(w: &Weights, in_ch: i64, out_ch: i64, groups: i64, act: Activation) -> Result<ResnetBlock2D> {
-    ResnetBlock2D::new(w, in_ch, out_ch, ResnetSettings { temb_channels: None, groups, eps: VAE_EPS, act }, 1.0)
+    ResnetBlock2D::new(
+        w,
+        in_ch,
+        out_ch,
+        ResnetSettings { temb_channels: None, groups, eps: VAE_EPS, act },
+        1.0,
+    )
 }
 
 /// A linear layer of the mid-block attention, stored as `new` (`to_q`) or, in old checkpoints, as `old`
@@ -153,9 +159,7 @@ pub(crate) struct MidBlock {
 impl MidBlock {
     fn new(w: &Weights, ch: i64, groups: i64, act: Activation, add_attention: bool) -> Result<Self> {
         let rw = w.sub("resnets");
-        let resnets = (0..2)
-            .map(|i| resnet(&rw.sub(i), ch, ch, groups, act))
-            .collect::<Result<Vec<_>>>()?;
+        let resnets = (0..2).map(|i| resnet(&rw.sub(i), ch, ch, groups, act)).collect::<Result<Vec<_>>>()?;
         let attentions = if add_attention {
             vec![VaeAttention::new(&w.sub("attentions").sub(0), ch, groups)?]
         } else {
@@ -194,11 +198,8 @@ impl DownEncoderBlock2D {
         let resnets = (0..layers)
             .map(|i| resnet(&rw.sub(i), if i == 0 { in_ch } else { out_ch }, out_ch, groups, act))
             .collect::<Result<Vec<_>>>()?;
-        let downsample = if down {
-            Some(Downsample2D::new(&w.sub("downsamplers").sub(0), out_ch, 0)?)
-        } else {
-            None
-        };
+        let downsample =
+            if down { Some(Downsample2D::new(&w.sub("downsamplers").sub(0), out_ch, 0)?) } else { None };
         Ok(DownEncoderBlock2D { resnets, downsample })
     }
 
@@ -235,11 +236,7 @@ impl UpDecoderBlock2D {
         let resnets = (0..layers)
             .map(|i| resnet(&rw.sub(i), if i == 0 { in_ch } else { out_ch }, out_ch, groups, act))
             .collect::<Result<Vec<_>>>()?;
-        let upsample = if up {
-            Some(Upsample2D::new(&w.sub("upsamplers").sub(0), out_ch)?)
-        } else {
-            None
-        };
+        let upsample = if up { Some(Upsample2D::new(&w.sub("upsamplers").sub(0), out_ch)?) } else { None };
         Ok(UpDecoderBlock2D { resnets, upsample })
     }
 

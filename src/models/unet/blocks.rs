@@ -3,8 +3,8 @@
 //! `UpBlock2D` as [`UpBlock`] (the plain variants are the same blocks without attentions).
 use super::attention::{Transformer2DModel, TransformerSettings};
 use super::config::{BlockKind, BlockPlan, MidPlan};
-use crate::models::resnet::{Downsample2D, ResnetBlock2D, ResnetSettings, Upsample2D};
 use crate::error::{Error, Result};
+use crate::models::resnet::{Downsample2D, ResnetBlock2D, ResnetSettings, Upsample2D};
 use crate::models::Weights;
 use tch::Tensor;
 

@@ -4,9 +4,9 @@ use super::attention::TransformerSettings;
 use super::blocks::{DownBlock, MidBlock, UpBlock};
 use super::config::UNetConfig;
 use super::embeddings::{timestep_embedding, TimestepEmbedding};
-use crate::models::resnet::ResnetSettings;
 use crate::error::{Error, Result};
 use crate::models::nn::{Activation, Conv2d, GroupNorm};
+use crate::models::resnet::ResnetSettings;
 use crate::models::Weights;
 use tch::{Kind, Tensor};
 
