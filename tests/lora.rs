@@ -190,11 +190,13 @@ fn lcm_style_lora_on_every_layer_matches_and_runs_in_the_stream() {
     let dir = std::env::temp_dir().join(format!("sdstream-lora-stream-{}", std::process::id()));
     let input = fixture("tests/fixtures/reference/input_64.png");
     let files = vec![input.clone(), input.clone(), input];
-    let mut settings = sdstream::stream::settings::StreamSettings::default();
-    settings.prompt = "a watercolor fox".into();
-    settings.width = 64;
-    settings.height = 64;
-    settings.t_index_list = vec![32, 45];
+    let settings = sdstream::stream::settings::StreamSettings {
+        prompt: "a watercolor fox".into(),
+        width: 64,
+        height: 64,
+        t_index_list: vec![32, 45],
+        ..Default::default()
+    };
     let run = |sd: &StableDiffusion, tag: &str| -> Vec<Vec<u8>> {
         let out = dir.join(tag);
         let reports = sdstream::stream::offline::run_files(sd, settings.clone(), &files, &out).unwrap();
@@ -236,7 +238,8 @@ fn bad_files_are_refused_naming_the_file_and_the_key() {
     let z = |s: &[i64]| Tensor::zeros(s, (Kind::Float, tch::Device::Cpu));
     let ok_a = || z(&[2, 8]);
     let ok_b = || z(&[8, 2]);
-    let cases: Vec<(&str, Vec<(String, Tensor)>, &str)> = vec![
+    type Case<'a> = (&'a str, Vec<(String, Tensor)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "unknown_module",
             vec![
@@ -311,9 +314,7 @@ fn engine_fuses_config_loras_at_load_and_changes_scales_live() {
         EngineConfig::new(fixture("tests/fixtures/models/sd1-tiny").display().to_string(), cpu_fp32(None));
     config.loras = vec![spec("sd1_peft.safetensors", 1.0), spec("sd1_conv_kohya.safetensors", 0.5)];
     let engine = Engine::start(config).unwrap();
-    let mut settings = sdstream::stream::settings::StreamSettings::default();
-    settings.width = 64;
-    settings.height = 64;
+    let settings = sdstream::stream::settings::StreamSettings { width: 64, height: 64, ..Default::default() };
     let stream = engine.handle().open_stream(settings, 4).unwrap();
     let list = engine.handle().set_lora_scale("sd1_peft", 0.25).unwrap();
     assert_eq!(list.iter().map(|l| l.scale).collect::<Vec<_>>(), [0.25, 0.5]);
