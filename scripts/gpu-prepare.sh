@@ -13,7 +13,7 @@ commit="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
 if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then commit="$commit-dirty"; fi
 echo "$commit" > .gpu/COMMIT
 anchor="${SDSTREAM_ANCHOR:-../shared/anchor/diffusers_eager.py}"
-cp "$anchor" .gpu/diffusers_eager.py
+install -m 0644 "$anchor" .gpu/diffusers_eager.py
 # The GPU machine runs Python 3.12 (manylinux x86-64); both wheels are pure Python.
 if ! ls .gpu/wheels/diffusers-0.42.1-*.whl >/dev/null 2>&1 || ! ls .gpu/wheels/importlib_metadata-*.whl >/dev/null 2>&1; then
   python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

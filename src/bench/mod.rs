@@ -88,9 +88,10 @@ pub struct BenchArgs {
     pub reply_timeout: u64,
     #[arg(long, default_value_t = 85)]
     pub jpeg_quality: u8,
-    /// Synchronise the device around each stage in the daemon (exact per-stage times; costs a little).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    pub stage_sync: bool,
+    /// Synchronise the device around each stage in the daemon, for exact per-stage times (costs a host sync per
+    /// stage). Default: the engine's (on for CPU, off for CUDA, where stage times then show enqueue time).
+    #[arg(long)]
+    pub stage_sync: Option<bool>,
     /// The report as JSON.
     #[arg(long)]
     pub json: PathBuf,
@@ -255,7 +256,9 @@ pub fn run(a: &BenchArgs) -> Result<report::BenchReport> {
     let e2e = if run_e2e {
         let mut config = EngineConfig::new(choice.spec.clone(), load.clone());
         config.max_streams = a.streams.max(1) + 1;
-        config.measure_stages = a.stage_sync;
+        if let Some(v) = a.stage_sync {
+            config.measure_stages = v;
+        }
         let plan = e2e::E2ePlan {
             frames: a.frames,
             warmup_frames,
