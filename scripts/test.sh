@@ -20,4 +20,4 @@ if [ ! -d tests/e2e/node_modules/playwright-core ]; then
 fi
 
 . scripts/setup.sh
-cargo test --features camera --all-targets "$@"
+cargo test --no-fail-fast --features camera --all-targets "$@"

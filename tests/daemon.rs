@@ -321,9 +321,18 @@ async fn limits_refuse_with_a_reason() {
         }
     }
     assert!(idle_error, "the idle client is told why it is disconnected");
-    // The slot is free again.
-    let mut third = connect(&server).await;
-    ready(&mut third).await;
+    // The slot is free again (once the server side of the closed connection has ended).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut third = connect(&server).await;
+        let v = next_json(&mut third).await.expect("a first message");
+        if v["type"] == "ready" {
+            break;
+        }
+        assert_eq!(v["code"], "server_full", "{v}");
+        assert!(std::time::Instant::now() < deadline, "the slot was never freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     server.shutdown(Duration::from_secs(5)).await;
 }
 

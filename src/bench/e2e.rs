@@ -117,6 +117,14 @@ pub fn run(
         let mut results = Vec::new();
         for &k in scenarios {
             progress.set_message(format!("end to end, {k} stream{}", if k == 1 { "" } else { "s" }));
+            // The previous scenario's connections must have ended on the server side before the next one
+            // takes every client slot.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while server.state.metrics.clients.load(std::sync::atomic::Ordering::Relaxed) > 0
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             let r = scenario(server.local_addr, settings, k, plan, progress).await;
             match r {
                 Ok(r) => results.push(r),
