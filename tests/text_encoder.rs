@@ -1,11 +1,13 @@
 //! Parity of the CLIP tokenizer and text encoder with transformers (fixtures from tools/make_fixtures.py),
 //! plus the errors a broken tokenizer folder or weights file gives.
+mod common;
+
+use common::{assert_max_abs, read_tensors, tensor};
 use sdstream::models::clip::{ClipTextConfig, ClipTextModel};
 use sdstream::models::tokenizer::ClipTokenizer;
 use sdstream::models::{read_config, Weights};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind};
 
 const MODELS: [&str; 3] = ["sd1-tiny", "sd2-tiny", "lcm-tiny"];
 
@@ -18,24 +20,6 @@ fn fixture(rel: &str) -> PathBuf {
     let p = fixtures().join(rel);
     assert!(p.exists(), "missing test fixture {} (generate with tools/make_fixtures.py)", p.display());
     p
-}
-
-fn read_tensors(path: &Path) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(path)
-        .unwrap_or_else(|e| panic!("cannot read fixture {}: {e}", path.display()))
-        .into_iter()
-        .collect()
-}
-
-fn tensor<'a>(m: &'a HashMap<String, Tensor>, name: &str, file: &Path) -> &'a Tensor {
-    m.get(name).unwrap_or_else(|| panic!("fixture {} has no tensor `{name}`", file.display()))
-}
-
-fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
-    assert_eq!(got.size(), want.size(), "{what}: shape");
-    let diff = (got.to_kind(Kind::Double) - want.to_kind(Kind::Double)).abs().max().double_value(&[]);
-    assert!(diff < tol, "{what}: max abs diff {diff:e} >= {tol:e}");
-    eprintln!("{what}: max abs diff {diff:e}");
 }
 
 #[test]
@@ -97,14 +81,14 @@ fn text_encoder_matches_transformers() {
         let ids = tensor(&r, "input_ids", &ref_path);
         let _guard = tch::no_grad_guard();
         let last = m.forward(ids).unwrap();
-        assert_close(
+        assert_max_abs(
             &format!("{model} last_hidden_state"),
             &last,
             tensor(&r, "last_hidden_state", &ref_path),
             1e-4,
         );
         let pen = m.hidden_state(ids, 1).unwrap();
-        assert_close(
+        assert_max_abs(
             &format!("{model} penultimate"),
             &pen,
             tensor(&r, "hidden_state_penultimate", &ref_path),
@@ -112,7 +96,7 @@ fn text_encoder_matches_transformers() {
         );
         if let Some(normed) = r.get("hidden_state_penultimate_normed") {
             let skip1 = m.forward_with_skip(ids, 1).unwrap();
-            assert_close(&format!("{model} clip_skip=1"), &skip1, normed, 1e-4);
+            assert_max_abs(&format!("{model} clip_skip=1"), &skip1, normed, 1e-4);
         }
         let n = m.config().num_hidden_layers;
         assert!(

@@ -1,8 +1,10 @@
 //! Parity of AutoencoderKL and AutoencoderTiny (TAESD) with diffusers (fixtures from tools/make_fixtures.py).
+mod common;
+
+use common::{assert_max_abs, read_tensors, tensor};
 use sdstream::models::taesd::{AutoencoderTiny, AutoencoderTinyConfig};
 use sdstream::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use sdstream::models::{read_config, Weights};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
@@ -13,24 +15,6 @@ fn fixture(rel: &str) -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel);
     assert!(p.exists(), "missing test fixture {} (generate with tools/make_fixtures.py)", p.display());
     p
-}
-
-fn read_tensors(path: &Path) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(path)
-        .unwrap_or_else(|e| panic!("cannot read fixture {}: {e}", path.display()))
-        .into_iter()
-        .collect()
-}
-
-fn tensor<'a>(m: &'a HashMap<String, Tensor>, name: &str, file: &Path) -> &'a Tensor {
-    m.get(name).unwrap_or_else(|| panic!("fixture {} has no tensor `{name}`", file.display()))
-}
-
-fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
-    assert_eq!(got.size(), want.size(), "{what}: shape");
-    let diff = (got.to_kind(Kind::Double) - want.to_kind(Kind::Double)).abs().max().double_value(&[]);
-    assert!(diff < tol, "{what}: max abs diff {diff:e} >= {tol:e}");
-    eprintln!("{what}: max abs diff {diff:e}");
 }
 
 fn load_vae(model: &str) -> (AutoencoderKL, Weights) {
@@ -51,15 +35,15 @@ fn vae_matches_diffusers() {
         let ref_path = fixture(&format!("reference/{model}/vae.safetensors"));
         let r = read_tensors(&ref_path);
         let dist = vae.encode(tensor(&r, "image", &ref_path)).unwrap();
-        assert_close(&format!("{model} mean"), &dist.mean, tensor(&r, "mean", &ref_path), 1e-4);
-        assert_close(&format!("{model} logvar"), &dist.logvar, tensor(&r, "logvar", &ref_path), 1e-4);
+        assert_max_abs(&format!("{model} mean"), &dist.mean, tensor(&r, "mean", &ref_path), 1e-4);
+        assert_max_abs(&format!("{model} logvar"), &dist.logvar, tensor(&r, "logvar", &ref_path), 1e-4);
         let noise = dist.mean.randn_like();
         let sample = dist.sample(&noise).unwrap();
         let want = tensor(&r, "mean", &ref_path)
             + tensor(&r, "logvar", &ref_path).multiply_scalar(0.5).exp() * &noise;
-        assert_close(&format!("{model} sample"), &sample, &want, 1e-4);
+        assert_max_abs(&format!("{model} sample"), &sample, &want, 1e-4);
         let decoded = vae.decode(tensor(&r, "latent_in", &ref_path)).unwrap();
-        assert_close(&format!("{model} decoded"), &decoded, tensor(&r, "decoded", &ref_path), 1e-4);
+        assert_max_abs(&format!("{model} decoded"), &decoded, tensor(&r, "decoded", &ref_path), 1e-4);
     }
 }
 
@@ -93,7 +77,7 @@ fn vae_loads_deprecated_attention_names() {
     let ref_path = fixture(&format!("reference/{model}/vae.safetensors"));
     let r = read_tensors(&ref_path);
     let decoded = vae.decode(tensor(&r, "latent_in", &ref_path)).unwrap();
-    assert_close("old-name VAE decoded", &decoded, tensor(&r, "decoded", &ref_path), 1e-4);
+    assert_max_abs("old-name VAE decoded", &decoded, tensor(&r, "decoded", &ref_path), 1e-4);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -128,9 +112,9 @@ fn taesd_matches_diffusers() {
     let ref_path = fixture("reference/taesd-tiny/taesd.safetensors");
     let r = read_tensors(&ref_path);
     let latents = taesd.encode(tensor(&r, "image", &ref_path)).unwrap();
-    assert_close("taesd latents", &latents, tensor(&r, "latents", &ref_path), 1e-4);
+    assert_max_abs("taesd latents", &latents, tensor(&r, "latents", &ref_path), 1e-4);
     let decoded = taesd.decode(tensor(&r, "latent_in", &ref_path)).unwrap();
-    assert_close("taesd decoded", &decoded, tensor(&r, "decoded", &ref_path), 1e-4);
+    assert_max_abs("taesd decoded", &decoded, tensor(&r, "decoded", &ref_path), 1e-4);
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests: fixture paths, reference tensors, comparisons.
 #![allow(dead_code)]
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use tch::Tensor;
 
 /// A path under the repository root; panics (fails the test) naming the fixture when it does not exist.
@@ -42,4 +42,25 @@ pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, atol: f64, rtol: f64) {
 
 pub fn cpu_fp32(vae: Option<String>) -> sdstream::models::stable_diffusion::LoadOptions {
     sdstream::models::stable_diffusion::LoadOptions { device: tch::Device::Cpu, kind: tch::Kind::Float, vae }
+}
+
+/// All tensors of a safetensors file (any path).
+pub fn read_tensors(path: &Path) -> HashMap<String, Tensor> {
+    Tensor::read_safetensors(path)
+        .unwrap_or_else(|e| panic!("cannot read fixture {}: {e}", path.display()))
+        .into_iter()
+        .collect()
+}
+
+/// A named tensor of a fixture, failing the test with the file and name when it is absent.
+pub fn tensor<'a>(m: &'a HashMap<String, Tensor>, name: &str, file: &Path) -> &'a Tensor {
+    m.get(name).unwrap_or_else(|| panic!("fixture {} has no tensor `{name}`", file.display()))
+}
+
+/// Asserts the largest absolute difference is below `tol` (and reports it).
+pub fn assert_max_abs(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
+    assert_eq!(got.size(), want.size(), "{what}: shape");
+    let diff = max_abs_diff(got, want);
+    assert!(diff < tol, "{what}: max abs diff {diff:e} >= {tol:e}");
+    eprintln!("{what}: max abs diff {diff:e}");
 }
