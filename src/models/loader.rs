@@ -15,16 +15,13 @@ pub struct ModelSource {
     hub_id: Option<String>,
 }
 
-/// The files a full pipeline folder needs, relative to its root (weights are resolved separately).
+/// The files every pipeline folder has, fetched first for a hub id (the others are fetched as they are needed,
+/// optional ones only where they exist).
 const PIPELINE_FILES: &[&str] = &[
     "model_index.json",
     "unet/config.json",
     "vae/config.json",
     "text_encoder/config.json",
-    "tokenizer/vocab.json",
-    "tokenizer/merges.txt",
-    "tokenizer/tokenizer_config.json",
-    "tokenizer/special_tokens_map.json",
     "scheduler/scheduler_config.json",
 ];
 

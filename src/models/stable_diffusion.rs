@@ -144,11 +144,11 @@ impl StableDiffusion {
         let text_encoder = ClipTextModel::new(&te_w, te_config)?;
         warn_unused(&te_w, "text_encoder");
 
-        for f in ["vocab.json", "merges.txt"] {
-            src.file(&format!("tokenizer/{f}"))?;
+        // The classic vocab.json + merges.txt, or the tokenizer.json alone that transformers 5 saves; for a hub
+        // id this fetches whichever exist. The tokenizer names what is missing.
+        for f in ["vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
+            let _ = src.optional_file(&format!("tokenizer/{f}"));
         }
-        let _ = src.optional_file("tokenizer/tokenizer_config.json");
-        let _ = src.optional_file("tokenizer/special_tokens_map.json");
         let tokenizer = ClipTokenizer::from_dir(&src.root.join("tokenizer"))?;
 
         let autoencoder = match &opts.vae {
