@@ -561,7 +561,13 @@ impl Worker {
             return;
         }
         self.shared.counters.ticks.fetch_add(1, Ordering::Relaxed);
-        let result = batch::tick(&self.sd, inputs, self.config.measure_stages);
+        // A panic is a bug, but it must not take the inference thread (and every client) down with it.
+        let (sd, measure) = (&self.sd, self.config.measure_stages);
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| batch::tick(sd, inputs, measure)))
+                .unwrap_or_else(|_| {
+                    Err(Error::Model("the tick panicked (a bug; the engine carries on)".into()))
+                });
         let (outputs, timings) = match result {
             Ok(r) => r,
             Err(e) => {

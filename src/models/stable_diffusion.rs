@@ -146,7 +146,9 @@ impl StableDiffusion {
 
         // The classic vocab.json + merges.txt, or the tokenizer.json alone that transformers 5 saves; for a hub
         // id this fetches whichever exist. The tokenizer names what is missing.
-        for f in ["vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
+        for f in
+            ["vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+        {
             let _ = src.optional_file(&format!("tokenizer/{f}"));
         }
         let tokenizer = ClipTokenizer::from_dir(&src.root.join("tokenizer"))?;
