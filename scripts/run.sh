@@ -6,8 +6,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
-cargo build --release --quiet
 if [ "$#" -eq 0 ]; then
   set -- serve --config configs/tiny.toml
 fi
+features=()
+case "$1" in
+  webcam|cameras)
+    # Camera support (nokhwa's V4L2 bindings) needs libclang to build.
+    if [ -z "$(ls /usr/lib/llvm-*/lib/libclang*.so* 2>/dev/null)" ]; then
+      SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+      $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libclang-dev >/dev/null
+    fi
+    features=(--features camera) ;;
+esac
+cargo build --release --quiet "${features[@]}"
 exec target/release/sdstream "$@"
