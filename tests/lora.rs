@@ -44,12 +44,7 @@ fn check(sd: &StableDiffusion, name: &str) {
     let latents = pipeline::txt2img_latents(sd, &p).unwrap();
     let reference = tensors(&format!("{base}.safetensors"));
     assert_close(&format!("{name}: latents"), &latents, &reference["latents"], 1e-4, 1e-4);
-    let image = sd.autoencoder.decode_scaled(&latents).unwrap();
-    let rgb = sdstream::io::image::to_rgb8(&image).unwrap();
-    let want = sdstream::io::image::read(&fixture(&format!("{base}.png"))).unwrap();
-    assert_eq!(rgb.dimensions(), want.dimensions(), "{name}: size");
-    let worst = rgb.as_raw().iter().zip(want.as_raw()).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
-    assert!(worst <= 2, "{name}: PNG differs by {worst}/255");
+    assert_png_matches(name, sd, &latents, &format!("{base}.png"));
 }
 
 /// Copies of every weight the UNet and text encoder hold.

@@ -48,12 +48,7 @@ fn check_model(model: &str) {
             other => panic!("{name}: unknown mode {other}"),
         };
         assert_close(&format!("{model}/{name}: latents"), &latents, &reference["latents"], 1e-4, 1e-4);
-        let image = sd.autoencoder.decode_scaled(&latents).unwrap();
-        let rgb = sdstream::io::image::to_rgb8(&image).unwrap();
-        let want = sdstream::io::image::read(&fixture(&format!("{base}.png"))).unwrap();
-        assert_eq!(rgb.dimensions(), want.dimensions(), "{model}/{name}: size");
-        let worst = rgb.as_raw().iter().zip(want.as_raw()).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
-        assert!(worst <= 2, "{model}/{name}: PNG differs by {worst}/255");
+        assert_png_matches(&format!("{model}/{name}"), &sd, &latents, &format!("{base}.png"));
     }
 }
 

@@ -64,3 +64,19 @@ pub fn assert_max_abs(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
     assert!(diff < tol, "{what}: max abs diff {diff:e} >= {tol:e}");
     eprintln!("{what}: max abs diff {diff:e}");
 }
+
+/// Decodes `latents` with the model's autoencoder and asserts the 8-bit picture is within 2/255 per pixel of
+/// the reference PNG (diffusers' own output).
+pub fn assert_png_matches(
+    what: &str,
+    sd: &sdstream::models::stable_diffusion::StableDiffusion,
+    latents: &Tensor,
+    png: &str,
+) {
+    let image = sd.autoencoder.decode_scaled(latents).unwrap();
+    let rgb = sdstream::io::image::to_rgb8(&image).unwrap();
+    let want = sdstream::io::image::read(&fixture(png)).unwrap();
+    assert_eq!(rgb.dimensions(), want.dimensions(), "{what}: size");
+    let worst = rgb.as_raw().iter().zip(want.as_raw()).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+    assert!(worst <= 2, "{what}: PNG differs by {worst}/255");
+}
