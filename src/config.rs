@@ -51,6 +51,15 @@ pub struct ServerConfig {
     pub measure_stages: Option<bool>,
 }
 
+impl ServerConfig {
+    /// `listen` as a socket address; an error names the flag.
+    pub fn listen_addr(&self) -> Result<std::net::SocketAddr> {
+        self.listen
+            .parse()
+            .map_err(|e| Error::invalid("listen", format!("`{}`: {e} (expected IP:PORT)", self.listen)))
+    }
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {

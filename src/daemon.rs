@@ -39,10 +39,7 @@ fn engine_config(config: &DaemonConfig) -> Result<EngineConfig> {
 pub fn run(config: DaemonConfig, camera: Option<CameraOptions>) -> Result<()> {
     config.validate()?;
     // Refuse a non-loopback address without a token before loading anything.
-    let addr: std::net::SocketAddr = config.server.listen.parse().map_err(|e| {
-        Error::invalid("listen", format!("`{}`: {e} (expected IP:PORT)", config.server.listen))
-    })?;
-    crate::server::check_listen(&addr, &config.server.token)?;
+    crate::server::check_listen(&config.server.listen_addr()?, &config.server.token)?;
     let t0 = std::time::Instant::now();
     let engine = Engine::start(engine_config(&config)?)?;
     let info = engine.info.clone();

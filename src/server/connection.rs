@@ -209,8 +209,7 @@ pub async fn run_stream(stream: TcpStream, peer: SocketAddr, state: Arc<ServerSt
                         let decoded = tokio::task::spawn_blocking(move || crate::io::image::decode(&data, "frame")).await;
                         match decoded {
                             Ok(Ok(img)) => {
-                                arrivals.push_back((id, now));
-                                if arrivals.len() > 64 { arrivals.pop_front(); }
+                                remember_arrival(&mut arrivals, id, now);
                                 handle.submit_with_id(id, Some(img));
                             }
                             Ok(Err(e)) => {
@@ -290,6 +289,14 @@ pub async fn run_stream(stream: TcpStream, peer: SocketAddr, state: Arc<ServerSt
     tracing::debug!("client {peer} left");
 }
 
+/// Records when frame `id` arrived (for the latency of the output it triggers), keeping the last 64.
+fn remember_arrival(arrivals: &mut VecDeque<(u64, Instant)>, id: u64, at: Instant) {
+    arrivals.push_back((id, at));
+    if arrivals.len() > 64 {
+        arrivals.pop_front();
+    }
+}
+
 struct TextReply {
     json: Option<String>,
     error: Option<(&'static str, String)>,
@@ -362,10 +369,7 @@ async fn handle_text(
             }
             let id = *next_frame_id;
             *next_frame_id += 1;
-            arrivals.push_back((id, Instant::now()));
-            if arrivals.len() > 64 {
-                arrivals.pop_front();
-            }
+            remember_arrival(arrivals, id, Instant::now());
             handle.submit_with_id(id, None);
             TextReply::none()
         }

@@ -67,10 +67,7 @@ impl Server {
         config: ServerConfig,
         stream_defaults: StreamSettings,
     ) -> Result<Server> {
-        let addr: SocketAddr = config
-            .listen
-            .parse()
-            .map_err(|e| Error::invalid("listen", format!("`{}`: {e} (expected IP:PORT)", config.listen)))?;
+        let addr = config.listen_addr()?;
         check_listen(&addr, &config.token)?;
         let listener =
             TcpListener::bind(addr).await.map_err(|e| Error::invalid("listen", format!("{addr}: {e}")))?;

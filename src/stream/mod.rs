@@ -108,9 +108,39 @@ impl Prepared {
 
     /// The scheduler's denoised estimate for latents `x` and noise prediction `eps`, per slot.
     fn denoise(&self, x: &Tensor, eps: &Tensor) -> Result<Tensor> {
-        let f_theta = x.f_sub(&self.beta.f_mul(eps)?)?.f_div(&self.alpha)?;
-        Ok(self.c_out.f_mul(&f_theta)?.f_add(&self.c_skip.f_mul(x)?)?)
+        boundary_denoise(x, eps, &self.alpha, &self.beta, &self.c_out, &self.c_skip)
     }
+
+    /// [`Prepared::denoise`] for slot `k` alone.
+    fn denoise_slot(&self, k: i64, x: &Tensor, eps: &Tensor) -> Result<Tensor> {
+        let row = |t: &Tensor| t.f_narrow(0, k, 1);
+        boundary_denoise(
+            x,
+            eps,
+            &row(&self.alpha)?,
+            &row(&self.beta)?,
+            &row(&self.c_out)?,
+            &row(&self.c_skip)?,
+        )
+    }
+}
+
+/// `c_out * (x - beta * eps) / alpha + c_skip * x`: LCM's boundary-condition step (DDIM: c_out 1, c_skip 0).
+fn boundary_denoise(
+    x: &Tensor,
+    eps: &Tensor,
+    alpha: &Tensor,
+    beta: &Tensor,
+    c_out: &Tensor,
+    c_skip: &Tensor,
+) -> Result<Tensor> {
+    let f_theta = x.f_sub(&beta.f_mul(eps)?)?.f_div(alpha)?;
+    Ok(c_out.f_mul(&f_theta)?.f_add(&c_skip.f_mul(x)?)?)
+}
+
+/// Classifier-free guidance: `uncond + g * (cond - uncond)`.
+fn guide(uncond: &Tensor, cond: &Tensor, g: f64) -> Result<Tensor> {
+    Ok(uncond.f_add(&cond.f_sub(uncond)?.f_mul_scalar(g)?)?)
 }
 
 /// This stream's share of a UNet batch.
@@ -346,7 +376,7 @@ impl Stream {
             uncond = Some(self.stock_noise.f_mul_scalar(self.settings.delta)?);
         }
         let eps = match (guided && cfg != CfgType::None, uncond) {
-            (true, Some(u)) => u.f_add(&text.f_sub(&u)?.f_mul_scalar(g)?)?,
+            (true, Some(u)) => guide(&u, &text, g)?,
             _ => text,
         };
         let denoised = p.denoise(&x, &eps)?;
@@ -415,24 +445,17 @@ impl Stream {
             let eps = match (guided, cfg) {
                 (true, CfgType::Full) => {
                     let parts = pred.f_chunk(2, 0)?;
-                    parts[0].f_add(&parts[1].f_sub(&parts[0])?.f_mul_scalar(g)?)?
+                    guide(&parts[0], &parts[1], g)?
                 }
                 (true, CfgType::Initialize) => {
                     let parts = pred.f_chunk(2, 0)?;
                     stock = parts[0].shallow_clone();
-                    let u = stock.f_mul_scalar(self.settings.delta)?;
-                    u.f_add(&parts[1].f_sub(&u)?.f_mul_scalar(g)?)?
+                    guide(&stock.f_mul_scalar(self.settings.delta)?, &parts[1], g)?
                 }
-                (true, CfgType::SelfNoise) => {
-                    let u = stock.f_mul_scalar(self.settings.delta)?;
-                    u.f_add(&pred.f_sub(&u)?.f_mul_scalar(g)?)?
-                }
+                (true, CfgType::SelfNoise) => guide(&stock.f_mul_scalar(self.settings.delta)?, &pred, g)?,
                 _ => pred,
             };
-            let f_theta =
-                x.f_sub(&p.beta.f_narrow(0, k, 1)?.f_mul(&eps)?)?.f_div(&p.alpha.f_narrow(0, k, 1)?)?;
-            let x0 =
-                p.c_out.f_narrow(0, k, 1)?.f_mul(&f_theta)?.f_add(&p.c_skip.f_narrow(0, k, 1)?.f_mul(&x)?)?;
+            let x0 = p.denoise_slot(k, &x, &eps)?;
             if k + 1 < p.n {
                 let mut next = p.alpha.f_narrow(0, k + 1, 1)?.f_mul(&x0)?;
                 let noise = match (self.settings.scheduler, self.settings.add_noise) {
