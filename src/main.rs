@@ -244,7 +244,7 @@ struct Img2Img {
 }
 
 /// Every stream setting as a flag; each one given overrides the defaults (or a config's value).
-#[derive(Args, Default, Clone)]
+#[derive(Args, Default, Clone, serde::Serialize)]
 pub struct StreamFlags {
     #[arg(long)]
     prompt: Option<String>,
@@ -293,67 +293,14 @@ pub struct StreamFlags {
 }
 
 impl StreamFlags {
-    /// The flags given, as a settings patch (JSON object of the fields to change).
+    /// The flags given, as a settings patch (JSON object of the fields to change): the fields are named as
+    /// the settings are, and a flag not given serialises as null and is left out.
     fn patch(&self) -> serde_json::Value {
-        let mut m = serde_json::Map::new();
-        let mut put = |k: &str, v: serde_json::Value| {
-            m.insert(k.to_string(), v);
-        };
-        if let Some(v) = &self.prompt {
-            put("prompt", v.clone().into())
+        let mut v = serde_json::to_value(self).unwrap_or_default();
+        if let Some(m) = v.as_object_mut() {
+            m.retain(|_, v| !v.is_null());
         }
-        if let Some(v) = &self.negative_prompt {
-            put("negative_prompt", v.clone().into())
-        }
-        if let Some(v) = &self.mode {
-            put("mode", v.clone().into())
-        }
-        if let Some(v) = &self.t_index_list {
-            put("t_index_list", serde_json::json!(v))
-        }
-        if let Some(v) = self.strength {
-            put("strength", v.into())
-        }
-        if let Some(v) = self.steps {
-            put("steps", v.into())
-        }
-        if let Some(v) = &self.scheduler {
-            put("scheduler", v.clone().into())
-        }
-        if let Some(v) = &self.cfg_type {
-            put("cfg_type", v.clone().into())
-        }
-        if let Some(v) = self.guidance {
-            put("guidance", v.into())
-        }
-        if let Some(v) = self.delta {
-            put("delta", v.into())
-        }
-        if let Some(v) = self.similarity_filter {
-            put("similarity_filter", v.into())
-        }
-        if let Some(v) = self.similarity_threshold {
-            put("similarity_threshold", v.into())
-        }
-        if let Some(v) = self.max_skip_frames {
-            put("max_skip_frames", v.into())
-        }
-        if let Some(v) = self.seed {
-            put("seed", v.into())
-        }
-        if let Some(v) = self.width {
-            put("width", v.into())
-        }
-        if let Some(v) = self.height {
-            put("height", v.into())
-        }
-        if let Some(v) = self.prompt_transition_frames {
-            put("prompt_transition_frames", v.into())
-        }
-        if let Some(v) = &self.prompt_interpolation {
-            put("prompt_interpolation", v.clone().into())
-        }
-        serde_json::Value::Object(m)
+        v
     }
 
     fn settings(&self, base: &StreamSettings) -> Result<StreamSettings> {
