@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use sdstream::models::lora::LoraSpec;
 use sdstream::models::stable_diffusion::{LoadOptions, StableDiffusion};
-use sdstream::pipeline::{self, GenerateParams};
+use sdstream::pipeline;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use tch::{Kind, Tensor};
@@ -30,17 +30,7 @@ fn spec(file: &str, scale: f64) -> LoraSpec {
 fn check(sd: &StableDiffusion, name: &str) {
     let base = format!("tests/fixtures/lora/{name}");
     let case = json(&format!("{base}.json"));
-    let p = GenerateParams {
-        prompt: case["prompt"].as_str().unwrap().into(),
-        negative_prompt: case["negative_prompt"].as_str().map(str::to_string),
-        seed: case["seed"].as_u64().unwrap(),
-        steps: case["steps"].as_u64().unwrap() as usize,
-        scheduler: case["scheduler"].as_str().unwrap().parse().unwrap(),
-        guidance: case["guidance"].as_f64().unwrap(),
-        width: 64,
-        height: 64,
-        clip_skip: None,
-    };
+    let p = generate_params(&case, 64, 64);
     let latents = pipeline::txt2img_latents(sd, &p).unwrap();
     let reference = tensors(&format!("{base}.safetensors"));
     assert_close(&format!("{name}: latents"), &latents, &reference["latents"], 1e-4, 1e-4);

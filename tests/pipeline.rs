@@ -9,17 +9,7 @@ use sdstream::models::stable_diffusion::StableDiffusion;
 use sdstream::pipeline::{self, GenerateParams};
 
 fn params(case: &serde_json::Value) -> GenerateParams {
-    GenerateParams {
-        prompt: case["prompt"].as_str().unwrap().into(),
-        negative_prompt: case["negative_prompt"].as_str().map(str::to_string),
-        seed: case["seed"].as_u64().unwrap(),
-        steps: case["steps"].as_u64().unwrap() as usize,
-        scheduler: case["scheduler"].as_str().unwrap().parse().unwrap(),
-        guidance: case["guidance"].as_f64().unwrap(),
-        width: case["width"].as_i64().unwrap(),
-        height: case["height"].as_i64().unwrap(),
-        clip_skip: None,
-    }
+    generate_params(case, case["width"].as_i64().unwrap(), case["height"].as_i64().unwrap())
 }
 
 fn check_model(model: &str) {

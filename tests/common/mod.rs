@@ -80,3 +80,23 @@ pub fn assert_png_matches(
     let worst = rgb.as_raw().iter().zip(want.as_raw()).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
     assert!(worst <= 2, "{what}: PNG differs by {worst}/255");
 }
+
+/// The generation parameters a reference case's JSON names (prompt, negative prompt, seed, steps, scheduler,
+/// guidance), at the given size.
+pub fn generate_params(
+    case: &serde_json::Value,
+    width: i64,
+    height: i64,
+) -> sdstream::pipeline::GenerateParams {
+    sdstream::pipeline::GenerateParams {
+        prompt: case["prompt"].as_str().unwrap().into(),
+        negative_prompt: case["negative_prompt"].as_str().map(str::to_string),
+        seed: case["seed"].as_u64().unwrap(),
+        steps: case["steps"].as_u64().unwrap() as usize,
+        scheduler: case["scheduler"].as_str().unwrap().parse().unwrap(),
+        guidance: case["guidance"].as_f64().unwrap(),
+        width,
+        height,
+        clip_skip: None,
+    }
+}
