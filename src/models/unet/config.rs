@@ -1,8 +1,8 @@
 //! `unet/config.json`: the arguments of diffusers' `UNet2DConditionModel.__init__`
 //! (diffusers/models/unets/unet_2d_condition.py), each with diffusers' default so that partial configs load.
 //!
-//! [`UNetConfig::validate`] refuses what this implementation does not build (SDXL's added time/text
-//! embeddings, class embeddings, dual cross-attention, ...) with a message naming the field, and
+//! [`UNetConfig::validate`] refuses what this implementation does not build (class embeddings, projected
+//! encoder states, dual cross-attention, ...) with a message naming the field, and
 //! [`UNetConfig::plan`] resolves the int-or-list fields into one [`BlockPlan`] per block exactly as diffusers'
 //! constructor does (including its `attention_head_dim` naming quirk).
 use crate::error::{Error, Result};
@@ -220,26 +220,42 @@ impl UNetConfig {
     }
 
     fn check_supported(&self) -> Result<()> {
-        // SDXL (and SDXL-derived) UNets first, so they get one recognisable message.
-        let sdxl = |field: &str, what: String| {
-            Err(Error::Unsupported(format!("SDXL is not supported yet (unet config `{field}` is {what})")))
-        };
-        if let Some(t) = &self.addition_embed_type {
-            if t == "text_time" {
-                return sdxl("addition_embed_type", format!("{t:?}"));
+        // SDXL's `text_time` added embedding is built; other added/projected embeddings are not.
+        match self.addition_embed_type.as_deref() {
+            None => {
+                if let Some(d) = self.addition_time_embed_dim {
+                    return Err(unsupported(
+                        "addition_time_embed_dim",
+                        format!("{d} without addition_embed_type \"text_time\""),
+                    ));
+                }
+            }
+            Some("text_time") => {
+                if self.addition_time_embed_dim.is_none() {
+                    return Err(Error::invalid(
+                        "unet config `addition_time_embed_dim`",
+                        "is required with addition_embed_type \"text_time\"",
+                    ));
+                }
+                if self.projection_class_embeddings_input_dim.is_none() {
+                    return Err(Error::invalid(
+                        "unet config `projection_class_embeddings_input_dim`",
+                        "is required with addition_embed_type \"text_time\"",
+                    ));
+                }
+            }
+            Some(t) => {
+                return Err(unsupported(
+                    "addition_embed_type",
+                    format!("{t:?} (only null and \"text_time\" are supported)"),
+                ))
             }
         }
-        if let Some(d) = self.addition_time_embed_dim {
-            return sdxl("addition_time_embed_dim", d.to_string());
-        }
         if let Some(d) = self.encoder_hid_dim {
-            return sdxl("encoder_hid_dim", format!("{d}: projected encoder states"));
+            return Err(unsupported("encoder_hid_dim", format!("{d} (projected encoder states)")));
         }
         if let Some(t) = &self.encoder_hid_dim_type {
             return Err(unsupported("encoder_hid_dim_type", format!("{t:?} (projected encoder states)")));
-        }
-        if let Some(t) = &self.addition_embed_type {
-            return Err(unsupported("addition_embed_type", format!("{t:?} (only null is supported)")));
         }
         if let Some(t) = &self.class_embed_type {
             return Err(unsupported(

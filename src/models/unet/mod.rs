@@ -12,4 +12,4 @@ pub mod embeddings;
 pub mod model;
 
 pub use config::UNetConfig;
-pub use model::{parameter_count, UNet2DConditionModel};
+pub use model::{parameter_count, AddedCond, ControlResiduals, UNet2DConditionModel, UNetExtra};

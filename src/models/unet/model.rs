@@ -1,5 +1,6 @@
-//! diffusers' `UNet2DConditionModel` (diffusers/models/unets/unet_2d_condition.py) for SD 1.x/2.x-style
-//! configs (SD 1.5, SD 2.1, SD-Turbo, LCM), with one timestep per batch item.
+//! diffusers' `UNet2DConditionModel` (diffusers/models/unets/unet_2d_condition.py) for SD 1.x/2.x and SDXL
+//! configs (SD 1.5, SD 2.1, SD-Turbo, LCM, SDXL, SDXL-Turbo), with one timestep per batch item, and the
+//! residuals a ControlNet adds.
 use super::attention::TransformerSettings;
 use super::blocks::{DownBlock, MidBlock, UpBlock};
 use super::config::UNetConfig;
@@ -18,6 +19,8 @@ pub struct UNet2DConditionModel {
     conv_in: Conv2d,
     time_embedding: TimestepEmbedding,
     time_embed_act: Option<Activation>,
+    /// SDXL's `text_time` added embedding: `add_time_proj` (sinusoidal, no weights) and `add_embedding`.
+    add_embedding: Option<AddedTimeEmbedding>,
     down_blocks: Vec<DownBlock>,
     mid_block: Option<MidBlock>,
     up_blocks: Vec<UpBlock>,
@@ -51,6 +54,26 @@ impl UNet2DConditionModel {
             parse_opt(&config.timestep_post_act)?,
             config.time_cond_proj_dim,
         )?;
+        let add_embedding = match (
+            config.addition_embed_type.as_deref(),
+            config.addition_time_embed_dim,
+            config.projection_class_embeddings_input_dim,
+        ) {
+            (Some("text_time"), Some(time_dim), Some(in_dim)) => Some(AddedTimeEmbedding {
+                time_dim,
+                flip_sin_to_cos: config.flip_sin_to_cos,
+                freq_shift: config.freq_shift,
+                embedding: TimestepEmbedding::new(
+                    &w.sub("add_embedding"),
+                    in_dim,
+                    plan.time_embed_dim,
+                    Activation::Silu,
+                    None,
+                    None,
+                )?,
+            }),
+            _ => None,
+        };
         let r = ResnetSettings {
             temb_channels: Some(plan.time_embed_dim),
             groups: plan.norm_num_groups,
@@ -96,6 +119,7 @@ impl UNet2DConditionModel {
             conv_in,
             time_embedding,
             time_embed_act: parse_opt(&config.time_embedding_act_fn)?,
+            add_embedding,
             down_blocks,
             mid_block,
             up_blocks,
@@ -114,6 +138,11 @@ impl UNet2DConditionModel {
         self.time_embedding.has_cond_proj()
     }
 
+    /// Whether the model takes SDXL's added conditions (pooled text embeddings and time ids).
+    pub fn takes_added_cond(&self) -> bool {
+        self.add_embedding.is_some()
+    }
+
     /// The predicted noise (or v / x0, per the model) for `sample` (B, in_channels, H, W).
     ///
     /// `timesteps` holds one timestep per batch item, shape (B,), int or float; a 0-d or one-element tensor
@@ -125,6 +154,19 @@ impl UNet2DConditionModel {
         timesteps: &Tensor,
         encoder_hidden_states: &Tensor,
         timestep_cond: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let extra = UNetExtra { timestep_cond, ..Default::default() };
+        self.forward_with(sample, timesteps, encoder_hidden_states, &extra)
+    }
+
+    /// [`Self::forward`] with every optional input: the guidance embedding, SDXL's added conditions and a
+    /// ControlNet's residuals.
+    pub fn forward_with(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        extra: &UNetExtra,
     ) -> Result<Tensor> {
         let (batch, _, height, width) = sample.size4()?;
         let kind = sample.f_kind()?;
@@ -141,7 +183,23 @@ impl UNet2DConditionModel {
         };
 
         let emb = self.time_embed(timesteps, batch, kind, &sample)?;
-        let emb = self.time_embedding.forward(&emb, timestep_cond)?;
+        let mut emb = self.time_embedding.forward(&emb, extra.timestep_cond)?;
+        match (&self.add_embedding, &extra.added_cond) {
+            (Some(add), Some(c)) => emb = emb.f_add(&add.forward(c, emb.f_kind()?)?)?,
+            (Some(_), None) => {
+                return Err(Error::invalid(
+                    "added_cond",
+                    "this UNet (addition_embed_type \"text_time\", SDXL) needs pooled text embeddings and time ids",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(Error::invalid(
+                    "added_cond",
+                    "given, but this UNet has no added embedding (its config has no addition_embed_type)",
+                ))
+            }
+            (None, None) => {}
+        }
         let emb = match self.time_embed_act {
             Some(a) => a.forward(&emb)?,
             None => emb,
@@ -152,8 +210,26 @@ impl UNet2DConditionModel {
         for block in &self.down_blocks {
             h = block.forward(&h, &emb, encoder_hidden_states, &mut skips)?;
         }
+        if let Some(residuals) = &extra.control {
+            if residuals.down.len() != skips.len() {
+                return Err(Error::invalid(
+                    "controlnet residuals",
+                    format!(
+                        "{} down residuals, the UNet has {} skip connections",
+                        residuals.down.len(),
+                        skips.len()
+                    ),
+                ));
+            }
+            for (skip, r) in skips.iter_mut().zip(&residuals.down) {
+                *skip = skip.f_add(r)?;
+            }
+        }
         if let Some(mid) = &self.mid_block {
             h = mid.forward(&h, &emb, encoder_hidden_states)?;
+        }
+        if let Some(residuals) = &extra.control {
+            h = h.f_add(&residuals.mid)?;
         }
         let mut upsample_size = None;
         let last = self.up_blocks.len() - 1;
@@ -202,6 +278,55 @@ impl UNet2DConditionModel {
             self.config.freq_shift,
         )?;
         Ok(emb.f_to_kind(kind)?)
+    }
+}
+
+/// SDXL's added conditions (`added_cond_kwargs`): the pooled output of the second text encoder and the
+/// micro-conditioning time ids (original size, crop top-left, target size).
+#[derive(Debug)]
+pub struct AddedCond {
+    /// (B, projection width).
+    pub text_embeds: Tensor,
+    /// (B, number of ids), usually 6.
+    pub time_ids: Tensor,
+}
+
+/// What a ControlNet adds to the UNet: one residual per skip connection, and one to the mid block's output.
+#[derive(Debug)]
+pub struct ControlResiduals {
+    pub down: Vec<Tensor>,
+    pub mid: Tensor,
+}
+
+/// The UNet's optional inputs.
+#[derive(Debug, Default)]
+pub struct UNetExtra<'a> {
+    /// LCM's guidance embedding, (B, time_cond_proj_dim).
+    pub timestep_cond: Option<&'a Tensor>,
+    /// SDXL's pooled text embeddings and time ids.
+    pub added_cond: Option<&'a AddedCond>,
+    /// A ControlNet's residuals.
+    pub control: Option<&'a ControlResiduals>,
+}
+
+/// diffusers' `text_time` added embedding: `add_time_proj` turns every time id into `time_dim` sinusoidal
+/// features, which are concatenated after the pooled text embedding and fed to `add_embedding`.
+#[derive(Debug)]
+struct AddedTimeEmbedding {
+    time_dim: i64,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+    embedding: TimestepEmbedding,
+}
+
+impl AddedTimeEmbedding {
+    fn forward(&self, c: &AddedCond, kind: Kind) -> Result<Tensor> {
+        let batch = c.text_embeds.size().first().copied().unwrap_or(0);
+        let ids = c.time_ids.f_flatten(0, -1)?;
+        let t = timestep_embedding(&ids, self.time_dim, self.flip_sin_to_cos, self.freq_shift)?
+            .f_reshape([batch, -1])?;
+        let x = Tensor::f_cat(&[c.text_embeds.f_to_kind(Kind::Float)?, t], -1)?.f_to_kind(kind)?;
+        self.embedding.forward(&x, None)
     }
 }
 
