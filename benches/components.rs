@@ -61,7 +61,7 @@ fn components(c: &mut Criterion) {
     }
     let image = Tensor::rand([1, 3, SIZE, SIZE], (kind, device)) * 2.0 - 1.0;
     let latents = Tensor::randn([1, 4, SIZE / f, SIZE / f], (kind, device));
-    let vae = load_autoencoder(&sd.source, "vae", device, kind).unwrap();
+    let vae = load_autoencoder(&sd.source, "vae", device, kind, sd.is_sdxl()).unwrap();
     for (name, ae) in [("taesd", &sd.autoencoder), ("vae", &vae)] {
         g.bench_function(format!("{name} encode"), |b| {
             b.iter_custom(|n| {

@@ -1,5 +1,6 @@
-//! End-to-end txt2img and img2img against diffusers' StableDiffusionPipeline / StableDiffusionImg2ImgPipeline:
-//! every case in tests/fixtures/reference/<model>/pipeline (made by tools/make_fixtures.py: every scheduler,
+//! End-to-end txt2img and img2img against diffusers' StableDiffusion(XL)Pipeline / (XL)Img2ImgPipeline:
+//! every case in tests/fixtures/reference/<model>/pipeline (made by tools/make_fixtures.py and
+//! tools/make_sdxl_fixtures.py: every scheduler,
 //! guidance 1 and > 1, negative prompts, non-square sizes). Same model, prompt and seed on CPU in fp32:
 //! latents within 1e-4 (abs + rel), PNG within 2/255 per pixel.
 mod common;
@@ -55,6 +56,14 @@ fn sd2_tiny_matches_diffusers() {
 #[test]
 fn lcm_tiny_matches_diffusers() {
     check_model("lcm-tiny");
+}
+
+/// SDXL (StableDiffusionXLPipeline / StableDiffusionXLImg2ImgPipeline): two text encoders, pooled text and
+/// time ids, force_zeros_for_empty_prompt (with and without a negative prompt, and with an empty one),
+/// clip_skip, the model's own scheduler config (no SD load-time overrides), made by tools/make_sdxl_fixtures.py.
+#[test]
+fn sdxl_tiny_matches_diffusers() {
+    check_model("sdxl-tiny");
 }
 
 #[test]

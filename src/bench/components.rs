@@ -2,7 +2,8 @@
 //! first, the device synchronised before every clock read.
 use super::stats::Summary;
 use crate::error::Result;
-use crate::models::stable_diffusion::{load_autoencoder, Autoencoder, StableDiffusion};
+use crate::models::stable_diffusion::{load_autoencoder, sdxl_time_ids, Autoencoder, StableDiffusion};
+use crate::models::unet::{AddedCond, UNetExtra};
 use crate::stream::batch::{tick, TickInput};
 use crate::stream::settings::StreamSettings;
 use crate::stream::Stream;
@@ -106,7 +107,7 @@ pub fn run(
     let (w, h) = (settings.width, settings.height);
     let f = sd.vae_scale_factor();
     let channels = sd.unet_config.in_channels;
-    let dim = sd.text_encoder.config().hidden_size;
+    let dim = sd.unet.cross_attention_width();
 
     timer.time("text encoder", || {
         drop(sd.encode_text(&settings.prompt, None)?);
@@ -122,8 +123,21 @@ pub fn run(
             Some(d) => Some(Tensor::f_randn([b, d], (kind, device))?),
             None => None,
         };
+        // SDXL: pooled text embeddings and the time ids of this size.
+        let added = match &sd.text_encoder_2 {
+            Some(te2) => Some(AddedCond {
+                text_embeds: Tensor::f_randn([b, te2.config().projection_dim], (kind, device))?,
+                time_ids: Tensor::f_from_slice(&sdxl_time_ids(h, w))?
+                    .f_to_kind(kind)?
+                    .f_to_device(device)?
+                    .f_unsqueeze(0)?
+                    .f_repeat([b, 1])?,
+            }),
+            None => None,
+        };
+        let extra = UNetExtra { timestep_cond: cond.as_ref(), added_cond: added.as_ref(), control: None };
         timer.time(format!("unet b={b}"), || {
-            drop(sd.unet.forward(&sample, &timesteps, &context, cond.as_ref())?);
+            drop(sd.unet.forward_with(&sample, &timesteps, &context, &extra)?);
             Ok(())
         })?;
     }
@@ -132,7 +146,7 @@ pub fn run(
     let latents = Tensor::f_randn([1, channels, h / f, w / f], (kind, device))?;
     timer.autoencoder(autoencoder_label(&sd.autoencoder), &sd.autoencoder, &image, &latents)?;
     if matches!(sd.autoencoder, Autoencoder::Tiny(_)) {
-        let own = load_autoencoder(&sd.source, "vae", device, kind)?;
+        let own = load_autoencoder(&sd.source, "vae", device, kind, sd.is_sdxl())?;
         timer.autoencoder(autoencoder_label(&own), &own, &image, &latents)?;
     } else {
         progress.inc(2);

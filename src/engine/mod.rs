@@ -3,7 +3,7 @@
 //! the engine falls behind, a stream's older waiting frame is replaced (and counted as dropped), never queued.
 //! Each tick batches every stream that has a frame waiting into one UNet call per latent size.
 use crate::error::{Error, Result};
-use crate::models::stable_diffusion::{LoadOptions, StableDiffusion};
+use crate::models::stable_diffusion::{LoadOptions, StableDiffusion, TextEmbedding};
 use crate::stream::batch::{self, TickInput};
 use crate::stream::prompts::{PromptCache, PromptKey};
 use crate::stream::settings::{Mode, StreamSettings};
@@ -412,7 +412,7 @@ impl Worker {
         }
     }
 
-    fn embeddings(&mut self, text: &str) -> Result<tch::Tensor> {
+    fn embeddings(&mut self, text: &str) -> Result<TextEmbedding> {
         let key = PromptKey { model: self.config.model.clone(), text: text.to_string(), clip_skip: None };
         let sd = &self.sd;
         let counters = &self.shared.counters;

@@ -21,6 +21,13 @@ pub struct ClipTextConfig {
     pub max_position_embeddings: i64,
     pub hidden_act: String,
     pub layer_norm_eps: f64,
+    /// Width of `text_projection` (only read for `CLIPTextModelWithProjection`).
+    pub projection_dim: i64,
+    /// Picks the pooled token: transformers takes the highest id's position when this is 2 (older configs,
+    /// as SDXL's), otherwise the first position holding this id.
+    pub eos_token_id: i64,
+    /// `["CLIPTextModelWithProjection"]` for SDXL's second text encoder (pooled output + projection).
+    pub architectures: Vec<String>,
 }
 
 impl Default for ClipTextConfig {
@@ -34,6 +41,9 @@ impl Default for ClipTextConfig {
             max_position_embeddings: 77,
             hidden_act: "quick_gelu".into(),
             layer_norm_eps: 1e-5,
+            projection_dim: 512,
+            eos_token_id: 2,
+            architectures: Vec::new(),
         }
     }
 }
@@ -166,12 +176,14 @@ impl ClipEncoderLayer {
     }
 }
 
-/// transformers' `CLIPTextModel` (its `text_model`, a `CLIPTextTransformer`), without the pooled output.
+/// transformers' `CLIPTextModel` (its `text_model`, a `CLIPTextTransformer`), or `CLIPTextModelWithProjection`
+/// (SDXL's second text encoder: adds `text_projection` of the pooled output) when the config names it.
 #[derive(Debug)]
 pub struct ClipTextModel {
     embeddings: ClipTextEmbeddings,
     layers: Vec<ClipEncoderLayer>,
     final_layer_norm: LayerNorm,
+    text_projection: Option<Linear>,
     config: ClipTextConfig,
 }
 
@@ -197,7 +209,52 @@ impl ClipTextModel {
             .collect::<Result<_>>()?;
         let final_layer_norm =
             LayerNorm::new(&tm.sub("final_layer_norm"), cfg.hidden_size, cfg.layer_norm_eps)?;
-        Ok(ClipTextModel { embeddings, layers, final_layer_norm, config: cfg })
+        let text_projection = if cfg.architectures.iter().any(|a| a == "CLIPTextModelWithProjection") {
+            Some(Linear::new(&w.sub("text_projection"), cfg.hidden_size, cfg.projection_dim, false)?)
+        } else {
+            None
+        };
+        Ok(ClipTextModel { embeddings, layers, final_layer_norm, text_projection, config: cfg })
+    }
+
+    /// Whether this is a `CLIPTextModelWithProjection` (it has a pooled, projected output).
+    pub fn has_projection(&self) -> bool {
+        self.text_projection.is_some()
+    }
+
+    /// What SDXL's `encode_prompt` reads from one text encoder run with `output_hidden_states=True`:
+    /// `hidden_states[-(k + 1)]` (no final layer norm; SDXL uses `k = clip_skip + 1`) and, for a
+    /// `CLIPTextModelWithProjection`, `text_embeds` (the final-normed state at the end-of-text token, projected).
+    pub fn hidden_and_pooled(&self, input_ids: &Tensor, k: usize) -> Result<(Tensor, Option<Tensor>)> {
+        let Some(projection) = &self.text_projection else {
+            return Ok((self.hidden_state(input_ids, k)?, None));
+        };
+        let n = self.layers.len();
+        if k > n {
+            return Err(Error::invalid(
+                "clip_skip",
+                format!("{k} skips more than the text encoder's {n} layers"),
+            ));
+        }
+        let ids = input_ids.f_to_kind(Kind::Int64)?.f_to_device(self.final_layer_norm.weight.device())?;
+        let mut h = self.embeddings.forward(&ids)?;
+        let mut kept = if k == n { Some(h.shallow_clone()) } else { None };
+        for (i, layer) in self.layers.iter().enumerate() {
+            h = layer.forward(&h)?;
+            if i + 1 == n - k {
+                kept = Some(h.shallow_clone());
+            }
+        }
+        let last = self.final_layer_norm.forward(&h)?;
+        let eos = if self.config.eos_token_id == 2 {
+            ids.f_argmax(-1, false)?
+        } else {
+            ids.f_eq(self.config.eos_token_id)?.f_to_kind(Kind::Int)?.f_argmax(-1, false)?
+        };
+        let rows = Tensor::f_arange(ids.size()[0], (Kind::Int64, ids.device()))?;
+        let pooled = last.f_index(&[Some(rows), Some(eos)])?;
+        let kept = kept.ok_or_else(|| Error::Model("text encoder: no hidden state kept".into()))?;
+        Ok((kept, Some(projection.forward(&pooled)?)))
     }
 
     pub fn config(&self) -> &ClipTextConfig {

@@ -31,6 +31,7 @@ impl Autoencoder {
     /// Latents of an image in [-1, 1], in the UNet's scale (multiplied by the scaling factor).
     /// For the VAE, `sample_noise` gives the noise for sampling the latent distribution (diffusers draws it
     /// from the pipeline's generator); TAESD is deterministic and draws nothing.
+    /// An upcast VAE (SDXL's `force_upcast` under fp16) computes in fp32 and returns the caller's dtype.
     pub fn encode_scaled(
         &self,
         image: &Tensor,
@@ -38,9 +39,10 @@ impl Autoencoder {
     ) -> Result<Tensor> {
         match self {
             Autoencoder::Kl(vae) => {
-                let dist = vae.encode(image)?;
-                let noise = sample_noise(&dist.mean.size())?;
-                Ok(dist.sample(&noise)?.f_mul_scalar(vae.scaling_factor())?)
+                let kind = image.f_kind()?;
+                let dist = vae.encode(&image.f_to_kind(vae.kind())?)?;
+                let noise = sample_noise(&dist.mean.size())?.f_to_kind(vae.kind())?;
+                Ok(dist.sample(&noise)?.f_to_kind(kind)?.f_mul_scalar(vae.scaling_factor())?)
             }
             Autoencoder::Tiny(taesd) => Ok(taesd.encode(image)?.f_mul_scalar(taesd.scaling_factor())?),
         }
@@ -49,7 +51,11 @@ impl Autoencoder {
     /// The image in [-1, 1] for latents in the UNet's scale.
     pub fn decode_scaled(&self, latents: &Tensor) -> Result<Tensor> {
         match self {
-            Autoencoder::Kl(vae) => vae.decode(&latents.f_div_scalar(vae.scaling_factor())?),
+            Autoencoder::Kl(vae) => {
+                let kind = latents.f_kind()?;
+                let z = latents.f_div_scalar(vae.scaling_factor())?.f_to_kind(vae.kind())?;
+                Ok(vae.decode(&z)?.f_to_kind(kind)?)
+            }
             Autoencoder::Tiny(taesd) => taesd.decode(&latents.f_div_scalar(taesd.scaling_factor())?),
         }
     }
@@ -70,11 +76,70 @@ impl Autoencoder {
     }
 }
 
+/// A prompt's text conditioning: the hidden states the UNet cross-attends to, (B, 77, D), and for SDXL the
+/// pooled, projected output of the second text encoder, (B, projection_dim).
+#[derive(Debug)]
+pub struct TextEmbedding {
+    pub hidden: Tensor,
+    pub pooled: Option<Tensor>,
+}
+
+impl TextEmbedding {
+    /// Applies `f` to the hidden states and to the pooled output alike.
+    pub fn map(&self, mut f: impl FnMut(&Tensor) -> Result<Tensor>) -> Result<TextEmbedding> {
+        Ok(TextEmbedding { hidden: f(&self.hidden)?, pooled: self.pooled.as_ref().map(&mut f).transpose()? })
+    }
+
+    /// Combines two embeddings part by part (`pooled` only when both have it).
+    pub fn zip(
+        &self,
+        other: &TextEmbedding,
+        mut f: impl FnMut(&Tensor, &Tensor) -> Result<Tensor>,
+    ) -> Result<TextEmbedding> {
+        let pooled = match (&self.pooled, &other.pooled) {
+            (Some(a), Some(b)) => Some(f(a, b)?),
+            (None, None) => None,
+            _ => return Err(Error::Model("text embeddings: one has a pooled output, the other not".into())),
+        };
+        Ok(TextEmbedding { hidden: f(&self.hidden, &other.hidden)?, pooled })
+    }
+
+    /// Concatenates along the batch dimension.
+    pub fn cat(parts: &[&TextEmbedding]) -> Result<TextEmbedding> {
+        let hidden = Tensor::f_cat(&parts.iter().map(|p| &p.hidden).collect::<Vec<_>>(), 0)?;
+        let pooled: Option<Vec<&Tensor>> = parts.iter().map(|p| p.pooled.as_ref()).collect();
+        let pooled = match pooled {
+            Some(v) => Some(Tensor::f_cat(&v, 0)?),
+            None if parts.iter().all(|p| p.pooled.is_none()) => None,
+            None => return Err(Error::Model("text embeddings: mixed pooled and unpooled".into())),
+        };
+        Ok(TextEmbedding { hidden, pooled })
+    }
+
+    pub fn shallow_clone(&self) -> TextEmbedding {
+        TextEmbedding {
+            hidden: self.hidden.shallow_clone(),
+            pooled: self.pooled.as_ref().map(|p| p.shallow_clone()),
+        }
+    }
+}
+
+/// SDXL's micro-conditioning `add_time_ids` for one image: original size, crop top-left, target size, as
+/// diffusers' SDXL pipelines build them by default ((h, w), (0, 0), (h, w)).
+pub fn sdxl_time_ids(height: i64, width: i64) -> [f64; 6] {
+    [height as f64, width as f64, 0.0, 0.0, height as f64, width as f64]
+}
+
 /// Every part of a Stable Diffusion pipeline, loaded.
 pub struct StableDiffusion {
     pub source: ModelSource,
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextModel,
+    /// SDXL's second tokenizer and text encoder (OpenCLIP ViT-bigG with its projection).
+    pub tokenizer_2: Option<ClipTokenizer>,
+    pub text_encoder_2: Option<ClipTextModel>,
+    /// SDXL pipelines' rule: with guidance and no negative prompt, the negative conditioning is zeros.
+    pub force_zeros_for_empty_prompt: bool,
     pub unet: UNet2DConditionModel,
     pub unet_config: UNetConfig,
     pub autoencoder: Autoencoder,
@@ -85,6 +150,7 @@ pub struct StableDiffusion {
     /// be fused (and unfused) in place after loading.
     pub unet_weights: Weights,
     pub text_encoder_weights: Weights,
+    pub text_encoder_2_weights: Option<Weights>,
     /// The LoRAs fused into the weights (empty after `load`; see `models::lora`).
     pub loras: super::lora::LoraSet,
 }
@@ -97,24 +163,64 @@ fn warn_unused(w: &Weights, what: &str) {
 }
 
 /// Loads an autoencoder from a folder holding config.json and its weights (`subdir` "" for a standalone one).
-pub fn load_autoencoder(src: &ModelSource, subdir: &str, device: Device, kind: Kind) -> Result<Autoencoder> {
+/// With `honour_upcast` (SDXL pipelines), an AutoencoderKL whose config says `force_upcast` is kept in fp32
+/// under an fp16 model, as diffusers' SDXL pipelines upcast it (the SDXL VAE overflows in fp16).
+pub fn load_autoencoder(
+    src: &ModelSource,
+    subdir: &str,
+    device: Device,
+    kind: Kind,
+    honour_upcast: bool,
+) -> Result<Autoencoder> {
     let rel = |f: &str| if subdir.is_empty() { f.to_string() } else { format!("{subdir}/{f}") };
     let config_path = src.file(&rel("config.json"))?;
     let class = class_name(&config_path)?.unwrap_or_else(|| "AutoencoderKL".into());
-    let w = Weights::from_safetensors(&src.weights(subdir, "diffusion_pytorch_model", kind)?, device, kind)?;
+    let files = src.weights(subdir, "diffusion_pytorch_model", kind)?;
     let ae = match class.as_str() {
         "AutoencoderKL" => {
-            Autoencoder::Kl(AutoencoderKL::new(&w, read_config::<AutoencoderKLConfig>(&config_path)?)?)
+            let config = read_config::<AutoencoderKLConfig>(&config_path)?;
+            let vae_kind =
+                if honour_upcast && config.force_upcast && kind == Kind::Half { Kind::Float } else { kind };
+            let w = Weights::from_safetensors(&files, device, vae_kind)?;
+            let vae = AutoencoderKL::new(&w, config)?;
+            warn_unused(&w, &format!("{} autoencoder", src.spec));
+            Autoencoder::Kl(vae)
         }
         "AutoencoderTiny" => {
-            Autoencoder::Tiny(AutoencoderTiny::new(&w, read_config::<AutoencoderTinyConfig>(&config_path)?)?)
+            let w = Weights::from_safetensors(&files, device, kind)?;
+            let taesd = AutoencoderTiny::new(&w, read_config::<AutoencoderTinyConfig>(&config_path)?)?;
+            warn_unused(&w, &format!("{} autoencoder", src.spec));
+            Autoencoder::Tiny(taesd)
         }
         other => {
             return Err(Error::config(config_path, format!("autoencoder class `{other}` is not supported")));
         }
     };
-    warn_unused(&w, &format!("{} autoencoder", src.spec));
     Ok(ae)
+}
+
+fn load_text_encoder(
+    src: &ModelSource,
+    dir: &str,
+    device: Device,
+    kind: Kind,
+) -> Result<(ClipTextModel, Weights)> {
+    let config: ClipTextConfig = read_config(&src.file(&format!("{dir}/config.json"))?)?;
+    let w = Weights::from_safetensors(&src.weights(dir, "model", kind)?, device, kind)?;
+    let te = ClipTextModel::new(&w, config)?;
+    warn_unused(&w, dir);
+    Ok((te, w))
+}
+
+/// The classic vocab.json + merges.txt, or the tokenizer.json alone that transformers 5 saves; for a hub id this
+/// fetches whichever exist. The tokenizer names what is missing.
+fn load_tokenizer(src: &ModelSource, dir: &str) -> Result<ClipTokenizer> {
+    for f in
+        ["vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+    {
+        let _ = src.optional_file(&format!("{dir}/{f}"));
+    }
+    ClipTokenizer::from_dir(&src.root.join(dir))
 }
 
 impl StableDiffusion {
@@ -124,11 +230,10 @@ impl StableDiffusion {
         let src = ModelSource::resolve(spec)?;
         let index_path = src.file("model_index.json")?;
         let index: serde_json::Value = read_config(&index_path)?;
-        if index.get("text_encoder_2").is_some()
-            || index.get("_class_name").and_then(|c| c.as_str()).is_some_and(|c| c.contains("XL"))
-        {
+        let sdxl = index.get("text_encoder_2").is_some_and(|v| !v.is_null() && v[0].is_string());
+        if index.get("_class_name").and_then(|c| c.as_str()).is_some_and(|c| c.contains("XL")) && !sdxl {
             return Err(Error::Unsupported(format!(
-                "{}: SDXL models (two text encoders) are not supported yet",
+                "{}: SDXL pipelines without a second text encoder (the refiner) are not supported",
                 index_path.display()
             )));
         }
@@ -138,30 +243,54 @@ impl StableDiffusion {
             Weights::from_safetensors(&src.weights("unet", "diffusion_pytorch_model", kind)?, device, kind)?;
         let unet = UNet2DConditionModel::new(&unet_w, &unet_config)?;
         warn_unused(&unet_w, "unet");
-
-        let te_config: ClipTextConfig = read_config(&src.file("text_encoder/config.json")?)?;
-        let te_w = Weights::from_safetensors(&src.weights("text_encoder", "model", kind)?, device, kind)?;
-        let text_encoder = ClipTextModel::new(&te_w, te_config)?;
-        warn_unused(&te_w, "text_encoder");
-
-        // The classic vocab.json + merges.txt, or the tokenizer.json alone that transformers 5 saves; for a hub
-        // id this fetches whichever exist. The tokenizer names what is missing.
-        for f in
-            ["vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
-        {
-            let _ = src.optional_file(&format!("tokenizer/{f}"));
+        if sdxl != unet.takes_added_cond() {
+            return Err(Error::config(
+                index_path,
+                if sdxl {
+                    "an SDXL pipeline (two text encoders) whose UNet has no text_time added embedding"
+                } else {
+                    "a UNet with SDXL's text_time added embedding needs the pipeline's second text encoder"
+                },
+            ));
         }
-        let tokenizer = ClipTokenizer::from_dir(&src.root.join("tokenizer"))?;
+
+        let (text_encoder, te_w) = load_text_encoder(&src, "text_encoder", device, kind)?;
+        let tokenizer = load_tokenizer(&src, "tokenizer")?;
+        let (tokenizer_2, text_encoder_2, te2_w) = if sdxl {
+            let (te, w) = load_text_encoder(&src, "text_encoder_2", device, kind)?;
+            if !te.has_projection() {
+                return Err(Error::config(
+                    src.file("text_encoder_2/config.json")?,
+                    "SDXL's second text encoder must be a CLIPTextModelWithProjection",
+                ));
+            }
+            let width = te.config().hidden_size + text_encoder.config().hidden_size;
+            let cross = unet.cross_attention_width();
+            if width != cross {
+                return Err(Error::config(
+                    src.file("text_encoder_2/config.json")?,
+                    format!("the text encoders give {width}-wide states, the UNet attends to {cross}"),
+                ));
+            }
+            (Some(load_tokenizer(&src, "tokenizer_2")?), Some(te), Some(w))
+        } else {
+            (None, None, None)
+        };
+        let force_zeros_for_empty_prompt =
+            sdxl && index.get("force_zeros_for_empty_prompt").and_then(|v| v.as_bool()).unwrap_or(true);
 
         let autoencoder = match &opts.vae {
-            Some(v) => load_autoencoder(&ModelSource::resolve_component(v)?, "", device, kind)?,
-            None => load_autoencoder(&src, "vae", device, kind)?,
+            Some(v) => load_autoencoder(&ModelSource::resolve_component(v)?, "", device, kind, sdxl)?,
+            None => load_autoencoder(&src, "vae", device, kind, sdxl)?,
         };
         let scheduler_config = SchedulerConfig::from_file(&src.file("scheduler/scheduler_config.json")?)?;
         Ok(StableDiffusion {
             source: src,
             tokenizer,
             text_encoder,
+            tokenizer_2,
+            text_encoder_2,
+            force_zeros_for_empty_prompt,
             unet,
             unet_config,
             autoencoder,
@@ -170,20 +299,61 @@ impl StableDiffusion {
             kind,
             unet_weights: unet_w,
             text_encoder_weights: te_w,
+            text_encoder_2_weights: te2_w,
             loras: super::lora::LoraSet::new(),
         })
     }
 
-    /// Prompt embeddings (1, 77, D) for one text, as diffusers' encode_prompt computes them.
-    pub fn encode_text(&self, text: &str, clip_skip: Option<usize>) -> Result<Tensor> {
-        let ids = self.tokenizer.encode(text)?;
-        let ids = Tensor::f_from_slice(&ids)?.f_unsqueeze(0)?.f_to_device(self.device)?;
+    /// Whether this is an SDXL model (two text encoders, added time and text conditioning).
+    pub fn is_sdxl(&self) -> bool {
+        self.text_encoder_2.is_some()
+    }
+
+    /// The conditioning for one text, as diffusers' `encode_prompt` computes it: for SD 1.x/2.x the final
+    /// (layer-normed) hidden states (1, 77, D); for SDXL the penultimate hidden states of both text encoders
+    /// side by side, and the second one's pooled output. `clip_skip` skips that many more final layers.
+    pub fn encode_text(&self, text: &str, clip_skip: Option<usize>) -> Result<TextEmbedding> {
         let _guard = tch::no_grad_guard();
-        let h = match clip_skip {
-            Some(n) if n > 0 => self.text_encoder.forward_with_skip(&ids, n)?,
-            _ => self.text_encoder.forward(&ids)?,
+        let ids = |tok: &ClipTokenizer| -> Result<Tensor> {
+            Ok(Tensor::f_from_slice(&tok.encode(text)?)?.f_unsqueeze(0)?.f_to_device(self.device)?)
         };
-        Ok(h.f_to_kind(self.kind)?)
+        let skip = clip_skip.unwrap_or(0);
+        let (Some(tok2), Some(te2)) = (&self.tokenizer_2, &self.text_encoder_2) else {
+            let ids = ids(&self.tokenizer)?;
+            let h = if skip > 0 {
+                self.text_encoder.forward_with_skip(&ids, skip)?
+            } else {
+                self.text_encoder.forward(&ids)?
+            };
+            return Ok(TextEmbedding { hidden: h.f_to_kind(self.kind)?, pooled: None });
+        };
+        let (h1, _) = self.text_encoder.hidden_and_pooled(&ids(&self.tokenizer)?, skip + 1)?;
+        let (h2, pooled) = te2.hidden_and_pooled(&ids(tok2)?, skip + 1)?;
+        let pooled = pooled.ok_or_else(|| Error::Model("text_encoder_2 gave no pooled output".into()))?;
+        Ok(TextEmbedding {
+            hidden: Tensor::f_cat(&[h1, h2], -1)?.f_to_kind(self.kind)?,
+            pooled: Some(pooled.f_to_kind(self.kind)?),
+        })
+    }
+
+    /// The negative conditioning diffusers' pipelines use for `negative_prompt`: SDXL's
+    /// `force_zeros_for_empty_prompt` gives zeros when none is given (an empty string is encoded); otherwise
+    /// the text ("" when none). diffusers encodes the negative prompt without `clip_skip`, in every pipeline.
+    pub fn encode_negative(
+        &self,
+        negative_prompt: Option<&str>,
+        cond: &TextEmbedding,
+    ) -> Result<TextEmbedding> {
+        match negative_prompt {
+            None if self.force_zeros_for_empty_prompt => cond.map(|t| Ok(t.f_zeros_like()?)),
+            n => self.encode_text(n.unwrap_or(""), None),
+        }
+    }
+
+    /// The default image size (diffusers: the UNet's `sample_size` times the VAE factor), as (height, width).
+    pub fn default_size(&self) -> (i64, i64) {
+        let (h, w) = self.unet_config.sample_size_hw().unwrap_or((64, 64));
+        (h * self.vae_scale_factor(), w * self.vae_scale_factor())
     }
 
     /// Pixels per latent along each side.

@@ -397,6 +397,8 @@ pub struct AutoencoderKL {
     quant_conv: Option<Conv2d>,
     post_quant_conv: Option<Conv2d>,
     config: AutoencoderKLConfig,
+    /// The dtype of the weights (fp32 for an SDXL VAE upcast under an fp16 model).
+    kind: tch::Kind,
 }
 
 impl AutoencoderKL {
@@ -420,11 +422,17 @@ impl AutoencoderKL {
             quant_conv,
             post_quant_conv,
             config: cfg,
+            kind: w.kind(),
         })
     }
 
     pub fn config(&self) -> &AutoencoderKLConfig {
         &self.config
+    }
+
+    /// The dtype the VAE computes in (its weights' dtype).
+    pub fn kind(&self) -> tch::Kind {
+        self.kind
     }
 
     /// The latent distribution of `image` (B, in_channels, H, W) in [-1, 1]; H and W multiples of

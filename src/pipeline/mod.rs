@@ -1,9 +1,11 @@
 //! Single-image txt2img and img2img, step for step as diffusers' StableDiffusionPipeline and
-//! StableDiffusionImg2ImgPipeline compute them, drawing noise from the seeded CPU generator in the same order,
-//! so that on CPU in fp32 the same model, prompt and seed give the same picture.
+//! StableDiffusionImg2ImgPipeline (and, for SDXL models, StableDiffusionXLPipeline and
+//! StableDiffusionXLImg2ImgPipeline) compute them, drawing noise from the seeded CPU generator in the same
+//! order, so that on CPU in fp32 the same model, prompt and seed give the same picture.
 use crate::device::{randn_cpu, seed_cpu};
 use crate::error::{Error, Result};
-use crate::models::stable_diffusion::StableDiffusion;
+use crate::models::stable_diffusion::{sdxl_time_ids, StableDiffusion, TextEmbedding};
+use crate::models::unet::{AddedCond, UNetExtra};
 use crate::schedulers::{self, SchedulerKind};
 use tch::{Kind, Tensor};
 
@@ -45,32 +47,56 @@ impl GenerateParams {
     }
 }
 
-/// The conditioning a denoising loop needs: text embeddings (negative first when guided) and, for
-/// guidance-distilled UNets (LCM), the guidance embedding.
+/// The conditioning a denoising loop needs: text embeddings (negative first when guided), for
+/// guidance-distilled UNets (LCM) the guidance embedding, and for SDXL the pooled text and time ids.
 struct Conditioning {
     embeddings: Tensor,
     guided: bool,
     timestep_cond: Option<Tensor>,
+    added_cond: Option<AddedCond>,
 }
 
-fn conditioning(sd: &StableDiffusion, p: &GenerateParams) -> Result<Conditioning> {
+/// `height` x `width` is the generated image's size (SDXL's original and target size).
+fn conditioning(sd: &StableDiffusion, p: &GenerateParams, height: i64, width: i64) -> Result<Conditioning> {
     let cond = sd.encode_text(&p.prompt, p.clip_skip)?;
     // diffusers: classifier-free guidance only when guidance > 1 and the UNet has no guidance embedding.
     let has_guidance_embedding = sd.unet_config.time_cond_proj_dim.is_some();
     let guided = p.guidance > 1.0 && !has_guidance_embedding;
-    let embeddings = if guided {
-        let neg = sd.encode_text(p.negative_prompt.as_deref().unwrap_or(""), p.clip_skip)?;
-        Tensor::f_cat(&[neg, cond], 0)?
+    let text = if guided {
+        let neg = sd.encode_negative(p.negative_prompt.as_deref(), &cond)?;
+        TextEmbedding::cat(&[&neg, &cond])?
     } else {
         cond
     };
+    let batch = text.hidden.size()[0];
     let timestep_cond = match sd.unet_config.time_cond_proj_dim {
         Some(dim) => {
             Some(guidance_embedding(&[p.guidance - 1.0], dim)?.f_to_device(sd.device)?.f_to_kind(sd.kind)?)
         }
         None => None,
     };
-    Ok(Conditioning { embeddings, guided, timestep_cond })
+    let added_cond = match text.pooled {
+        Some(pooled) => {
+            let ids = Tensor::f_from_slice(&sdxl_time_ids(height, width))?
+                .f_to_kind(sd.kind)?
+                .f_to_device(sd.device)?
+                .f_unsqueeze(0)?
+                .f_repeat([batch, 1])?;
+            Some(AddedCond { text_embeds: pooled, time_ids: ids })
+        }
+        None => None,
+    };
+    Ok(Conditioning { embeddings: text.hidden, guided, timestep_cond, added_cond })
+}
+
+/// The scheduler config a pipeline builds the chosen scheduler from: SD pipelines' load-time overrides
+/// ([`pipeline_scheduler_config`]); SDXL pipelines take the model's config as it is.
+fn scheduler_config(sd: &StableDiffusion) -> schedulers::SchedulerConfig {
+    if sd.is_sdxl() {
+        sd.scheduler_config.clone()
+    } else {
+        pipeline_scheduler_config(&sd.scheduler_config)
+    }
 }
 
 /// The sinusoidal guidance-scale embedding of guidance-distilled models (diffusers'
@@ -122,7 +148,9 @@ fn denoise(
         let t = Tensor::f_full([batch], t, (scheduler.timestep_kind(), sd.device))?;
         let cond_b =
             cond.timestep_cond.as_ref().map(|c| c.f_expand([batch, c.size()[1]], false)).transpose()?;
-        let eps = sd.unet.forward(&input, &t, &cond.embeddings, cond_b.as_ref())?;
+        let extra =
+            UNetExtra { timestep_cond: cond_b.as_ref(), added_cond: cond.added_cond.as_ref(), control: None };
+        let eps = sd.unet.forward_with(&input, &t, &cond.embeddings, &extra)?;
         let eps = if cond.guided {
             let parts = eps.f_chunk(2, 0)?;
             let (uncond, text) = (&parts[0], &parts[1]);
@@ -141,8 +169,8 @@ pub fn txt2img_latents(sd: &StableDiffusion, p: &GenerateParams) -> Result<Tenso
     // The seeded draws (initial noise, LCM's step noise) come from the process's CPU generator.
     let _rng = crate::device::rng_lock();
     let _guard = tch::no_grad_guard();
-    let cond = conditioning(sd, p)?;
-    let mut scheduler = schedulers::build(p.scheduler, &pipeline_scheduler_config(&sd.scheduler_config))?;
+    let cond = conditioning(sd, p, p.height, p.width)?;
+    let mut scheduler = schedulers::build(p.scheduler, &scheduler_config(sd))?;
     scheduler.set_timesteps(p.steps)?;
     let f = sd.vae_scale_factor();
     let channels = sd.unet_config.in_channels;
@@ -172,8 +200,9 @@ pub fn img2img_latents(
     }
     let _rng = crate::device::rng_lock();
     let _guard = tch::no_grad_guard();
-    let cond = conditioning(sd, p)?;
-    let mut scheduler = schedulers::build(p.scheduler, &pipeline_scheduler_config(&sd.scheduler_config))?;
+    let (_, _, height, width) = image.size4()?;
+    let cond = conditioning(sd, p, height, width)?;
+    let mut scheduler = schedulers::build(p.scheduler, &scheduler_config(sd))?;
     scheduler.set_timesteps(p.steps)?;
     // diffusers' get_timesteps: keep the last int(steps * strength) timesteps.
     let total = scheduler.timesteps().len();

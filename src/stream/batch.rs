@@ -1,7 +1,7 @@
 //! One engine tick over several streams: their frames are encoded in one autoencoder call, their slots go
 //! through ONE UNet call (stacked with per-item timesteps and per-item embeddings), and their outputs are
 //! decoded in one call, then handed back to each stream in order, so no stream ever sees another's frame.
-use super::{FrameResult, Stream};
+use super::{FrameResult, Stream, UnetWork};
 use crate::error::{Error, Result};
 use crate::models::stable_diffusion::{Autoencoder, StableDiffusion};
 use std::time::{Duration, Instant};
@@ -164,12 +164,7 @@ fn tick_group(
     let pred = if works.is_empty() {
         None
     } else {
-        Some(timed(sd, measure, &mut timings.unet, || {
-            let sample = Tensor::f_cat(&works.iter().map(|w| &w.sample).collect::<Vec<_>>(), 0)?;
-            let t = Tensor::f_cat(&works.iter().map(|w| &w.timesteps).collect::<Vec<_>>(), 0)?;
-            let emb = Tensor::f_cat(&works.iter().map(|w| &w.embeddings).collect::<Vec<_>>(), 0)?;
-            sd.unet.forward(&sample, &t, &emb, None)
-        })?)
+        Some(timed(sd, measure, &mut timings.unet, || UnetWork::cat(&works)?.predict(sd))?)
     };
     timings.streams = timings.streams.max(works.len());
     timings.unet_batch = timings.unet_batch.max(sizes.iter().sum());

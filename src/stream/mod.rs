@@ -16,7 +16,8 @@ pub mod similarity;
 
 use crate::device::CpuGenerator;
 use crate::error::{Error, Result};
-use crate::models::stable_diffusion::StableDiffusion;
+use crate::models::stable_diffusion::{sdxl_time_ids, StableDiffusion, TextEmbedding};
+use crate::models::unet::{AddedCond, UNetExtra};
 use crate::schedulers::{self, SchedulerKind};
 use settings::{CfgType, Mode, StreamScheduler, StreamSettings, STREAM_SCHEDULE_STEPS};
 use std::collections::VecDeque;
@@ -147,7 +148,47 @@ fn guide(uncond: &Tensor, cond: &Tensor, g: f64) -> Result<Tensor> {
 pub struct UnetWork {
     pub sample: Tensor,
     pub timesteps: Tensor,
-    pub embeddings: Tensor,
+    /// Per item: the text states and, for SDXL, the pooled text embedding.
+    pub embeddings: TextEmbedding,
+    /// SDXL's time ids per item (original size, crop, target size: the stream's frame size), else `None`.
+    pub time_ids: Option<Tensor>,
+}
+
+impl UnetWork {
+    /// Stacks several shares into one batch (in order).
+    pub fn cat(works: &[UnetWork]) -> Result<UnetWork> {
+        let cat =
+            |f: &dyn Fn(&UnetWork) -> &Tensor| Tensor::f_cat(&works.iter().map(f).collect::<Vec<_>>(), 0);
+        let time_ids = match works.iter().map(|w| w.time_ids.as_ref()).collect::<Option<Vec<_>>>() {
+            Some(ids) => Some(Tensor::f_cat(&ids, 0)?),
+            None => None,
+        };
+        Ok(UnetWork {
+            sample: cat(&|w| &w.sample)?,
+            timesteps: cat(&|w| &w.timesteps)?,
+            embeddings: TextEmbedding::cat(&works.iter().map(|w| &w.embeddings).collect::<Vec<_>>())?,
+            time_ids,
+        })
+    }
+
+    /// The UNet's prediction for this batch.
+    pub fn predict(&self, sd: &StableDiffusion) -> Result<Tensor> {
+        let added = match (&self.embeddings.pooled, &self.time_ids) {
+            (Some(p), Some(ids)) => {
+                Some(AddedCond { text_embeds: p.shallow_clone(), time_ids: ids.shallow_clone() })
+            }
+            _ => None,
+        };
+        let extra = UNetExtra { added_cond: added.as_ref(), ..Default::default() };
+        sd.unet.forward_with(&self.sample, &self.timesteps, &self.embeddings.hidden, &extra)
+    }
+}
+
+/// `t` with its first dimension expanded to `n` rows.
+fn rows(t: &Tensor, n: i64) -> Result<Tensor> {
+    let mut shape = t.size();
+    shape[0] = n;
+    Ok(t.f_expand(&shape, false)?)
 }
 
 /// What a stream gives for one input frame.
@@ -166,7 +207,9 @@ pub struct Stream {
     buffer: Option<Tensor>,
     stock_noise: Tensor,
     cond: prompts::PromptState,
-    uncond: Tensor,
+    uncond: TextEmbedding,
+    /// SDXL's time ids for one item, (1, 6), when the model takes them.
+    time_ids: Option<Tensor>,
     filter: similarity::SimilarityFilter,
     /// Input frame ids in flight, oldest first (the output of a frame leaves n - 1 frames later).
     in_flight: VecDeque<u64>,
@@ -180,14 +223,14 @@ pub struct Stream {
 }
 
 impl Stream {
-    /// A stream with `settings` (validated), its prompt embeddings (1, 77, D) given by the caller (who owns
-    /// the prompt cache).
+    /// A stream with `settings` (validated), its prompt embeddings given by the caller (who owns the prompt
+    /// cache).
     pub fn new(
         id: u64,
         sd: &StableDiffusion,
         settings: StreamSettings,
-        cond: Tensor,
-        uncond: Tensor,
+        cond: TextEmbedding,
+        uncond: TextEmbedding,
     ) -> Result<Self> {
         settings.validate()?;
         let f = sd.vae_scale_factor();
@@ -198,6 +241,7 @@ impl Stream {
         let prepared = Prepared::new(sd, &settings, &mut generator)?;
         let stock_noise = prepared.init_noise.f_zeros_like()?;
         let buffer = Self::empty_buffer(&prepared)?;
+        let time_ids = Self::time_ids(sd, &settings)?;
         Ok(Stream {
             id,
             filter: similarity::SimilarityFilter::new(settings.seed),
@@ -208,12 +252,28 @@ impl Stream {
             stock_noise,
             cond: prompts::PromptState::new(cond),
             uncond,
+            time_ids,
             in_flight: VecDeque::new(),
             pending_x: None,
             previous_output: None,
             last_latent: None,
             frames_skipped: 0,
         })
+    }
+
+    /// SDXL: the frame size as original and target size, no crop (what diffusers' SDXL pipelines use).
+    fn time_ids(sd: &StableDiffusion, s: &StreamSettings) -> Result<Option<Tensor>> {
+        if !sd.unet.takes_added_cond() {
+            return Ok(None);
+        }
+        let ids = Tensor::f_from_slice(&sdxl_time_ids(s.height, s.width))?;
+        Ok(Some(ids.f_unsqueeze(0)?.f_to_kind(sd.kind)?.f_to_device(sd.device)?))
+    }
+
+    /// This stream's conditioning for `n` items: embeddings and, for SDXL, time ids.
+    fn items(&self, emb: &TextEmbedding, n: i64) -> Result<(TextEmbedding, Option<Tensor>)> {
+        let time_ids = self.time_ids.as_ref().map(|t| rows(t, n)).transpose()?;
+        Ok((emb.map(|t| rows(t, n))?, time_ids))
     }
 
     fn empty_buffer(p: &Prepared) -> Result<Option<Tensor>> {
@@ -259,13 +319,14 @@ impl Stream {
             self.generator = generator;
             self.filter = similarity::SimilarityFilter::new(next.seed);
             self.in_flight.clear();
+            self.time_ids = Self::time_ids(sd, &next)?;
         }
         self.settings = next;
         Ok(())
     }
 
     /// New text conditioning: blended in over the configured number of frames (the unconditional one at once).
-    pub fn set_prompt_embeddings(&mut self, cond: Tensor, uncond: Tensor) {
+    pub fn set_prompt_embeddings(&mut self, cond: TextEmbedding, uncond: TextEmbedding) {
         let s = &self.settings;
         self.cond.set_target(cond, s.prompt_transition_frames, s.prompt_interpolation);
         self.uncond = uncond;
@@ -329,24 +390,34 @@ impl Stream {
             }
             None => entry,
         };
-        let cond = self.cond.advance()?.f_to_kind(p.init_noise.kind())?;
-        let cond_n = cond.f_expand([p.n, cond.size()[1], cond.size()[2]], false)?;
-        let uncond = self.uncond.f_to_kind(p.init_noise.kind())?;
+        let kind = p.init_noise.kind();
+        let cond = self.cond.advance()?.map(|t| Ok(t.f_to_kind(kind)?))?;
+        let uncond = self.uncond.map(|t| Ok(t.f_to_kind(kind)?))?;
+        let (cond_n, time_ids_n) = self.items(&cond, p.n)?;
         let work = match (self.guided(), self.settings.cfg_type) {
-            (true, CfgType::Initialize) => UnetWork {
-                sample: Tensor::f_cat(&[&x.f_narrow(0, 0, 1)?, &x], 0)?,
-                timesteps: Tensor::f_cat(&[&p.timesteps.f_narrow(0, 0, 1)?, &p.timesteps], 0)?,
-                embeddings: Tensor::f_cat(&[&uncond, &cond_n], 0)?,
-            },
-            (true, CfgType::Full) => UnetWork {
-                sample: Tensor::f_cat(&[&x, &x], 0)?,
-                timesteps: Tensor::f_cat(&[&p.timesteps, &p.timesteps], 0)?,
-                embeddings: Tensor::f_cat(&[&uncond.f_expand_as(&cond_n)?, &cond_n], 0)?,
-            },
+            (true, CfgType::Initialize) => {
+                let (uncond_1, ids_1) = self.items(&uncond, 1)?;
+                UnetWork {
+                    sample: Tensor::f_cat(&[&x.f_narrow(0, 0, 1)?, &x], 0)?,
+                    timesteps: Tensor::f_cat(&[&p.timesteps.f_narrow(0, 0, 1)?, &p.timesteps], 0)?,
+                    embeddings: TextEmbedding::cat(&[&uncond_1, &cond_n])?,
+                    time_ids: ids_1.zip(time_ids_n).map(|(a, b)| Tensor::f_cat(&[a, b], 0)).transpose()?,
+                }
+            }
+            (true, CfgType::Full) => {
+                let (uncond_n, _) = self.items(&uncond, p.n)?;
+                UnetWork {
+                    sample: Tensor::f_cat(&[&x, &x], 0)?,
+                    timesteps: Tensor::f_cat(&[&p.timesteps, &p.timesteps], 0)?,
+                    embeddings: TextEmbedding::cat(&[&uncond_n, &cond_n])?,
+                    time_ids: time_ids_n.map(|t| Tensor::f_cat(&[&t, &t], 0)).transpose()?,
+                }
+            }
             _ => UnetWork {
                 sample: x.shallow_clone(),
                 timesteps: p.timesteps.shallow_clone(),
                 embeddings: cond_n,
+                time_ids: time_ids_n,
             },
         };
         self.pending_x = Some(x);
@@ -424,24 +495,31 @@ impl Stream {
     ) -> Result<FrameResult> {
         let p = &self.prepared;
         let (device, kind) = (p.init_noise.device(), p.init_noise.kind());
-        let cond = self.cond.advance()?.f_to_kind(kind)?;
-        let uncond = self.uncond.f_to_kind(kind)?;
+        let cond = self.cond.advance()?.map(|t| Ok(t.f_to_kind(kind)?))?;
+        let uncond = self.uncond.map(|t| Ok(t.f_to_kind(kind)?))?;
         let (guided, cfg, g) = (self.guided(), self.settings.cfg_type, self.settings.guidance);
         // Without the stream batch StreamDiffusion never updates the stock noise (but `initialize` still puts
         // the real unconditional prediction in its first row).
         let mut stock = self.stock_noise.f_narrow(0, 0, 1)?.f_zeros_like()?;
         let mut x = entry;
+        let (cond_1, ids_1) = self.items(&cond, 1)?;
         for k in 0..p.n {
             let t = p.timesteps.f_narrow(0, k, 1)?;
-            let pred = match (guided, cfg) {
-                (true, CfgType::Full) | (true, CfgType::Initialize) => sd.unet.forward(
-                    &Tensor::f_cat(&[&x, &x], 0)?,
-                    &Tensor::f_cat(&[&t, &t], 0)?,
-                    &Tensor::f_cat(&[&uncond, &cond], 0)?,
-                    None,
-                )?,
-                _ => sd.unet.forward(&x, &t, &cond, None)?,
+            let work = match (guided, cfg) {
+                (true, CfgType::Full) | (true, CfgType::Initialize) => UnetWork {
+                    sample: Tensor::f_cat(&[&x, &x], 0)?,
+                    timesteps: Tensor::f_cat(&[&t, &t], 0)?,
+                    embeddings: TextEmbedding::cat(&[&uncond, &cond_1])?,
+                    time_ids: ids_1.as_ref().map(|t| Tensor::f_cat(&[t, t], 0)).transpose()?,
+                },
+                _ => UnetWork {
+                    sample: x.shallow_clone(),
+                    timesteps: t,
+                    embeddings: cond_1.shallow_clone(),
+                    time_ids: ids_1.as_ref().map(Tensor::shallow_clone),
+                },
             };
+            let pred = work.predict(sd)?;
             let eps = match (guided, cfg) {
                 (true, CfgType::Full) => {
                     let parts = pred.f_chunk(2, 0)?;

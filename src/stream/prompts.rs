@@ -2,6 +2,7 @@
 //! transitions that blend from the old embedding to the new one over a number of frames.
 use super::settings::Interpolation;
 use crate::error::Result;
+use crate::models::stable_diffusion::TextEmbedding;
 use std::num::NonZeroUsize;
 use tch::{Kind, Tensor};
 
@@ -13,9 +14,10 @@ pub struct PromptKey {
     pub clip_skip: Option<usize>,
 }
 
-/// An LRU cache of text embeddings (1, 77, D) with counters, owned by the inference thread.
+/// An LRU cache of text embeddings ((1, 77, D), and SDXL's pooled output) with counters, owned by the
+/// inference thread.
 pub struct PromptCache {
-    entries: lru::LruCache<PromptKey, Tensor>,
+    entries: lru::LruCache<PromptKey, TextEmbedding>,
     pub hits: u64,
     pub misses: u64,
 }
@@ -33,8 +35,8 @@ impl PromptCache {
     pub fn get_or_encode(
         &mut self,
         key: PromptKey,
-        encode: impl FnOnce(&str) -> Result<Tensor>,
-    ) -> Result<Tensor> {
+        encode: impl FnOnce(&str) -> Result<TextEmbedding>,
+    ) -> Result<TextEmbedding> {
         if let Some(t) = self.entries.get(&key) {
             self.hits += 1;
             return Ok(t.shallow_clone());
@@ -56,25 +58,25 @@ impl PromptCache {
 
 /// A stream's text conditioning: the embedding in use, and where a transition is heading.
 pub struct PromptState {
-    current: Tensor,
+    current: TextEmbedding,
     transition: Option<Transition>,
 }
 
 struct Transition {
-    from: Tensor,
-    to: Tensor,
+    from: TextEmbedding,
+    to: TextEmbedding,
     frame: u32,
     frames: u32,
     how: Interpolation,
 }
 
 impl PromptState {
-    pub fn new(embedding: Tensor) -> Self {
+    pub fn new(embedding: TextEmbedding) -> Self {
         PromptState { current: embedding, transition: None }
     }
 
     /// Switches to `target`, at once (`frames` 0) or blended over `frames` frames starting from what is shown now.
-    pub fn set_target(&mut self, target: Tensor, frames: u32, how: Interpolation) {
+    pub fn set_target(&mut self, target: TextEmbedding, frames: u32, how: Interpolation) {
         if frames == 0 {
             self.current = target;
             self.transition = None;
@@ -85,11 +87,11 @@ impl PromptState {
     }
 
     /// The embedding for the next frame (advancing any transition by one frame).
-    pub fn advance(&mut self) -> Result<Tensor> {
+    pub fn advance(&mut self) -> Result<TextEmbedding> {
         if let Some(tr) = &mut self.transition {
             tr.frame += 1;
-            let w = tr.frame as f64 / tr.frames as f64;
-            self.current = interpolate(&tr.from, &tr.to, w.min(1.0), tr.how)?;
+            let w = (tr.frame as f64 / tr.frames as f64).min(1.0);
+            self.current = tr.from.zip(&tr.to, |a, b| interpolate(a, b, w, tr.how))?;
             if tr.frame >= tr.frames {
                 self.current = tr.to.shallow_clone();
                 self.transition = None;
@@ -145,7 +147,7 @@ mod tests {
             let _ = cache
                 .get_or_encode(key(t), |_| {
                     calls += 1;
-                    Ok(Tensor::zeros([1], (Kind::Float, Device::Cpu)))
+                    Ok(TextEmbedding { hidden: Tensor::zeros([1], (Kind::Float, Device::Cpu)), pooled: None })
                 })
                 .unwrap();
         }
@@ -157,16 +159,29 @@ mod tests {
     fn transitions_reach_the_target_and_slerp_keeps_norms() {
         let a = Tensor::randn([1, 4, 16], (Kind::Float, Device::Cpu));
         let b = Tensor::randn([1, 4, 16], (Kind::Float, Device::Cpu));
-        let mut s = PromptState::new(a.shallow_clone());
-        s.set_target(b.shallow_clone(), 4, Interpolation::Slerp);
+        let pa = Tensor::randn([1, 8], (Kind::Float, Device::Cpu));
+        let pb = Tensor::randn([1, 8], (Kind::Float, Device::Cpu));
+        let mut s =
+            PromptState::new(TextEmbedding { hidden: a.shallow_clone(), pooled: Some(pa.shallow_clone()) });
+        s.set_target(
+            TextEmbedding { hidden: b.shallow_clone(), pooled: Some(pb.shallow_clone()) },
+            4,
+            Interpolation::Slerp,
+        );
         let mid = (0..2).map(|_| s.advance().unwrap()).last().unwrap();
+        // The pooled output (SDXL) travels with the hidden states.
+        let mid_pooled = mid.pooled.as_ref().unwrap();
+        let want = interpolate(&pa, &pb, 0.5, Interpolation::Slerp).unwrap();
+        assert!((mid_pooled - want).abs().max().double_value(&[]) < 1e-6);
+        let mid = mid.hidden;
         let norm = |t: &Tensor| t.norm_scalaropt_dim(2, [-1], false);
         let expected = (norm(&a) + norm(&b)) / 2.0;
         let diff = (norm(&mid) - &expected).abs().max().double_value(&[]);
         assert!(diff < 0.5 * expected.mean(Kind::Float).double_value(&[]), "slerp lost the norm: {diff}");
         let last = (0..2).map(|_| s.advance().unwrap()).last().unwrap();
         assert!(!s.in_transition());
-        assert_eq!(last.eq_tensor(&b).all().int64_value(&[]), 1);
+        assert_eq!(last.hidden.eq_tensor(&b).all().int64_value(&[]), 1);
+        assert_eq!(last.pooled.unwrap().eq_tensor(&pb).all().int64_value(&[]), 1);
         let lin = interpolate(&a, &b, 0.25, Interpolation::Linear).unwrap();
         let want = &a * 0.75 + &b * 0.25;
         assert!((lin - want).abs().max().double_value(&[]) < 1e-6);

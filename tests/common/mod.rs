@@ -97,6 +97,6 @@ pub fn generate_params(
         guidance: case["guidance"].as_f64().unwrap(),
         width,
         height,
-        clip_skip: None,
+        clip_skip: case["clip_skip"].as_u64().map(|k| k as usize),
     }
 }

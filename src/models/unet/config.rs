@@ -84,6 +84,8 @@ pub struct UNetConfig {
     pub class_embeddings_concat: bool,
     pub mid_block_only_cross_attention: Option<bool>,
     pub cross_attention_norm: Option<String>,
+    /// The latent size the model was trained at (an int, or [height, width]); pipelines default to it.
+    pub sample_size: Option<OneOrMany<i64>>,
 }
 
 fn null_false<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
@@ -150,6 +152,7 @@ impl Default for UNetConfig {
             class_embeddings_concat: false,
             mid_block_only_cross_attention: None,
             cross_attention_norm: None,
+            sample_size: None,
         }
     }
 }
@@ -212,6 +215,15 @@ impl UNetConfig {
     /// Reads `unet/config.json`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         crate::models::read_config(path.as_ref())
+    }
+
+    /// `sample_size` as (height, width) latents, when the config gives it.
+    pub fn sample_size_hw(&self) -> Option<(i64, i64)> {
+        match self.sample_size.as_ref()? {
+            OneOrMany::One(s) => Some((*s, *s)),
+            OneOrMany::Many(v) if v.len() == 2 => Some((v[0], v[1])),
+            OneOrMany::Many(_) => None,
+        }
     }
 
     /// Refuses configs this implementation cannot reproduce, naming the field.

@@ -138,6 +138,14 @@ impl UNet2DConditionModel {
         self.time_embedding.has_cond_proj()
     }
 
+    /// The width of the text states the first cross-attention block attends to (`cross_attention_dim`).
+    pub fn cross_attention_width(&self) -> i64 {
+        match &self.config.cross_attention_dim {
+            crate::models::OneOrMany::One(d) => *d,
+            crate::models::OneOrMany::Many(v) => v.first().copied().unwrap_or(0),
+        }
+    }
+
     /// Whether the model takes SDXL's added conditions (pooled text embeddings and time ids).
     pub fn takes_added_cond(&self) -> bool {
         self.add_embedding.is_some()
