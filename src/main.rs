@@ -196,10 +196,11 @@ struct GenArgs {
     scheduler: String,
     #[arg(long, default_value_t = 7.5)]
     guidance: f64,
-    /// Image width in pixels (txt2img: 512 when not given; img2img: the input's width).
+    /// Image width in pixels (txt2img: the model's default when not given, as in diffusers: 512 for SD 1.5,
+    /// SD-Turbo and SDXL-Turbo, 1024 for SDXL; img2img: the input's width).
     #[arg(long)]
     width: Option<i64>,
-    /// Image height in pixels (txt2img: 512 when not given; img2img: the input's height).
+    /// Image height in pixels (txt2img: the model's default when not given; img2img: the input's height).
     #[arg(long)]
     height: Option<i64>,
     /// Skip this many final CLIP layers.
@@ -210,7 +211,8 @@ struct GenArgs {
 }
 
 impl GenArgs {
-    fn params(&self) -> Result<GenerateParams> {
+    /// The parameters, with `(height, width)` where the flags give no size.
+    fn params(&self, (height, width): (i64, i64)) -> Result<GenerateParams> {
         Ok(GenerateParams {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
@@ -218,8 +220,8 @@ impl GenArgs {
             steps: self.steps,
             scheduler: self.scheduler.parse()?,
             guidance: self.guidance,
-            width: self.width.unwrap_or(512),
-            height: self.height.unwrap_or(512),
+            width: self.width.unwrap_or(width),
+            height: self.height.unwrap_or(height),
             clip_skip: self.clip_skip,
         })
     }
@@ -332,13 +334,14 @@ fn save(image: &tch::Tensor, path: &std::path::Path) -> Result<()> {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Txt2img(a) => {
-            let params = a.gen.params()?;
+            a.gen.params((512, 512))?; // flags checked before a large model is loaded
             let sd = a.gen.model.load()?;
+            let params = a.gen.params(sd.default_size())?;
             let image = pipeline::txt2img(&sd, &params)?;
             save(&image, &a.gen.output)
         }
         Command::Img2img(a) => {
-            let mut params = a.gen.params()?;
+            let mut params = a.gen.params((512, 512))?;
             let sd = a.gen.model.load()?;
             let rgb = sdstream::io::image::read(&a.image)?;
             let (w, h) =

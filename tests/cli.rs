@@ -118,11 +118,11 @@ fn broken_model_files_are_named() {
     cfg["cross_attention_dim"] = 40.into();
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     fails_naming(&run(&txt2img(dir.to_str().unwrap(), &[])), "attn2.to_k.weight");
-    // An unsupported (SDXL) config.
+    // An unsupported config.
     cfg["cross_attention_dim"] = 48.into();
-    cfg["addition_embed_type"] = "text_time".into();
+    cfg["addition_embed_type"] = "image".into();
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-    fails_naming(&run(&txt2img(dir.to_str().unwrap(), &[])), "SDXL");
+    fails_naming(&run(&txt2img(dir.to_str().unwrap(), &[])), "addition_embed_type");
     // Bad JSON.
     std::fs::write(&cfg_path, "{ not json").unwrap();
     fails_naming(&run(&txt2img(dir.to_str().unwrap(), &[])), "config.json");

@@ -1,6 +1,7 @@
 //! The stream engine against StreamDiffusion: fixtures from tools/make_stream_fixtures.py, which follows
 //! StreamDiffusion's pipeline.py step by step and is verified there against the real `streamdiffusion`
-//! package (max difference 0). Tolerance: atol 1e-4 + rtol 1e-4 (the reference feeds the VAE an NHWC-strided
+//! package (max difference 0); its SDXL cases (pooled text and time ids per UNet row) extend that algorithm
+//! the way StreamDiffusion's SDXL forks do, and are checked against the reference alone. Tolerance: atol 1e-4 + rtol 1e-4 (the reference feeds the VAE an NHWC-strided
 //! view, which alone moves results by ~1e-5).
 mod common;
 
@@ -56,6 +57,9 @@ fn run_case(name: &str) {
     let s = settings(&case);
     let cond = sd.encode_text(&s.prompt, None).unwrap();
     assert_close(&format!("{name}: prompt_embeds"), &cond.hidden, &reference["prompt_embeds"], ATOL, RTOL);
+    if let Some(want) = reference.get("pooled_prompt_embeds") {
+        assert_close(&format!("{name}: pooled"), cond.pooled.as_ref().unwrap(), want, ATOL, RTOL);
+    }
     let uncond = sd.encode_text(&s.negative_prompt, None).unwrap();
     let mut stream = Stream::new(0, &sd, s, cond, uncond).unwrap();
     let frames: Vec<Option<String>> = case["frames"]
@@ -99,7 +103,8 @@ fn every_streamdiffusion_case_matches() {
         .map(|n| n.trim_end_matches(".json").to_string())
         .collect();
     names.sort();
-    assert!(names.len() >= 18, "expected the 18 stream cases, found {}", names.len());
+    assert!(names.len() >= 20, "expected the 20 stream cases, found {}", names.len());
+    assert!(names.iter().any(|n| n.starts_with("sdxl_")), "the SDXL stream cases are missing");
     for name in &names {
         run_case(name);
     }

@@ -83,13 +83,21 @@ def load_frame(path: Path) -> torch.Tensor:
 # ----------------------------------------------------------------------------
 # models
 # ----------------------------------------------------------------------------
-def load_models(model_dir: Path, vae_dir: Path | None):
-    from diffusers import AutoencoderTiny, StableDiffusionPipeline
+def is_sdxl(model_dir: Path) -> bool:
+    return "text_encoder_2" in json.loads((model_dir / "model_index.json").read_text())
 
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(model_dir), torch_dtype=DTYPE, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    ).to("cpu")
+
+def load_models(model_dir: Path, vae_dir: Path | None):
+    from diffusers import AutoencoderTiny, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if is_sdxl(model_dir):
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(model_dir), torch_dtype=DTYPE,
+                                                         add_watermarker=False).to("cpu")
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(model_dir), torch_dtype=DTYPE, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        ).to("cpu")
     vae = pipe.vae
     if vae_dir is not None:
         vae = AutoencoderTiny.from_pretrained(str(vae_dir), torch_dtype=DTYPE).to("cpu").eval()
@@ -177,16 +185,35 @@ class RefStream:
 
         tok = self.pipe.tokenizer
         self.prompt_ids = encode_prompt_ids(tok, prompt)
-        self.cond = text_embeds(self.pipe, self.prompt_ids)  # (1,77,D)
         self.neg_ids = encode_prompt_ids(tok, negative_prompt)
         uses_uncond = self.cfg_active and self.cfg_type in ("full", "initialize")
-        self.uncond = text_embeds(self.pipe, self.neg_ids) if uses_uncond else None
+        self.sdxl = hasattr(self.pipe, "text_encoder_2")
+        if self.sdxl:
+            # SDXL (not in StreamDiffusion 0.1.1; the natural extension its SDXL forks make): encode_prompt
+            # with the negative prompt as a string (so it is encoded, never zeroed), and per UNet row the
+            # pooled text embedding of that row's prompt plus the time ids (H, W, 0, 0, H, W).
+            self.cond, neg, pooled, neg_pooled = self.pipe.encode_prompt(
+                prompt, negative_prompt=negative_prompt, do_classifier_free_guidance=True)
+            self.uncond = neg if uses_uncond else None
+        else:
+            self.cond = text_embeds(self.pipe, self.prompt_ids)  # (1,77,D)
+            self.uncond = text_embeds(self.pipe, self.neg_ids) if uses_uncond else None
         emb = self.cond.repeat(self.batch_size, 1, 1)
         if self.cfg_active and self.cfg_type == "full":
             emb = torch.cat([self.uncond.repeat(self.batch_size, 1, 1), emb], 0)
         elif self.cfg_active and self.cfg_type == "initialize":
             emb = torch.cat([self.uncond, emb], 0)
         self.embeds = emb
+        self.added = None
+        if self.sdxl:
+            pool = pooled.repeat(self.batch_size, 1)
+            if self.cfg_active and self.cfg_type == "full":
+                pool = torch.cat([neg_pooled.repeat(self.batch_size, 1), pool], 0)
+            elif self.cfg_active and self.cfg_type == "initialize":
+                pool = torch.cat([neg_pooled, pool], 0)
+            ids = torch.tensor([[H, W, 0, 0, H, W]], dtype=DTYPE).repeat(pool.shape[0], 1)
+            self.added = {"text_embeds": pool, "time_ids": ids}
+            self.pooled = pooled
 
         scfg = dict(self.pipe.scheduler.config)
         self.alphas_cumprod = lcm_alphas_cumprod(scfg)
@@ -239,7 +266,8 @@ class RefStream:
             xin, tin = torch.cat([x, x], 0), torch.cat([t, t], 0)
         else:
             xin, tin = x, t
-        out = self.unet(xin, tin, encoder_hidden_states=self.embeds, return_dict=False)[0]
+        out = self.unet(xin, tin, encoder_hidden_states=self.embeds, added_cond_kwargs=self.added,
+                        return_dict=False)[0]
         self.last_unet_out = out
         if self.cfg_active and cfg == "initialize":
             eps_c = out[1:]
@@ -504,6 +532,11 @@ def case_list():
                       cfg_type="self", guidance_scale=1.2, delta=0.8))
     cases.append(dict(name="sd1_txt2img_n4_none", model="sd1-tiny", vae=None, t_index_list=[0, 16, 32, 45],
                       cfg_type="none", guidance_scale=1.0, delta=1.0, mode="txt2img"))
+    # SDXL: no StreamDiffusion release runs it, so these are checked against this reference alone.
+    cases.append(dict(name="sdxl_img2img_n2_full", model="sdxl-tiny", vae=None, t_index_list=[32, 45],
+                      cfg_type="full", guidance_scale=1.4, delta=0.8))
+    cases.append(dict(name="sdxl_img2img_n2_initialize", model="sdxl-tiny", vae=None, t_index_list=[32, 45],
+                      cfg_type="initialize", guidance_scale=1.4, delta=0.8))
     cases.append(dict(name="sd1_txt2img_n3_none_nobatch", model="sd1-tiny", vae=None, t_index_list=[0, 16, 32],
                       cfg_type="none", guidance_scale=1.0, delta=1.0, mode="txt2img", use_denoising_batch=False))
     for c in cases:
@@ -545,7 +578,9 @@ def run_case(case, models_dir: Path, out_dir: Path, frame_names, verify: bool, c
     warm = n - 1 if case["use_denoising_batch"] else 0
     img_frames = [len(frame_names) - 1]
     verify_result = None
-    if verify:
+    if rs.sdxl:
+        t["pooled_prompt_embeds"] = rs.pooled
+    if verify and not rs.sdxl:
         real = run_real(pipe, vae, case, frame_names, out_dir)
         chk = dict(t)
         chk["unet_prompt_embeds"] = full_embeds
@@ -606,7 +641,7 @@ def main():
         if args.only and args.only not in case["name"]:
             continue
         d = run_case(case, models_dir, out_dir, frame_names, verify, cache)
-        print(f"{case['name']}: " + (f"matches streamdiffusion (max abs diff {d:.3g})" if verify else "written"))
+        print(f"{case['name']}: " + (f"matches streamdiffusion (max abs diff {d:.3g})" if d is not None else "written"))
     total = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file())
     print(f"total size of {out_dir}: {total / 1e6:.2f} MB")
 
