@@ -1,4 +1,4 @@
-//! Random-weight BENCHMARK models at real architectures (SD-Turbo, SD 1.5), for speed runs where real weights
+//! Random-weight BENCHMARK models at real architectures (SD-Turbo, SD 1.5, SDXL-Turbo), for speed runs where real weights
 //! cannot be brought (speed does not depend on weight values; pictures are noise).
 //!
 //! The model is written once as an ordinary diffusers-layout folder (configs plus random safetensors drawn by
@@ -25,14 +25,18 @@ pub enum RandomArch {
     SdTurbo,
     /// runwayml/stable-diffusion-v1-5: SD 1.5 UNet (8 heads), CLIP ViT-L/14 text encoder (12 layers, 768).
     Sd15,
+    /// stabilityai/sdxl-turbo: SDXL UNet (2.6 B parameters, text_time embedding), CLIP ViT-L and OpenCLIP
+    /// ViT-bigG text encoders, the SDXL VAE.
+    SdxlTurbo,
     /// The bundled tiny test model's configs (tiny widths): exercises this path in seconds on a CPU.
     TinyTest,
 }
 
-pub const RANDOM_ARCH_NAMES: [&str; 3] = ["sd-turbo", "sd15", "tiny-test"];
+pub const RANDOM_ARCH_NAMES: [&str; 4] = ["sd-turbo", "sd15", "sdxl-turbo", "tiny-test"];
 
 const SD_TURBO_UNET: &str = include_str!("../../configs/models/sd-turbo-unet.json");
 const SD15_UNET: &str = include_str!("../../configs/models/sd15-unet.json");
+const SDXL_TURBO_UNET: &str = include_str!("../../configs/models/sdxl-turbo-unet.json");
 /// The bundled tiny test model's tokenizer (its ids all fall inside the real vocabulary of 49408).
 const TOKENIZER_FILES: [(&str, &str); 4] = [
     ("vocab.json", include_str!("../../models/tiny-sd-test/tokenizer/vocab.json")),
@@ -52,6 +56,7 @@ impl std::str::FromStr for RandomArch {
         match s {
             "sd-turbo" => Ok(RandomArch::SdTurbo),
             "sd15" => Ok(RandomArch::Sd15),
+            "sdxl-turbo" => Ok(RandomArch::SdxlTurbo),
             "tiny-test" => Ok(RandomArch::TinyTest),
             other => Err(Error::invalid(
                 "random-model",
@@ -69,6 +74,7 @@ impl RandomArch {
         match self {
             RandomArch::SdTurbo => "sd-turbo",
             RandomArch::Sd15 => "sd15",
+            RandomArch::SdxlTurbo => "sdxl-turbo",
             RandomArch::TinyTest => "tiny-test",
         }
     }
@@ -77,6 +83,7 @@ impl RandomArch {
         match self {
             RandomArch::SdTurbo => SD_TURBO_UNET,
             RandomArch::Sd15 => SD15_UNET,
+            RandomArch::SdxlTurbo => SDXL_TURBO_UNET,
             RandomArch::TinyTest => TINY_UNET,
         }
     }
@@ -86,16 +93,16 @@ impl RandomArch {
     fn text_encoder_config(self) -> Value {
         let (hidden, inter, heads, layers, act, proj) = match self {
             RandomArch::SdTurbo => (1024, 4096, 16, 23, "gelu", 512),
-            RandomArch::Sd15 => (768, 3072, 12, 12, "quick_gelu", 768),
+            RandomArch::Sd15 | RandomArch::SdxlTurbo => (768, 3072, 12, 12, "quick_gelu", 768),
             RandomArch::TinyTest => return serde_json::from_str(TINY_TEXT_ENCODER).expect("bundled JSON"),
         };
-        json!({
-            "architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
-            "hidden_size": hidden, "intermediate_size": inter, "num_attention_heads": heads,
-            "num_hidden_layers": layers, "hidden_act": act, "projection_dim": proj,
-            "vocab_size": 49408, "max_position_embeddings": 77, "layer_norm_eps": 1e-5,
-            "bos_token_id": 912, "eos_token_id": 913, "pad_token_id": 0
-        })
+        clip_config("CLIPTextModel", hidden, inter, heads, layers, act, proj)
+    }
+
+    /// SDXL's second text encoder (OpenCLIP ViT-bigG/14 with its projection).
+    fn text_encoder_2_config(self) -> Option<Value> {
+        (self == RandomArch::SdxlTurbo)
+            .then(|| clip_config("CLIPTextModelWithProjection", 1280, 5120, 20, 32, "gelu", 1280))
     }
 
     /// diffusers' AutoencoderKL config of Stable Diffusion (the same blocks for SD 1.5 and SD 2.x).
@@ -104,12 +111,13 @@ impl RandomArch {
             return serde_json::from_str(TINY_VAE).expect("bundled JSON");
         }
         let sample_size = if self == RandomArch::SdTurbo { 768 } else { 512 };
+        let scaling_factor = if self == RandomArch::SdxlTurbo { 0.13025 } else { 0.18215 };
         json!({
             "_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
             "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
             "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
             "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
-            "norm_num_groups": 32, "sample_size": sample_size, "scaling_factor": 0.18215, "force_upcast": true,
+            "norm_num_groups": 32, "sample_size": sample_size, "scaling_factor": scaling_factor, "force_upcast": true,
             "use_quant_conv": true, "use_post_quant_conv": true, "mid_block_add_attention": true
         })
     }
@@ -126,6 +134,17 @@ impl RandomArch {
         "force_upcast": false, "scaling_factor": 1.0, "shift_factor": 0.0
         })
     }
+}
+
+/// transformers' CLIPTextConfig with the real vocabulary; token ids follow the bundled tokenizer.
+fn clip_config(arch: &str, hidden: i64, inter: i64, heads: i64, layers: i64, act: &str, proj: i64) -> Value {
+    json!({
+        "architectures": [arch], "model_type": "clip_text_model",
+        "hidden_size": hidden, "intermediate_size": inter, "num_attention_heads": heads,
+        "num_hidden_layers": layers, "hidden_act": act, "projection_dim": proj,
+        "vocab_size": 49408, "max_position_embeddings": 77, "layer_norm_eps": 1e-5,
+        "bos_token_id": 912, "eos_token_id": 913, "pad_token_id": 0
+    })
 }
 
 /// Where a random-weight benchmark model was written.
@@ -212,6 +231,26 @@ pub fn materialise(arch: RandomArch, parent: &Path, device: Device, kind: Kind) 
         ClipTextModel::new(w, te_config)
     })?;
 
+    let mut index = json!({
+        "_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]
+    });
+    if let Some(te2) = arch.text_encoder_2_config() {
+        write_json(&root.join("text_encoder_2/config.json"), &te2)?;
+        let config: ClipTextConfig = serde_json::from_value(te2).map_err(|e| Error::Model(e.to_string()))?;
+        random_component(&root.join("text_encoder_2"), "model.safetensors", device, kind, |w| {
+            ClipTextModel::new(w, config)
+        })?;
+        for (name, text) in TOKENIZER_FILES {
+            write(&root.join("tokenizer_2").join(name), text)?;
+        }
+        index["_class_name"] = "StableDiffusionXLPipeline".into();
+        index["text_encoder_2"] = json!(["transformers", "CLIPTextModelWithProjection"]);
+        index["tokenizer_2"] = json!(["transformers", "CLIPTokenizer"]);
+        index["force_zeros_for_empty_prompt"] = true.into();
+    }
+
     let vae = arch.vae_config();
     write_json(&root.join("vae/config.json"), &vae)?;
     let vae_config: AutoencoderKLConfig =
@@ -232,14 +271,7 @@ pub fn materialise(arch: RandomArch, parent: &Path, device: Device, kind: Kind) 
         write(&root.join("tokenizer").join(name), text)?;
     }
     write(&root.join("scheduler/scheduler_config.json"), SCHEDULER)?;
-    write_json(
-        &root.join("model_index.json"),
-        &json!({
-            "_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]
-        }),
-    )?;
+    write_json(&root.join("model_index.json"), &index)?;
     let readme = format!(
         "# {}: random-weight test model\n\nA random-weight BENCHMARK model written by `sdstream bench \
          --random-model {}`: the real architecture with random weights, for speed measurements only. Its \
