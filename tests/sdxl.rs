@@ -76,3 +76,21 @@ fn default_size_follows_the_unet_sample_size() {
     let sd = load();
     assert_eq!(sd.default_size(), (64, 64));
 }
+
+#[test]
+fn the_sdxl_vae_stays_fp32_under_an_fp16_model() {
+    let opts = sdstream::models::stable_diffusion::LoadOptions { kind: tch::Kind::Half, ..cpu_fp32(None) };
+    let sd = StableDiffusion::load(&fixture(MODEL).display().to_string(), &opts).unwrap();
+    let sdstream::models::stable_diffusion::Autoencoder::Kl(vae) = &sd.autoencoder else { panic!("a VAE") };
+    assert!(vae.config().force_upcast);
+    assert_eq!(vae.kind(), tch::Kind::Float);
+    // Latents in the model's dtype go in, the image comes back in it.
+    let z = tch::Tensor::zeros([1, 4, 8, 8], (tch::Kind::Half, tch::Device::Cpu));
+    let image = tch::no_grad(|| sd.autoencoder.decode_scaled(&z)).unwrap();
+    assert_eq!(image.kind(), tch::Kind::Half);
+    // An SD 1.x model does not upcast (diffusers' SD pipelines ignore force_upcast).
+    let sd1 = StableDiffusion::load(&fixture("tests/fixtures/models/sd1-tiny").display().to_string(), &opts)
+        .unwrap();
+    let sdstream::models::stable_diffusion::Autoencoder::Kl(vae) = &sd1.autoencoder else { panic!("a VAE") };
+    assert_eq!(vae.kind(), tch::Kind::Half);
+}
