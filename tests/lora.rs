@@ -114,6 +114,29 @@ fn kohya_and_old_diffusers_namings_fuse_the_same_weights() {
     assert!(weight_diff(&sd, &base).0 <= 1e-6);
 }
 
+/// SDXL: a LoRA on the UNet and both text encoders, in the PEFT and kohya (`lora_te1_`, `lora_te2_`) namings,
+/// against diffusers' StableDiffusionXLPipeline with it loaded and fused.
+#[test]
+fn sdxl_lora_on_both_text_encoders_matches_diffusers() {
+    let mut sd = load("sdxl-tiny");
+    let te2_before = sd.encode_text("a fox", None).unwrap();
+    for file in ["sdxl_peft.safetensors", "sdxl_kohya.safetensors"] {
+        sd.load_lora(&spec(file, 0.8)).unwrap();
+        let info = &sd.loras.list()[0];
+        assert!(info.unet_layers > 0 && info.text_encoder_layers > 0, "{info:?}");
+        check(&sd, "sdxl_peft_euler_g5.0_scale0.8");
+        // The pooled output comes from the second text encoder alone: it moved, so that LoRA part was fused.
+        let after = sd.encode_text("a fox", None).unwrap();
+        let moved = max_abs_diff(after.pooled.as_ref().unwrap(), te2_before.pooled.as_ref().unwrap());
+        assert!(moved > 1e-4, "{file}: the second text encoder's LoRA changed nothing");
+        sd.loras.remove(0).unwrap();
+    }
+    // A second-text-encoder LoRA on an SD 1.x model is refused, naming the key.
+    let mut sd1 = load("sd1-tiny");
+    let e = sd1.load_lora(&spec("sdxl_peft.safetensors", 1.0)).unwrap_err().to_string();
+    assert!(e.contains("sdxl_peft.safetensors"), "{e}");
+}
+
 #[test]
 fn alpha_from_diffusers_metadata_matches() {
     let mut sd = load("sd1-tiny");

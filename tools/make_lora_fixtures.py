@@ -20,6 +20,9 @@ LoRA files (every tensor drawn from a seeded generator, so the script is determi
 * `sd1_conv_kohya.safetensors`: a kohya conv LoRA (LoCon-style `lora_down` conv weights) on resnet conv1/conv2
   (3x3), conv_shortcut (1x1), down/upsampler convs, conv_in/conv_out, time_emb_proj and time_embedding, rank 2,
   alpha 1.
+* `sdxl_peft.safetensors`: for the SDXL test model sdxl-tiny, PEFT naming on the UNet, the text encoder and the
+  second text encoder (`text_encoder_2.`); `sdxl_kohya.safetensors` holds the same weights in the kohya naming
+  (`lora_unet_`, `lora_te1_`, `lora_te2_`), which diffusers loads to the same images (checked here).
 * `lcm_kohya.safetensors`: an LCM-LoRA-like kohya LoRA on every linear and conv layer of lcm-tiny's UNet
   (rank 2, alpha 1). kohya and old-format files are stored in fp16.
 
@@ -42,10 +45,16 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 from peft import LoraConfig  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 import diffusers  # noqa: E402
-from diffusers import DDIMScheduler, EulerDiscreteScheduler, LCMScheduler, StableDiffusionPipeline  # noqa: E402
+from diffusers import (  # noqa: E402
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    LCMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 
 diffusers.utils.logging.set_verbosity_error()
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -63,7 +72,9 @@ UNET_CONV = ("conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsample
 
 
 def load(model: str) -> StableDiffusionPipeline:
-    pipe = StableDiffusionPipeline.from_pretrained(str(MODELS / model), torch_dtype=torch.float32)
+    sdxl = "text_encoder_2" in json.loads((MODELS / model / "model_index.json").read_text())
+    cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    pipe = cls.from_pretrained(str(MODELS / model), torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -205,6 +216,17 @@ def main():
                 if "cond_proj" not in n]
     save("lcm_kohya.safetensors", kohya("lora_unet_", make_lora(lcm_mods, 2, 6, amp=0.3), 1.0))
 
+    xl = load("sdxl-tiny")
+    xl_unet = targets(xl.unet, UNET_ATTN)
+    xl_te = [(n if n.startswith("text_model.") else f"text_model.{n}", w) for n, w in targets(xl.text_encoder, TE_ATTN)]
+    xl_te2 = [(n if n.startswith("text_model.") else f"text_model.{n}", w)
+              for n, w in targets(xl.text_encoder_2, TE_ATTN)]
+    assert xl_te2 and not any("text_projection" in n for n, _ in xl_te2)
+    xu, xt, xt2 = make_lora(xl_unet, 4, 7), make_lora(xl_te, 4, 8), make_lora(xl_te2, 4, 9)
+    save("sdxl_peft.safetensors", {**peft("unet.", xu), **peft("text_encoder.", xt), **peft("text_encoder_2.", xt2)})
+    save("sdxl_kohya.safetensors",
+         {**kohya("lora_unet_", xu, 4), **kohya("lora_te1_", xt, 4), **kohya("lora_te2_", xt2, 4)})
+
     cases = [
         dict(name="peft_ddim_g7.5", model="sd1-tiny", loras=[["sd1_peft.safetensors", 1.0]], scheduler="ddim",
              guidance=7.5, steps=3, seed=201, negative_prompt=NEG),
@@ -221,6 +243,8 @@ def main():
              guidance=7.5, steps=3, seed=205, negative_prompt=None),
         dict(name="lcm_tiny_lcm_g1.0", model="lcm-tiny", loras=[["lcm_kohya.safetensors", 1.0]], scheduler="lcm",
              guidance=1.0, steps=2, seed=206, negative_prompt=None),
+        dict(name="sdxl_peft_euler_g5.0_scale0.8", model="sdxl-tiny", loras=[["sdxl_peft.safetensors", 0.8]],
+             scheduler="euler", guidance=5.0, steps=3, seed=207, negative_prompt=NEG),
     ]
     base = None
     for c in cases:
@@ -235,6 +259,19 @@ def main():
         diff = (lat - base).abs().max().item()
         assert diff < 1e-5, (other, diff)
         print(f"{other}: same as sd1_peft in diffusers (max diff {diff:.1e})")
+    xl_case = next(c for c in cases if c["model"] == "sdxl-tiny")
+    xl_base, _ = run_case(xl_case, write=False)
+    lat, _ = run_case({**xl_case, "loras": [["sdxl_kohya.safetensors", 0.8]]}, write=False)
+    diff = (lat - xl_base).abs().max().item()
+    assert diff < 1e-5, ("sdxl_kohya", diff)
+    print(f"sdxl_kohya.safetensors: same as sdxl_peft in diffusers (max diff {diff:.1e})")
+    # Each part of the SDXL LoRA matters (the second text encoder's too).
+    no_te2 = {k: v for k, v in load_file(str(OUT / "sdxl_peft.safetensors")).items()
+              if not k.startswith("text_encoder_2.")}
+    save("sdxl_no_te2.tmp.safetensors", no_te2)
+    lat, _ = run_case({**xl_case, "loras": [["sdxl_no_te2.tmp.safetensors", 0.8]]}, write=False)
+    (OUT / "sdxl_no_te2.tmp.safetensors").unlink()
+    assert (lat - xl_base).abs().max() > 1e-3, "the second text encoder's LoRA changed nothing"
     # And the LoRA changes the picture (not a no-op), in both the UNet and the text encoder.
     plain, plain_pipe = run_case({**cases[0], "loras": []}, write=False)
     assert (plain - base).abs().max() > 1e-2
@@ -248,7 +285,7 @@ def main():
         f.write("\n")
     total = sum(p.stat().st_size for p in OUT.iterdir())
     print(f"wrote {len(list(OUT.iterdir()))} files, {total / 1e3:.0f} kB")
-    assert total < 1_000_000
+    assert total < 1_500_000
 
 
 if __name__ == "__main__":

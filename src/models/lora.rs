@@ -4,7 +4,8 @@
 //! Files: safetensors in the diffusers/PEFT naming (`unet.<module>.lora_A.weight` / `lora_B.weight`,
 //! `text_encoder.<module>...`), diffusers' older namings (`<module>.lora.down.weight`, `lora_linear_layer`,
 //! `processor.to_q_lora.down.weight`), and the kohya naming (`lora_unet_<module_with_underscores>.lora_down.weight`,
-//! `.lora_up.weight`, `.alpha`; `lora_te_text_model_encoder_layers_0_...`). Linear and conv (1x1 and kxk
+//! `.lora_up.weight`, `.alpha`; `lora_te_text_model_encoder_layers_0_...`; SDXL's `text_encoder_2.`, `lora_te1_`,
+//! `lora_te2_`). Linear and conv (1x1 and kxk
 //! `lora_down`) layers. Each layer adds `scale * (alpha / rank) * (up @ down)` to its target weight: alpha from
 //! the file's `.alpha` keys, or the `lora_adapter_metadata` diffusers writes (`lora_alpha`, `alpha_pattern`,
 //! `use_rslora`), otherwise alpha = rank. LoHa, LoKr, DoRA, Tucker LoCon (`lora_mid`), LoRA biases and full
@@ -117,13 +118,40 @@ pub fn resolve_lora_file(spec: &str) -> Result<PathBuf> {
 pub enum Component {
     Unet,
     TextEncoder,
+    /// SDXL's second text encoder.
+    TextEncoder2,
 }
 
 impl Component {
+    const ALL: [Component; 3] = [Component::Unet, Component::TextEncoder, Component::TextEncoder2];
+
     fn name(self) -> &'static str {
         match self {
             Component::Unet => "unet",
             Component::TextEncoder => "text encoder",
+            Component::TextEncoder2 => "second text encoder (text_encoder_2)",
+        }
+    }
+
+    fn is_text_encoder(self) -> bool {
+        self != Component::Unet
+    }
+}
+
+/// The weights a LoRA can patch: the UNet's, the text encoder's and, for SDXL, the second text encoder's.
+#[derive(Clone, Copy)]
+pub struct LoraTargets<'a> {
+    pub unet: &'a Weights,
+    pub text_encoder: &'a Weights,
+    pub text_encoder_2: Option<&'a Weights>,
+}
+
+impl<'a> LoraTargets<'a> {
+    fn get(&self, c: Component) -> Option<&'a Weights> {
+        match c {
+            Component::Unet => Some(self.unet),
+            Component::TextEncoder => Some(self.text_encoder),
+            Component::TextEncoder2 => self.text_encoder_2,
         }
     }
 }
@@ -227,6 +255,7 @@ fn parse_key(key: &str) -> std::result::Result<(Component, Module, Part), String
         ("lora_unet_", Component::Unet),
         ("lora_te_", Component::TextEncoder),
         ("lora_te1_", Component::TextEncoder),
+        ("lora_te2_", Component::TextEncoder2),
     ] {
         if let Some(rest) = key.strip_prefix(prefix) {
             let (name, part) =
@@ -240,11 +269,10 @@ fn parse_key(key: &str) -> std::result::Result<(Component, Module, Part), String
             return Ok((comp, Module::Kohya(name.to_string()), part));
         }
     }
-    if key.starts_with("lora_te2_") || key.starts_with("text_encoder_2.") {
-        return Err("a second text encoder (SDXL) LoRA is not supported".into());
-    }
     let (comp, rest) = if let Some(r) = key.strip_prefix("unet.") {
         (Component::Unet, r)
+    } else if let Some(r) = key.strip_prefix("text_encoder_2.") {
+        (Component::TextEncoder2, r)
     } else if let Some(r) = key.strip_prefix("text_encoder.") {
         (Component::TextEncoder, r)
     } else {
@@ -273,10 +301,10 @@ fn parse_key(key: &str) -> std::result::Result<(Component, Module, Part), String
                 let mapped = match (comp, proj) {
                     (Component::Unet, "to_q" | "to_k" | "to_v") => proj.to_string(),
                     (Component::Unet, "to_out") => "to_out.0".to_string(),
-                    (Component::TextEncoder, "to_q") => "q_proj".into(),
-                    (Component::TextEncoder, "to_k") => "k_proj".into(),
-                    (Component::TextEncoder, "to_v") => "v_proj".into(),
-                    (Component::TextEncoder, "to_out") => "out_proj".into(),
+                    (c, "to_q") if c.is_text_encoder() => "q_proj".into(),
+                    (c, "to_k") if c.is_text_encoder() => "k_proj".into(),
+                    (c, "to_v") if c.is_text_encoder() => "v_proj".into(),
+                    (c, "to_out") if c.is_text_encoder() => "out_proj".into(),
                     _ => return Err(format!("unrecognised attention-processor LoRA `{proj}_lora`")),
                 };
                 if parent.is_empty() {
@@ -324,6 +352,7 @@ fn parse_meta(raw: &str, comp: Component) -> Option<AdapterMeta> {
     let prefix = match comp {
         Component::Unet => "unet.",
         Component::TextEncoder => "text_encoder.",
+        Component::TextEncoder2 => "text_encoder_2.",
     };
     let get = |k: &str| obj.get(&format!("{prefix}{k}"));
     if !obj.keys().any(|k| k.starts_with(prefix)) {
@@ -368,15 +397,15 @@ fn kohya_index(w: &Weights) -> HashMap<String, String> {
 }
 
 impl Lora {
-    /// Reads a LoRA file and matches every layer to a weight of `unet` / `text_encoder` (not fused yet).
-    pub fn read(path: &Path, unet: &Weights, text_encoder: &Weights) -> Result<Lora> {
+    /// Reads a LoRA file and matches every layer to a weight of the targets (not fused yet).
+    pub fn read(path: &Path, targets: LoraTargets<'_>) -> Result<Lora> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let st = safetensors::SafeTensors::deserialize(&bytes)
             .map_err(|e| Error::WeightFile { path: path.to_path_buf(), msg: e.to_string() })?;
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
             .map_err(|e| Error::WeightFile { path: path.to_path_buf(), msg: e.to_string() })?;
         let raw_meta = header.metadata().as_ref().and_then(|m| m.get("lora_adapter_metadata").cloned());
-        let meta: HashMap<Component, AdapterMeta> = [Component::Unet, Component::TextEncoder]
+        let meta: HashMap<Component, AdapterMeta> = Component::ALL
             .into_iter()
             .filter_map(|c| raw_meta.as_deref().and_then(|r| parse_meta(r, c)).map(|m| (c, m)))
             .collect();
@@ -387,14 +416,8 @@ impl Lora {
             ));
         }
 
-        let weights = |c: Component| match c {
-            Component::Unet => unet,
-            Component::TextEncoder => text_encoder,
-        };
-        let indexes: HashMap<Component, HashMap<String, String>> = [Component::Unet, Component::TextEncoder]
-            .into_iter()
-            .map(|c| (c, kohya_index(weights(c))))
-            .collect();
+        let indexes: HashMap<Component, HashMap<String, String>> =
+            Component::ALL.into_iter().filter_map(|c| targets.get(c).map(|w| (c, kohya_index(w)))).collect();
 
         // (component, module) -> (down key, up key, alpha key)
         #[derive(Default)]
@@ -412,10 +435,15 @@ impl Lora {
         for key in &names {
             let (comp, module, part) =
                 parse_key(key).map_err(|m| file_err(path, format!("key `{key}`: {m}")))?;
-            let w = weights(comp);
+            let w = targets.get(comp).ok_or_else(|| {
+                file_err(
+                    path,
+                    format!("key `{key}` is for a {}, which this model does not have", comp.name()),
+                )
+            })?;
             let module = match module {
                 Module::Dotted(m) => {
-                    let candidates = if comp == Component::TextEncoder && !m.starts_with("text_model.") {
+                    let candidates = if comp.is_text_encoder() && !m.starts_with("text_model.") {
                         vec![m.clone(), format!("text_model.{m}")]
                     } else {
                         vec![m.clone()]
@@ -466,7 +494,7 @@ impl Lora {
                 ));
             };
             let target_name = format!("{module}.weight");
-            let target = weights(comp).loaded(&target_name).expect("checked above");
+            let target = targets.get(comp).and_then(|w| w.loaded(&target_name)).expect("checked above");
             let device = target.device();
             let down = read_tensor(path, &st, &dk, device)?;
             let up = read_tensor(path, &st, &uk, device)?;
@@ -537,13 +565,13 @@ impl Lora {
             path: self.path.clone(),
             scale: self.scale,
             unet_layers: self.layers.iter().filter(|l| l.component == Component::Unet).count(),
-            text_encoder_layers: self.layers.iter().filter(|l| l.component == Component::TextEncoder).count(),
+            text_encoder_layers: self.layers.iter().filter(|l| l.component.is_text_encoder()).count(),
         }
     }
 
     /// Whether changing this LoRA's scale changes prompt embeddings (it patches the text encoder).
     pub fn touches_text_encoder(&self) -> bool {
-        self.layers.iter().any(|l| l.component == Component::TextEncoder)
+        self.layers.iter().any(|l| l.component.is_text_encoder())
     }
 }
 
@@ -594,9 +622,9 @@ impl LoraSet {
 
     /// Reads the LoRA file at `path`, matches it to the model's weights and fuses it at `scale`. Returns its
     /// index. Nothing is patched when the file has an error.
-    pub fn load(&mut self, path: &Path, scale: f64, unet: &Weights, text_encoder: &Weights) -> Result<usize> {
+    pub fn load(&mut self, path: &Path, scale: f64, targets: LoraTargets<'_>) -> Result<usize> {
         check_scale(scale)?;
-        let mut lora = Lora::read(path, unet, text_encoder)?;
+        let mut lora = Lora::read(path, targets)?;
         let base = lora.name.clone();
         let mut n = 2;
         while self.loras.iter().any(|l| l.name == lora.name) {
@@ -689,7 +717,12 @@ impl StableDiffusion {
     /// index in `self.loras`.
     pub fn load_lora(&mut self, spec: &LoraSpec) -> Result<usize> {
         let file = resolve_lora_file(&spec.path)?;
-        let i = self.loras.load(&file, spec.scale, &self.unet_weights, &self.text_encoder_weights)?;
+        let targets = LoraTargets {
+            unet: &self.unet_weights,
+            text_encoder: &self.text_encoder_weights,
+            text_encoder_2: self.text_encoder_2_weights.as_ref(),
+        };
+        let i = self.loras.load(&file, spec.scale, targets)?;
         let info = &self.loras.list()[i];
         tracing::info!(
             "LoRA {} ({}): {} UNet and {} text-encoder layers fused at scale {}",
