@@ -153,6 +153,7 @@ impl ModelArgs {
             device: sdstream::device::parse_device(&self.device)?,
             kind: sdstream::device::parse_dtype(&self.dtype)?,
             vae: self.vae.clone(),
+            controlnet: None,
         };
         let t0 = std::time::Instant::now();
         let mut sd = StableDiffusion::load(&self.model, &opts)

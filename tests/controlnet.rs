@@ -1,0 +1,212 @@
+//! ControlNet parity with diffusers (fixtures made by tools/make_controlnet_fixtures.py):
+//! - the model: raw residuals of the tiny test ControlNets for fixed inputs (per-item timesteps, scales, guess
+//!   mode, global pooling, an SD 2.x-style "bgr" ControlNet), max abs diff < 1e-5;
+//! - the pipelines: StableDiffusionControlNetPipeline / StableDiffusionControlNetImg2ImgPipeline on the tiny
+//!   models, same seed on CPU fp32: latents within 1e-4 (abs + rel), PNG within 2/255 per pixel;
+//! - bad inputs give errors naming what is wrong.
+mod common;
+
+use common::*;
+use sdstream::models::controlnet::{ControlNetConfig, ControlNetModel, ControlScale};
+use sdstream::models::stable_diffusion::{LoadOptions, StableDiffusion};
+use sdstream::models::Weights;
+use sdstream::pipeline::{self, Control};
+use tch::{Device, Kind, Tensor};
+
+fn model_dir(name: &str) -> String {
+    fixture(&format!("tests/fixtures/models/{name}")).display().to_string()
+}
+
+fn check_residuals(
+    what: &str,
+    got: &sdstream::models::unet::ControlResiduals,
+    refs: &std::collections::HashMap<String, Tensor>,
+    prefix: &str,
+) {
+    let n = refs.keys().filter(|k| k.starts_with(&format!("{prefix}.down."))).count();
+    assert!(n > 0, "{what}: no reference residuals");
+    assert_eq!(got.down.len(), n, "{what}: number of down residuals");
+    for (i, d) in got.down.iter().enumerate() {
+        let want = &refs[&format!("{prefix}.down.{i}")];
+        assert!(want.abs().max().double_value(&[]) > 1e-3, "{what}: reference residual {i} is all zeros");
+        assert_max_abs(&format!("{what} down.{i}"), d, want, 1e-5);
+    }
+    assert_max_abs(&format!("{what} mid"), &got.mid, &refs[&format!("{prefix}.mid")], 1e-5);
+}
+
+#[test]
+fn controlnet_residuals_match_diffusers() {
+    let _g = tch::no_grad_guard();
+    for name in ["controlnet-tiny", "controlnet-sd2-tiny", "controlnet-lcm-tiny"] {
+        let net = ControlNetModel::load(&model_dir(name), Device::Cpu, Kind::Float).unwrap();
+        let refs = tensors(&format!("tests/fixtures/reference/controlnet/model_{name}.safetensors"));
+        let run = |scale: ControlScale, guess: bool| {
+            net.forward(
+                &refs["sample"],
+                &refs["timesteps"],
+                &refs["encoder_hidden_states"],
+                &refs["cond"],
+                scale,
+                guess,
+            )
+            .unwrap()
+        };
+        check_residuals(&format!("{name} plain"), &run(ControlScale::One(1.0), false), &refs, "plain");
+        check_residuals(&format!("{name} scaled"), &run(ControlScale::One(0.7), false), &refs, "scaled");
+        check_residuals(&format!("{name} guess"), &run(ControlScale::One(0.7), true), &refs, "guess");
+        // One scale per batch item (a stream batch mixing clients) gives the same as one for all.
+        check_residuals(
+            &format!("{name} per-item"),
+            &run(ControlScale::PerItem(&[0.7, 0.7]), false),
+            &refs,
+            "scaled",
+        );
+        check_residuals(
+            &format!("{name} per-item guess"),
+            &run(ControlScale::PerItem(&[0.7, 0.7]), true),
+            &refs,
+            "guess",
+        );
+        if name == "controlnet-tiny" {
+            // global_pool_conditions: same weights, the config flag on.
+            let dir = fixture("tests/fixtures/models/controlnet-tiny");
+            let mut config = ControlNetConfig::from_file(dir.join("config.json")).unwrap();
+            config.global_pool_conditions = true;
+            let w = Weights::from_safetensors(
+                &[dir.join("diffusion_pytorch_model.safetensors")],
+                Device::Cpu,
+                Kind::Float,
+            )
+            .unwrap();
+            let pooled = ControlNetModel::new(&w, &config).unwrap();
+            assert!(pooled.forces_guess_mode());
+            let r = pooled
+                .forward(
+                    &refs["sample"],
+                    &refs["timesteps"],
+                    &refs["encoder_hidden_states"],
+                    &refs["cond"],
+                    ControlScale::One(0.7),
+                    true,
+                )
+                .unwrap();
+            check_residuals("controlnet-tiny pooled", &r, &refs, "pooled");
+        }
+    }
+}
+
+#[test]
+fn parameter_count_matches_the_weights() {
+    let dir = fixture("tests/fixtures/models/controlnet-tiny");
+    let config = ControlNetConfig::from_file(dir.join("config.json")).unwrap();
+    let n = sdstream::models::controlnet::parameter_count(&config).unwrap();
+    let stored: i64 = read_tensors(&dir.join("diffusion_pytorch_model.safetensors"))
+        .values()
+        .map(|t| t.numel() as i64)
+        .sum();
+    assert_eq!(n, stored);
+}
+
+fn control_of(case: &serde_json::Value) -> Control {
+    let img = sdstream::io::image::read(&fixture(case["control_image"].as_str().unwrap())).unwrap();
+    let image =
+        pipeline::control_image(&img, case["width"].as_i64().unwrap(), case["height"].as_i64().unwrap())
+            .unwrap();
+    Control {
+        image,
+        scale: case["controlnet_scale"].as_f64().unwrap(),
+        guess_mode: case["guess_mode"].as_bool().unwrap(),
+        guidance_start: case["control_guidance_start"].as_f64().unwrap(),
+        guidance_end: case["control_guidance_end"].as_f64().unwrap(),
+    }
+}
+
+fn load_with(model: &str, controlnet: &str) -> StableDiffusion {
+    let opts = LoadOptions { controlnet: Some(model_dir(controlnet)), ..cpu_fp32(None) };
+    StableDiffusion::load(&model_dir(model), &opts).unwrap()
+}
+
+fn check_pipeline(model: &str, controlnet: &str) {
+    let sd = load_with(model, controlnet);
+    let dir = format!("tests/fixtures/reference/controlnet/{model}");
+    let index = json(&format!("{dir}/index.json"));
+    let cases: Vec<&str> = index.as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    assert!(!cases.is_empty());
+    for name in cases {
+        let base = format!("{dir}/{name}");
+        let case = json(&format!("{base}.json"));
+        let reference = tensors(&format!("{base}.safetensors"));
+        let p = generate_params(&case, case["width"].as_i64().unwrap(), case["height"].as_i64().unwrap());
+        let control = control_of(&case);
+        let latents = match case["mode"].as_str().unwrap() {
+            "txt2img" => pipeline::txt2img_latents_with(&sd, &p, Some(&control)).unwrap(),
+            "img2img" => {
+                let input =
+                    sdstream::io::image::read(&fixture(case["input_image"].as_str().unwrap())).unwrap();
+                let image = sdstream::io::image::to_tensor(&input, Device::Cpu, Kind::Float).unwrap();
+                let strength = case["strength"].as_f64().unwrap();
+                pipeline::img2img_latents_with(&sd, &p, &image, strength, Some(&control)).unwrap()
+            }
+            other => panic!("{name}: unknown mode {other}"),
+        };
+        assert_close(&format!("{model}/{name}: latents"), &latents, &reference["latents"], 1e-4, 1e-4);
+        assert_png_matches(&format!("{model}/{name}"), &sd, &latents, &format!("{base}.png"));
+        // The ControlNet matters: without it the latents differ.
+        if case["mode"] == "txt2img" {
+            let plain = pipeline::txt2img_latents(&sd, &p).unwrap();
+            assert!(max_abs_diff(&plain, &latents) > 1e-3, "{name}: the ControlNet changed nothing");
+        }
+    }
+}
+
+#[test]
+fn sd1_tiny_controlnet_pipelines_match_diffusers() {
+    check_pipeline("sd1-tiny", "controlnet-tiny");
+}
+
+#[test]
+fn lcm_tiny_controlnet_pipelines_match_diffusers() {
+    check_pipeline("lcm-tiny", "controlnet-lcm-tiny");
+}
+
+#[test]
+fn bad_inputs_are_refused_clearly() {
+    // A ControlNet made for another cross-attention width (SD 2.x-style for an SD 1.x model).
+    let opts = LoadOptions { controlnet: Some(model_dir("controlnet-sd2-tiny")), ..cpu_fp32(None) };
+    let e = StableDiffusion::load(&model_dir("sd1-tiny"), &opts).err().unwrap().to_string();
+    assert!(e.contains("cross_attention_dim"), "{e}");
+    // Not a ControlNet at all.
+    let opts = LoadOptions { controlnet: Some(model_dir("taesd-tiny")), ..cpu_fp32(None) };
+    let e = StableDiffusion::load(&model_dir("sd1-tiny"), &opts).err().unwrap().to_string();
+    assert!(e.contains("ControlNetModel"), "{e}");
+
+    let sd = load_with("sd1-tiny", "controlnet-tiny");
+    let case = json("tests/fixtures/reference/controlnet/sd1-tiny/txt2img_ddim_g1.0_s1.0.json");
+    let p = generate_params(&case, 64, 64);
+    // A control image of the wrong size.
+    let mut c = control_of(&case);
+    c.image = Tensor::zeros([1, 3, 32, 64], (Kind::Float, Device::Cpu));
+    let e = pipeline::txt2img_latents_with(&sd, &p, Some(&c)).unwrap_err().to_string();
+    assert!(e.contains("control image") && e.contains("64x32"), "{e}");
+    // A bad guidance window.
+    let mut c = control_of(&case);
+    c.guidance_start = 0.8;
+    c.guidance_end = 0.2;
+    let e = pipeline::txt2img_latents_with(&sd, &p, Some(&c)).unwrap_err().to_string();
+    assert!(e.contains("start"), "{e}");
+    // A control image without a ControlNet.
+    let plain = StableDiffusion::load(&model_dir("sd1-tiny"), &cpu_fp32(None)).unwrap();
+    let e = pipeline::txt2img_latents_with(&plain, &p, Some(&control_of(&case))).unwrap_err().to_string();
+    assert!(e.contains("--controlnet"), "{e}");
+    // Unsupported configs are refused naming the field.
+    let config = ControlNetConfig { addition_embed_type: Some("text_time".into()), ..Default::default() };
+    let e = config.unet_config().unwrap_err().to_string();
+    assert!(e.contains("addition_embed_type"), "{e}");
+    let config =
+        ControlNetConfig { controlnet_conditioning_channel_order: "grb".into(), ..Default::default() };
+    let e = config.unet_config().unwrap_err().to_string();
+    assert!(e.contains("controlnet_conditioning_channel_order"), "{e}");
+    let config = ControlNetConfig { class_embed_type: Some("timestep".into()), ..Default::default() };
+    let e = config.unet_config().unwrap_err().to_string();
+    assert!(e.contains("controlnet config `class_embed_type`"), "{e}");
+}
