@@ -210,3 +210,72 @@ fn bad_inputs_are_refused_clearly() {
     let e = config.unet_config().unwrap_err().to_string();
     assert!(e.contains("controlnet config `class_embed_type`"), "{e}");
 }
+
+fn sdstream_cli(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sdstream"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("HF_HUB_OFFLINE", "1")
+        .env("RUST_BACKTRACE", "0")
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!text.contains("panicked"), "sdstream {args:?} panicked:\n{text}");
+    (out.status.success(), text)
+}
+
+#[test]
+fn cli_runs_controlnet_and_refuses_bad_input() {
+    let out = std::env::temp_dir().join(format!("sdstream-controlnet-{}.png", std::process::id()));
+    let out_s = out.display().to_string();
+    let base = [
+        "--model",
+        "tests/fixtures/models/sd1-tiny",
+        "--device",
+        "cpu",
+        "--prompt",
+        "a cat",
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--output",
+        out_s.as_str(),
+    ];
+    let with = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = vec!["txt2img".into()];
+        v.extend(base.iter().map(|s| s.to_string()));
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let run = |args: Vec<String>| sdstream_cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let control = "tests/fixtures/reference/controlnet/control_96x64.png";
+    let (ok, text) = run(with(&[
+        "--controlnet",
+        "tests/fixtures/models/controlnet-tiny",
+        "--control-image",
+        control,
+        "--controlnet-scale",
+        "0.8",
+    ]));
+    assert!(ok, "{text}");
+    assert_eq!(image::image_dimensions(&out).unwrap(), (64, 64));
+    let _ = std::fs::remove_file(&out);
+
+    let (ok, text) = run(with(&["--controlnet", "tests/fixtures/models/controlnet-tiny"]));
+    assert!(!ok && text.contains("--control-image"), "{text}");
+    let (ok, text) = run(with(&["--control-image", control]));
+    assert!(!ok && text.contains("--controlnet"), "{text}");
+    let (ok, text) =
+        run(with(&["--controlnet", "tests/fixtures/models/controlnet-sd2-tiny", "--control-image", control]));
+    assert!(!ok && text.contains("cross_attention_dim"), "{text}");
+    let (ok, text) = run(with(&[
+        "--controlnet",
+        "tests/fixtures/models/controlnet-tiny",
+        "--control-image",
+        "/no/such.png",
+    ]));
+    assert!(!ok && text.contains("/no/such.png"), "{text}");
+}
