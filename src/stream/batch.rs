@@ -1,9 +1,11 @@
 //! One engine tick over several streams: their frames are encoded in one autoencoder call, their slots go
 //! through ONE UNet call (stacked with per-item timesteps and per-item embeddings), and their outputs are
 //! decoded in one call, then handed back to each stream in order, so no stream ever sees another's frame.
-use super::{FrameResult, Stream};
+use super::{FrameResult, Stream, UnetWork};
 use crate::error::{Error, Result};
+use crate::models::controlnet::ControlScale;
 use crate::models::stable_diffusion::{Autoencoder, StableDiffusion};
+use crate::models::unet::{ControlResiduals, UNetExtra};
 use std::time::{Duration, Instant};
 use tch::Tensor;
 
@@ -152,11 +154,12 @@ fn tick_group(
     let mut sequential = Vec::new();
     for (i, input) in group.iter_mut().enumerate() {
         let entry = input.stream.entry_latent(encoded[i].as_ref())?;
+        let control = input.stream.frame_control(input.image.as_ref())?;
         if input.stream.batched() {
-            works.push(input.stream.begin(entry, input.frame_id)?);
+            works.push(input.stream.begin(entry, input.frame_id, control)?);
         } else {
             let t0 = Instant::now();
-            sequential.push((i, input.stream.run_sequential(sd, entry, input.frame_id)?));
+            sequential.push((i, input.stream.run_sequential(sd, entry, input.frame_id, control)?));
             timings.unet += t0.elapsed();
         }
     }
@@ -168,7 +171,9 @@ fn tick_group(
             let sample = Tensor::f_cat(&works.iter().map(|w| &w.sample).collect::<Vec<_>>(), 0)?;
             let t = Tensor::f_cat(&works.iter().map(|w| &w.timesteps).collect::<Vec<_>>(), 0)?;
             let emb = Tensor::f_cat(&works.iter().map(|w| &w.embeddings).collect::<Vec<_>>(), 0)?;
-            sd.unet.forward(&sample, &t, &emb, None)
+            let residuals = control_residuals(sd, &works, &sample, &t, &emb)?;
+            let extra = UNetExtra { control: residuals.as_ref(), ..Default::default() };
+            sd.unet.forward_with(&sample, &t, &emb, &extra)
         })?)
     };
     timings.streams = timings.streams.max(works.len());
@@ -208,6 +213,61 @@ fn tick_group(
         });
     }
     Ok(outputs)
+}
+
+/// ONE ControlNet call over the items of every stream that uses control (each slot with the control image of
+/// the frame it denoises, and its stream's scale); the residuals of the other streams' items are zeros.
+fn control_residuals(
+    sd: &StableDiffusion,
+    works: &[UnetWork],
+    sample: &Tensor,
+    t: &Tensor,
+    emb: &Tensor,
+) -> Result<Option<ControlResiduals>> {
+    if works.iter().all(|w| w.control.is_none()) {
+        return Ok(None);
+    }
+    let net = sd.controlnet.as_ref().ok_or_else(|| {
+        Error::invalid("control", "a stream asks for ControlNet conditioning but no ControlNet is loaded")
+    })?;
+    // Rows of the stacked batch that have control.
+    let mut rows = Vec::new();
+    let mut images = Vec::new();
+    let mut scales = Vec::new();
+    let mut offset = 0i64;
+    for w in works {
+        let size = w.sample.size()[0];
+        if let Some(c) = &w.control {
+            rows.extend(offset..offset + size);
+            images.push(c.images.shallow_clone());
+            scales.extend_from_slice(&c.scales);
+        }
+        offset += size;
+    }
+    let total = offset;
+    let images = Tensor::f_cat(&images, 0)?;
+    if rows.len() as i64 == total {
+        return Ok(Some(net.forward(sample, t, emb, &images, ControlScale::PerItem(&scales), false)?));
+    }
+    let index = Tensor::f_from_slice(&rows)?.f_to_device(sample.device())?;
+    let r = net.forward(
+        &sample.f_index_select(0, &index)?,
+        &t.f_index_select(0, &index)?,
+        &emb.f_index_select(0, &index)?,
+        &images,
+        ControlScale::PerItem(&scales),
+        false,
+    )?;
+    let scatter = |part: &Tensor| -> Result<Tensor> {
+        let mut shape = part.size();
+        shape[0] = total;
+        let full = Tensor::f_zeros(&shape, (part.kind(), part.device()))?;
+        Ok(full.f_index_copy(0, &index, part)?)
+    };
+    Ok(Some(ControlResiduals {
+        down: r.down.iter().map(scatter).collect::<Result<Vec<_>>>()?,
+        mid: scatter(&r.mid)?,
+    }))
 }
 
 fn decode(ae: &Autoencoder, latents: &[&Tensor]) -> Result<Tensor> {

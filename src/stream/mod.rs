@@ -9,6 +9,7 @@
 //! [`Stream::finish`] takes its share of the prediction back) so that the engine can put the slots of many
 //! streams into one UNet call (see [`batch`]).
 pub mod batch;
+pub mod control;
 pub mod offline;
 pub mod prompts;
 pub mod settings;
@@ -18,7 +19,7 @@ use crate::device::CpuGenerator;
 use crate::error::{Error, Result};
 use crate::models::stable_diffusion::StableDiffusion;
 use crate::schedulers::{self, SchedulerKind};
-use settings::{CfgType, Mode, StreamScheduler, StreamSettings, STREAM_SCHEDULE_STEPS};
+use settings::{CfgType, ControlSource, Mode, StreamScheduler, StreamSettings, STREAM_SCHEDULE_STEPS};
 use std::collections::VecDeque;
 use tch::{Device, Kind, Tensor};
 
@@ -125,6 +126,21 @@ impl Prepared {
     }
 }
 
+/// A stream with a control source needs a ControlNet loaded with the model.
+fn check_control(sd: &StableDiffusion, s: &StreamSettings) -> Result<()> {
+    if s.control != ControlSource::None && sd.controlnet.is_none() {
+        return Err(Error::invalid(
+            "control",
+            format!(
+                "{:?} needs a ControlNet: start sdstream with --controlnet (or [model] controlnet)",
+                s.control
+            )
+            .to_lowercase(),
+        ));
+    }
+    Ok(())
+}
+
 /// `c_out * (x - beta * eps) / alpha + c_skip * x`: LCM's boundary-condition step (DDIM: c_out 1, c_skip 0).
 fn boundary_denoise(
     x: &Tensor,
@@ -148,6 +164,24 @@ pub struct UnetWork {
     pub sample: Tensor,
     pub timesteps: Tensor,
     pub embeddings: Tensor,
+    /// The ControlNet's inputs for these items, when the stream uses one.
+    pub control: Option<ControlWork>,
+}
+
+/// A stream's share of a ControlNet batch: one control image and one conditioning scale per UNet item (each
+/// slot uses the control image of the frame it is denoising; slots whose frame had none get scale 0).
+pub struct ControlWork {
+    /// (items, 3, H, W), RGB in [0, 1].
+    pub images: Tensor,
+    pub scales: Vec<f64>,
+}
+
+/// The control images of the frames in the slots, shifted along with the latent buffer.
+struct ControlSlots {
+    /// (n, 3, H, W): slot k holds the control image of the frame in slot k.
+    images: Tensor,
+    /// 1 where that frame had a control image, 0 where it had none.
+    active: Vec<f64>,
 }
 
 /// What a stream gives for one input frame.
@@ -172,6 +206,10 @@ pub struct Stream {
     in_flight: VecDeque<u64>,
     /// The slot latents of the frame being processed between begin and finish.
     pending_x: Option<Tensor>,
+    /// Per-slot control images (None while the stream's control is `none`).
+    control_slots: Option<ControlSlots>,
+    /// The last control image the client sent, (1, 3, H, W) in [0, 1] at the stream's size.
+    control_image: Option<Tensor>,
     /// The last decoded output (1, 3, H, W) in [-1, 1], returned for skipped frames.
     pub previous_output: Option<Tensor>,
     /// The last latent that left the last slot (before decoding).
@@ -190,6 +228,7 @@ impl Stream {
         uncond: Tensor,
     ) -> Result<Self> {
         settings.validate()?;
+        check_control(sd, &settings)?;
         let f = sd.vae_scale_factor();
         if settings.width % f != 0 || settings.height % f != 0 {
             return Err(Error::invalid("width/height", format!("must be multiples of {f} for this model")));
@@ -210,6 +249,8 @@ impl Stream {
             uncond,
             in_flight: VecDeque::new(),
             pending_x: None,
+            control_slots: None,
+            control_image: None,
             previous_output: None,
             last_latent: None,
             frames_skipped: 0,
@@ -250,6 +291,13 @@ impl Stream {
     /// buffer flowing on.
     pub fn apply_settings(&mut self, sd: &StableDiffusion, next: StreamSettings) -> Result<()> {
         next.validate()?;
+        check_control(sd, &next)?;
+        if (next.width, next.height) != (self.settings.width, self.settings.height) {
+            self.control_image = None;
+        }
+        if self.settings.needs_reprime(&next) || next.control == ControlSource::None {
+            self.control_slots = None;
+        }
         if self.settings.needs_reprime(&next) {
             let mut generator = CpuGenerator::new(next.seed)?;
             let prepared = Prepared::new(sd, &next, &mut generator)?;
@@ -312,13 +360,71 @@ impl Stream {
         }
     }
 
+    /// Sets the control image for the frames that enter from now on (`control = "image"`): any RGB image,
+    /// resized to the stream's size and scaled to [0, 1] as diffusers prepares control images.
+    pub fn set_control_image(&mut self, image: &image::RgbImage) -> Result<()> {
+        let s = &self.settings;
+        let t = crate::pipeline::control_image(image, s.width, s.height)?;
+        let p = &self.prepared;
+        self.control_image = Some(t.f_to_device(p.init_noise.device())?.f_to_kind(p.init_noise.kind())?);
+        Ok(())
+    }
+
+    /// The control image of a frame entering now: Canny edges of `frame` ((1, 3, H, W) in [-1, 1]), the
+    /// client's last control image, or none.
+    pub fn frame_control(&self, frame: Option<&Tensor>) -> Result<Option<Tensor>> {
+        let s = &self.settings;
+        match (s.control, frame) {
+            (ControlSource::None, _) => Ok(None),
+            (ControlSource::Image, _) => Ok(self.control_image.as_ref().map(Tensor::shallow_clone)),
+            (ControlSource::Canny, Some(f)) => {
+                let rgb01 = f.f_add_scalar(1.0)?.f_div_scalar(2.0)?.f_clamp(0.0, 1.0)?;
+                Ok(Some(control::canny(&rgb01, s.canny_low, s.canny_high)?))
+            }
+            (ControlSource::Canny, None) => Ok(None),
+        }
+    }
+
+    /// Shifts the per-slot control images: the entering frame's control into slot 0, the others one slot on.
+    /// Gives this frame's per-slot images (n, 3, H, W) and scales, or None without control.
+    fn shift_control(&mut self, entry: Option<Tensor>) -> Result<Option<(Tensor, Vec<f64>)>> {
+        if self.settings.control == ControlSource::None {
+            self.control_slots = None;
+            return Ok(None);
+        }
+        let p = &self.prepared;
+        let (device, kind) = (p.init_noise.device(), p.init_noise.kind());
+        let (h, w) = (self.settings.height, self.settings.width);
+        let slots = match self.control_slots.take() {
+            Some(c) => c,
+            None => ControlSlots {
+                images: Tensor::f_zeros([p.n, 3, h, w], (kind, device))?,
+                active: vec![0.0; p.n as usize],
+            },
+        };
+        let (first, active0) = match entry {
+            Some(img) => (img.f_to_device(device)?.f_to_kind(kind)?, 1.0),
+            None => (Tensor::f_zeros([1, 3, h, w], (kind, device))?, 0.0),
+        };
+        let images = Tensor::f_cat(&[&first, &slots.images.f_narrow(0, 0, p.n - 1)?], 0)?;
+        let mut active = vec![active0];
+        active.extend_from_slice(&slots.active[..p.n as usize - 1]);
+        let scales = active.iter().map(|a| a * self.settings.controlnet_scale).collect();
+        let out = images.shallow_clone();
+        self.control_slots = Some(ControlSlots { images, active });
+        Ok(Some((out, scales)))
+    }
+
     fn guided(&self) -> bool {
         self.settings.guidance > 1.0
     }
 
     /// Starts a frame: stacks the entry latent with the in-flight slots and builds this stream's share of the
     /// UNet batch (n items; n + 1 with `initialize` guidance; 2n with `full`).
-    pub fn begin(&mut self, entry: Tensor, frame_id: u64) -> Result<UnetWork> {
+    ///
+    /// `control` is the entering frame's control image ([`Stream::frame_control`]).
+    pub fn begin(&mut self, entry: Tensor, frame_id: u64, control: Option<Tensor>) -> Result<UnetWork> {
+        let control = self.shift_control(control)?;
         let p = &self.prepared;
         let x = match &self.buffer {
             Some(buffer) => {
@@ -332,21 +438,40 @@ impl Stream {
         let cond = self.cond.advance()?.f_to_kind(p.init_noise.kind())?;
         let cond_n = cond.f_expand([p.n, cond.size()[1], cond.size()[2]], false)?;
         let uncond = self.uncond.f_to_kind(p.init_noise.kind())?;
+        // The ControlNet sees the same items as the UNet: each slot with its frame's control image.
         let work = match (self.guided(), self.settings.cfg_type) {
             (true, CfgType::Initialize) => UnetWork {
                 sample: Tensor::f_cat(&[&x.f_narrow(0, 0, 1)?, &x], 0)?,
                 timesteps: Tensor::f_cat(&[&p.timesteps.f_narrow(0, 0, 1)?, &p.timesteps], 0)?,
                 embeddings: Tensor::f_cat(&[&uncond, &cond_n], 0)?,
+                control: control
+                    .map(|(img, s)| -> Result<ControlWork> {
+                        let scales = [&s[..1], &s[..]].concat();
+                        Ok(ControlWork {
+                            images: Tensor::f_cat(&[&img.f_narrow(0, 0, 1)?, &img], 0)?,
+                            scales,
+                        })
+                    })
+                    .transpose()?,
             },
             (true, CfgType::Full) => UnetWork {
                 sample: Tensor::f_cat(&[&x, &x], 0)?,
                 timesteps: Tensor::f_cat(&[&p.timesteps, &p.timesteps], 0)?,
                 embeddings: Tensor::f_cat(&[&uncond.f_expand_as(&cond_n)?, &cond_n], 0)?,
+                control: control
+                    .map(|(img, s)| -> Result<ControlWork> {
+                        Ok(ControlWork {
+                            images: Tensor::f_cat(&[&img, &img], 0)?,
+                            scales: [&s[..], &s[..]].concat(),
+                        })
+                    })
+                    .transpose()?,
             },
             _ => UnetWork {
                 sample: x.shallow_clone(),
                 timesteps: p.timesteps.shallow_clone(),
                 embeddings: cond_n,
+                control: control.map(|(images, scales)| ControlWork { images, scales }),
             },
         };
         self.pending_x = Some(x);
@@ -416,12 +541,19 @@ impl Stream {
     /// A whole frame without the stream batch: the stages run one after another (one UNet call each), each
     /// estimate re-noised to the next stage with fresh noise from the stream's generator; no latency, no
     /// warm-up. StreamDiffusion's `use_denoising_batch=False`.
+    ///
+    /// `control` is the frame's control image ([`Stream::frame_control`]); every stage uses it.
     pub fn run_sequential(
         &mut self,
         sd: &StableDiffusion,
         entry: Tensor,
         frame_id: u64,
+        control: Option<Tensor>,
     ) -> Result<FrameResult> {
+        let control = match (self.settings.control, control) {
+            (ControlSource::None, _) | (_, None) => None,
+            (_, Some(c)) => Some(c.f_to_device(sd.device)?.f_to_kind(sd.kind)?),
+        };
         let p = &self.prepared;
         let (device, kind) = (p.init_noise.device(), p.init_noise.kind());
         let cond = self.cond.advance()?.f_to_kind(kind)?;
@@ -433,15 +565,25 @@ impl Stream {
         let mut x = entry;
         for k in 0..p.n {
             let t = p.timesteps.f_narrow(0, k, 1)?;
-            let pred = match (guided, cfg) {
-                (true, CfgType::Full) | (true, CfgType::Initialize) => sd.unet.forward(
-                    &Tensor::f_cat(&[&x, &x], 0)?,
-                    &Tensor::f_cat(&[&t, &t], 0)?,
-                    &Tensor::f_cat(&[&uncond, &cond], 0)?,
-                    None,
-                )?,
-                _ => sd.unet.forward(&x, &t, &cond, None)?,
+            let (xin, tin, emb) = match (guided, cfg) {
+                (true, CfgType::Full) | (true, CfgType::Initialize) => (
+                    Tensor::f_cat(&[&x, &x], 0)?,
+                    Tensor::f_cat(&[&t, &t], 0)?,
+                    Tensor::f_cat(&[&uncond, &cond], 0)?,
+                ),
+                _ => (x.shallow_clone(), t.shallow_clone(), cond.shallow_clone()),
             };
+            let residuals = match (&control, &sd.controlnet) {
+                (Some(c), Some(net)) => {
+                    let items = xin.size()[0];
+                    let images = c.f_expand([items, c.size()[1], c.size()[2], c.size()[3]], false)?;
+                    let scale = crate::models::controlnet::ControlScale::One(self.settings.controlnet_scale);
+                    Some(net.forward(&xin, &tin, &emb, &images, scale, false)?)
+                }
+                _ => None,
+            };
+            let extra = crate::models::unet::UNetExtra { control: residuals.as_ref(), ..Default::default() };
+            let pred = sd.unet.forward_with(&xin, &tin, &emb, &extra)?;
             let eps = match (guided, cfg) {
                 (true, CfgType::Full) => {
                     let parts = pred.f_chunk(2, 0)?;
