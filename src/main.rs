@@ -344,6 +344,18 @@ pub struct StreamFlags {
     /// linear or slerp.
     #[arg(long)]
     prompt_interpolation: Option<String>,
+    /// ControlNet conditioning: none, canny (edges of each input frame) or image (needs --controlnet).
+    #[arg(long)]
+    control: Option<String>,
+    /// The ControlNet's conditioning scale (live: changes need no re-prime).
+    #[arg(long)]
+    controlnet_scale: Option<f64>,
+    /// Canny's low threshold (OpenCV units, default 100).
+    #[arg(long)]
+    canny_low: Option<f64>,
+    /// Canny's high threshold (OpenCV units, default 200).
+    #[arg(long)]
+    canny_high: Option<f64>,
 }
 
 impl StreamFlags {
@@ -372,6 +384,9 @@ struct StreamCmd {
     /// Output folder: one PNG per input, under the input's file name.
     #[arg(long)]
     output: PathBuf,
+    /// A fixed control image for `--control image` (needs --controlnet).
+    #[arg(long)]
+    control_image: Option<PathBuf>,
     #[command(flatten)]
     stream: StreamFlags,
 }
@@ -432,8 +447,24 @@ fn run(cli: Cli) -> Result<()> {
         Command::Stream(a) => {
             let settings = a.stream.settings(&StreamSettings::default())?;
             let files = sdstream::stream::offline::collect_inputs(&a.input)?;
+            use sdstream::stream::settings::ControlSource;
+            let control = match (settings.control, &a.control_image) {
+                (ControlSource::Image, Some(p)) => Some(sdstream::io::image::read(p)?),
+                (ControlSource::Image, None) => anyhow::bail!("--control image needs a --control-image"),
+                (_, Some(_)) => anyhow::bail!("--control-image needs --control image"),
+                (_, None) => None,
+            };
+            if settings.control != ControlSource::None && a.model.controlnet.is_none() {
+                anyhow::bail!("--control {:?} needs a --controlnet", settings.control);
+            }
             let sd = a.model.load()?;
-            let reports = sdstream::stream::offline::run_files(&sd, settings.clone(), &files, &a.output)?;
+            let reports = sdstream::stream::offline::run_files(
+                &sd,
+                settings.clone(),
+                &files,
+                &a.output,
+                control.as_ref(),
+            )?;
             let mut failed = 0;
             for r in &reports {
                 match (&r.output, &r.error) {

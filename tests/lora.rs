@@ -184,7 +184,7 @@ fn lcm_style_lora_on_every_layer_matches_and_runs_in_the_stream() {
     };
     let run = |sd: &StableDiffusion, tag: &str| -> Vec<Vec<u8>> {
         let out = dir.join(tag);
-        let reports = sdstream::stream::offline::run_files(sd, settings.clone(), &files, &out).unwrap();
+        let reports = sdstream::stream::offline::run_files(sd, settings.clone(), &files, &out, None).unwrap();
         reports
             .iter()
             .filter_map(|r| r.output.as_ref())
