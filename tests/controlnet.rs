@@ -279,3 +279,75 @@ fn cli_runs_controlnet_and_refuses_bad_input() {
     ]));
     assert!(!ok && text.contains("/no/such.png"), "{text}");
 }
+
+/// The daemon: a client switches its stream to `control: "image"`, sends a control image (announced with a
+/// `control_image` message), gets it acknowledged, and frames come back; garbage as a control image is a
+/// non-fatal `bad_control_image` error; `control` without a ControlNet loaded is a `bad_setting`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_accepts_control_images() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+    let load = LoadOptions { controlnet: Some(model_dir("controlnet-tiny")), ..cpu_fp32(None) };
+    let mut c = sdstream::engine::EngineConfig::new(model_dir("sd1-tiny"), load);
+    c.max_streams = 4;
+    let engine = sdstream::engine::Engine::start(c).unwrap();
+    let config = sdstream::config::ServerConfig {
+        listen: "127.0.0.1:0".into(),
+        max_fps: 1000.0,
+        ..sdstream::config::ServerConfig::default()
+    };
+    let defaults = sdstream::stream::settings::StreamSettings {
+        width: 64,
+        height: 64,
+        t_index_list: vec![32, 45],
+        ..Default::default()
+    };
+    let server = sdstream::server::Server::start(engine.handle(), engine.info.clone(), config, defaults)
+        .await
+        .unwrap();
+    let url = format!("ws://{}/ws", server.local_addr);
+    let (mut ws, _) =
+        tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url)).await.unwrap().unwrap();
+    let next_json = async |ws: &mut tokio_tungstenite::WebSocketStream<_>| -> serde_json::Value {
+        loop {
+            match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
+                Some(Ok(Message::Text(t))) => {
+                    let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                    if v["type"] != "stats" {
+                        return v;
+                    }
+                }
+                Some(Ok(Message::Binary(_))) => return serde_json::json!({"type": "binary"}),
+                other => panic!("connection ended: {other:?}"),
+            }
+        }
+    };
+    assert_eq!(next_json(&mut ws).await["type"], "ready");
+    ws.send(Message::text(r#"{"type":"settings","control":"image","controlnet_scale":0.8}"#)).await.unwrap();
+    let v = next_json(&mut ws).await;
+    assert_eq!(v["settings"]["control"], "image", "{v}");
+    let png = std::fs::read(fixture("tests/fixtures/reference/controlnet/control_96x64.png")).unwrap();
+    ws.send(Message::text(r#"{"type":"control_image"}"#)).await.unwrap();
+    ws.send(Message::binary(png)).await.unwrap();
+    let v = next_json(&mut ws).await;
+    assert_eq!((v["type"].as_str(), v["width"].as_u64()), (Some("control_image"), Some(96)), "{v}");
+    ws.send(Message::text(r#"{"type":"control_image"}"#)).await.unwrap();
+    ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
+    let v = next_json(&mut ws).await;
+    assert_eq!((v["code"].as_str(), v["fatal"].as_bool()), (Some("bad_control_image"), Some(false)), "{v}");
+    let frame = std::fs::read(fixture("tests/fixtures/reference/input_64.png")).unwrap();
+    for _ in 0..2 {
+        ws.send(Message::binary(frame.clone())).await.unwrap();
+        let v = next_json(&mut ws).await;
+        assert_eq!(v["type"], "frame", "{v}");
+        assert_eq!(next_json(&mut ws).await["type"], "binary");
+    }
+    ws.send(Message::text(r#"{"type":"settings","control":"canny","canny_low":50}"#)).await.unwrap();
+    assert_eq!(next_json(&mut ws).await["settings"]["control"], "canny");
+    ws.send(Message::binary(frame)).await.unwrap();
+    assert_eq!(next_json(&mut ws).await["type"], "frame");
+    drop(ws);
+    server.shutdown(std::time::Duration::from_secs(5)).await;
+}
