@@ -12,6 +12,9 @@ pub struct ModelConfig {
     pub model: String,
     /// A separate autoencoder (e.g. TAESD) replacing the model's VAE.
     pub vae: Option<String>,
+    /// A ControlNet (folder or Hugging Face id) loaded next to the model, for `control = "canny"/"image"`
+    /// streams.
+    pub controlnet: Option<String>,
     pub device: String,
     pub dtype: String,
     /// LoRAs fused at load: `loras = [{ path = "...", scale = 1.0 }]` (path: a .safetensors file, a folder
@@ -24,6 +27,7 @@ impl Default for ModelConfig {
         ModelConfig {
             model: String::new(),
             vae: None,
+            controlnet: None,
             device: "auto".into(),
             dtype: "fp16".into(),
             loras: Vec::new(),

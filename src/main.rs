@@ -50,6 +50,9 @@ struct DaemonArgs {
     /// repeatable, added to the config's `[model] loras`.
     #[arg(long = "lora", value_name = "PATH[:SCALE]")]
     lora: Vec<String>,
+    /// A ControlNet folder or id loaded next to the model (overrides the config's `[model] controlnet`).
+    #[arg(long)]
+    controlnet: Option<String>,
     /// IP:PORT to listen on (default 127.0.0.1:8765). Anything but loopback needs --token.
     #[arg(long)]
     listen: Option<String>,
@@ -78,6 +81,9 @@ impl DaemonArgs {
         }
         if let Some(v) = &self.vae {
             c.model.vae = Some(v.clone());
+        }
+        if let Some(v) = &self.controlnet {
+            c.model.controlnet = Some(v.clone());
         }
         if let Some(v) = &self.device {
             c.model.device = v.clone();
@@ -145,6 +151,10 @@ struct ModelArgs {
     /// repeatable.
     #[arg(long = "lora", value_name = "PATH[:SCALE]")]
     lora: Vec<String>,
+    /// A ControlNet folder or Hugging Face id (diffusers ControlNetModel) loaded next to the model; it must
+    /// be made for the model's family (SD 1.x or SD 2.x).
+    #[arg(long)]
+    controlnet: Option<String>,
 }
 
 impl ModelArgs {
@@ -153,6 +163,7 @@ impl ModelArgs {
             device: sdstream::device::parse_device(&self.device)?,
             kind: sdstream::device::parse_dtype(&self.dtype)?,
             vae: self.vae.clone(),
+            controlnet: self.controlnet.clone(),
         };
         let t0 = std::time::Instant::now();
         let mut sd = StableDiffusion::load(&self.model, &opts)
@@ -208,9 +219,52 @@ struct GenArgs {
     clip_skip: Option<usize>,
     #[arg(long, default_value = "out.png")]
     output: PathBuf,
+    /// The ControlNet's conditioning image (edges, depth, pose, ... as the ControlNet expects), resized to the
+    /// output size; needs --controlnet.
+    #[arg(long)]
+    control_image: Option<PathBuf>,
+    /// How strongly the ControlNet steers (diffusers' controlnet_conditioning_scale).
+    #[arg(long, default_value_t = 1.0)]
+    controlnet_scale: f64,
+    /// The fraction of the steps where the ControlNet starts acting (control_guidance_start).
+    #[arg(long, default_value_t = 0.0)]
+    control_start: f64,
+    /// The fraction of the steps where the ControlNet stops acting (control_guidance_end).
+    #[arg(long, default_value_t = 1.0)]
+    control_end: f64,
+    /// diffusers' guess mode: the ControlNet sees no prompt and its residuals ramp from 0.1 to 1.
+    #[arg(long)]
+    guess_mode: bool,
 }
 
 impl GenArgs {
+    /// The ControlNet input the flags name, read and resized to `width` x `height`; an error when only one
+    /// of --controlnet and --control-image is given.
+    fn control(&self, width: i64, height: i64) -> Result<Option<pipeline::Control>> {
+        match (&self.model.controlnet, &self.control_image) {
+            (None, None) => Ok(None),
+            (Some(_), None) => anyhow::bail!("--controlnet needs a --control-image"),
+            (None, Some(_)) => anyhow::bail!("--control-image needs a --controlnet"),
+            (Some(_), Some(path)) => {
+                let rgb = sdstream::io::image::read(path)?;
+                if (rgb.width() as i64, rgb.height() as i64) != (width, height) {
+                    tracing::info!(
+                        "resizing the control image from {}x{} to {width}x{height}",
+                        rgb.width(),
+                        rgb.height()
+                    );
+                }
+                Ok(Some(pipeline::Control {
+                    image: pipeline::control_image(&rgb, width, height)?,
+                    scale: self.controlnet_scale,
+                    guess_mode: self.guess_mode,
+                    guidance_start: self.control_start,
+                    guidance_end: self.control_end,
+                }))
+            }
+        }
+    }
+
     /// The parameters, with `(height, width)` where the flags give no size.
     fn params(&self, (height, width): (i64, i64)) -> Result<GenerateParams> {
         Ok(GenerateParams {
@@ -292,6 +346,18 @@ pub struct StreamFlags {
     /// linear or slerp.
     #[arg(long)]
     prompt_interpolation: Option<String>,
+    /// ControlNet conditioning: none, canny (edges of each input frame) or image (needs --controlnet).
+    #[arg(long)]
+    control: Option<String>,
+    /// The ControlNet's conditioning scale (live: changes need no re-prime).
+    #[arg(long)]
+    controlnet_scale: Option<f64>,
+    /// Canny's low threshold (OpenCV units, default 100).
+    #[arg(long)]
+    canny_low: Option<f64>,
+    /// Canny's high threshold (OpenCV units, default 200).
+    #[arg(long)]
+    canny_high: Option<f64>,
 }
 
 impl StreamFlags {
@@ -320,6 +386,9 @@ struct StreamCmd {
     /// Output folder: one PNG per input, under the input's file name.
     #[arg(long)]
     output: PathBuf,
+    /// A fixed control image for `--control image` (needs --controlnet).
+    #[arg(long)]
+    control_image: Option<PathBuf>,
     #[command(flatten)]
     stream: StreamFlags,
 }
@@ -337,12 +406,12 @@ fn run(cli: Cli) -> Result<()> {
             a.gen.params((512, 512))?; // flags checked before a large model is loaded
             let sd = a.gen.model.load()?;
             let params = a.gen.params(sd.default_size())?;
-            let image = pipeline::txt2img(&sd, &params)?;
+            let control = a.gen.control(params.width, params.height)?;
+            let image = pipeline::txt2img_with(&sd, &params, control.as_ref())?;
             save(&image, &a.gen.output)
         }
         Command::Img2img(a) => {
             let mut params = a.gen.params((512, 512))?;
-            let sd = a.gen.model.load()?;
             let rgb = sdstream::io::image::read(&a.image)?;
             let (w, h) =
                 (a.gen.width.unwrap_or(rgb.width() as i64), a.gen.height.unwrap_or(rgb.height() as i64));
@@ -352,8 +421,10 @@ fn run(cli: Cli) -> Result<()> {
             let rgb = sdstream::io::image::resize(rgb, w as u32, h as u32);
             params.width = rgb.width() as i64;
             params.height = rgb.height() as i64;
+            let control = a.gen.control(params.width, params.height)?;
+            let sd = a.gen.model.load()?;
             let input = sdstream::io::image::to_tensor(&rgb, sd.device, sd.kind)?;
-            let image = pipeline::img2img(&sd, &params, &input, a.strength)?;
+            let image = pipeline::img2img_with(&sd, &params, &input, a.strength, control.as_ref())?;
             save(&image, &a.gen.output)
         }
         Command::Serve(a) => Ok(sdstream::daemon::run(a.daemon.config()?, None)?),
@@ -378,8 +449,24 @@ fn run(cli: Cli) -> Result<()> {
         Command::Stream(a) => {
             let settings = a.stream.settings(&StreamSettings::default())?;
             let files = sdstream::stream::offline::collect_inputs(&a.input)?;
+            use sdstream::stream::settings::ControlSource;
+            let control = match (settings.control, &a.control_image) {
+                (ControlSource::Image, Some(p)) => Some(sdstream::io::image::read(p)?),
+                (ControlSource::Image, None) => anyhow::bail!("--control image needs a --control-image"),
+                (_, Some(_)) => anyhow::bail!("--control-image needs --control image"),
+                (_, None) => None,
+            };
+            if settings.control != ControlSource::None && a.model.controlnet.is_none() {
+                anyhow::bail!("--control {:?} needs a --controlnet", settings.control);
+            }
             let sd = a.model.load()?;
-            let reports = sdstream::stream::offline::run_files(&sd, settings.clone(), &files, &a.output)?;
+            let reports = sdstream::stream::offline::run_files(
+                &sd,
+                settings.clone(),
+                &files,
+                &a.output,
+                control.as_ref(),
+            )?;
             let mut failed = 0;
             for r in &reports {
                 match (&r.output, &r.error) {

@@ -120,7 +120,8 @@ fn offline_stream_writes_one_png_per_input_and_survives_a_bad_file() {
     )
     .unwrap();
     let files = sdstream::stream::offline::collect_inputs(std::slice::from_ref(&input)).unwrap();
-    let reports = sdstream::stream::offline::run_files(&sd, settings(), &files, &dir.join("out")).unwrap();
+    let reports =
+        sdstream::stream::offline::run_files(&sd, settings(), &files, &dir.join("out"), None).unwrap();
     assert_eq!(reports.len(), 5);
     let bad: Vec<_> = reports.iter().filter(|r| r.error.is_some()).collect();
     assert_eq!(bad.len(), 1, "only the bad file fails");
@@ -130,7 +131,8 @@ fn offline_stream_writes_one_png_per_input_and_survives_a_bad_file() {
     assert!(written.iter().all(|p| p.exists()));
     assert!(reports[0].warmup && !reports[1].warmup);
     // Deterministic for a given seed.
-    let again = sdstream::stream::offline::run_files(&sd, settings(), &files, &dir.join("out2")).unwrap();
+    let again =
+        sdstream::stream::offline::run_files(&sd, settings(), &files, &dir.join("out2"), None).unwrap();
     for (a, b) in reports.iter().zip(&again) {
         if let (Some(a), Some(b)) = (&a.output, &b.output) {
             assert_eq!(std::fs::read(a).unwrap(), std::fs::read(b).unwrap());

@@ -170,7 +170,7 @@ fn two_loras_at_once() {
 
 #[test]
 fn half_precision_scale_changes_do_not_drift_and_unfuse_exactly() {
-    let opts = LoadOptions { device: tch::Device::Cpu, kind: Kind::Half, vae: None };
+    let opts = LoadOptions { device: tch::Device::Cpu, kind: Kind::Half, vae: None, controlnet: None };
     let mut sd = load_with("sd1-tiny", opts);
     let base = snapshot(&sd);
     sd.load_loras(&[spec("sd1_peft.safetensors", 1.0), spec("sd1_conv_kohya.safetensors", 0.7)]).unwrap();
@@ -207,7 +207,7 @@ fn lcm_style_lora_on_every_layer_matches_and_runs_in_the_stream() {
     };
     let run = |sd: &StableDiffusion, tag: &str| -> Vec<Vec<u8>> {
         let out = dir.join(tag);
-        let reports = sdstream::stream::offline::run_files(sd, settings.clone(), &files, &out).unwrap();
+        let reports = sdstream::stream::offline::run_files(sd, settings.clone(), &files, &out, None).unwrap();
         reports
             .iter()
             .filter_map(|r| r.output.as_ref())

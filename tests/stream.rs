@@ -195,3 +195,143 @@ fn batched_streams_keep_their_own_outputs() {
         assert!(max_abs_diff(by_id[&7], by_id[&8]) > 1e-3, "the two streams' outputs must differ");
     }
 }
+
+/// ControlNet streams (tools/make_stream_fixtures.py's ControlNet cases, diffusers' ControlNetModel on the same
+/// per-slot inputs): each slot denoises with its own frame's control image (client-sent, none for frame 0),
+/// and `controlnet_scale` changes live between frames without a re-prime.
+#[test]
+fn controlnet_streams_match_the_reference() {
+    for name in ["sd1_img2img_n2_self_controlnet_image", "sd1_img2img_n3_full_controlnet_image"] {
+        let case = json(&format!("tests/fixtures/stream/controlnet/{name}.json"));
+        let reference = tensors(&format!("tests/fixtures/stream/controlnet/{name}.safetensors"));
+        let controlnet = Some(fixture(case["controlnet"].as_str().unwrap()).display().to_string());
+        let opts = sdstream::models::stable_diffusion::LoadOptions { controlnet, ..cpu_fp32(None) };
+        let sd =
+            StableDiffusion::load(&fixture(case["model"].as_str().unwrap()).display().to_string(), &opts)
+                .unwrap();
+        let mut s = settings(&case);
+        s.control = sdstream::stream::settings::ControlSource::Image;
+        let cond = sd.encode_text(&s.prompt, None).unwrap();
+        let uncond = sd.encode_text(&s.negative_prompt, None).unwrap();
+        let mut stream = Stream::new(0, &sd, s, cond, uncond).unwrap();
+        let scales = case["controlnet_scales"].as_array().unwrap();
+        let last = case["num_frames"].as_u64().unwrap() as usize - 1;
+        for (i, frame) in case["frames"].as_array().unwrap().iter().enumerate() {
+            let patch = serde_json::json!({ "controlnet_scale": scales[i] });
+            let next = stream.settings().patched(&patch).unwrap();
+            assert!(!stream.settings().needs_reprime(&next), "a scale change must not re-prime");
+            stream.apply_settings(&sd, next).unwrap();
+            if let Some(c) = case["control_images"][i].as_str() {
+                let img = sdstream::io::image::read(&fixture(&format!("tests/fixtures/stream/{c}"))).unwrap();
+                stream.set_control_image(&img).unwrap();
+            }
+            let image = Some(frame_tensor(&format!("tests/fixtures/stream/{}", frame.as_str().unwrap())));
+            let (outs, _) =
+                tick(&sd, vec![TickInput { stream: &mut stream, frame_id: i as u64, image }], false).unwrap();
+            let latent = stream.last_latent().unwrap();
+            assert_close(
+                &format!("{name}: latent_out_{i}"),
+                &latent,
+                &reference[&format!("latent_out_{i}")],
+                ATOL,
+                RTOL,
+            );
+            if i == last {
+                let want = &reference[&format!("image_out_{i}")];
+                assert_close(
+                    &format!("{name}: image_out_{i}"),
+                    outs[0].image.as_ref().unwrap(),
+                    want,
+                    1e-3,
+                    1e-3,
+                );
+            }
+        }
+    }
+}
+
+/// Two ControlNet streams (different control sources and scales) and one without, in one tick: one UNet and
+/// one ControlNet call, and each stream gets what it gets alone.
+#[test]
+fn controlnet_streams_batch_with_others() {
+    use sdstream::stream::settings::ControlSource;
+    let case = json("tests/fixtures/stream/controlnet/sd1_img2img_n2_self_controlnet_image.json");
+    let opts = sdstream::models::stable_diffusion::LoadOptions {
+        controlnet: Some(fixture("tests/fixtures/models/controlnet-tiny").display().to_string()),
+        ..cpu_fp32(None)
+    };
+    let sd = StableDiffusion::load(&fixture("tests/fixtures/models/sd1-tiny").display().to_string(), &opts)
+        .unwrap();
+    let control_png =
+        sdstream::io::image::read(&fixture("tests/fixtures/stream/controlnet/control_002.png")).unwrap();
+    let mk = |seed: u64, control: ControlSource, scale: f64| {
+        let mut s = settings(&case);
+        s.seed = seed;
+        s.control = control;
+        s.controlnet_scale = scale;
+        let cond = sd.encode_text(&s.prompt, None).unwrap();
+        let uncond = sd.encode_text("", None).unwrap();
+        let mut st = Stream::new(seed, &sd, s, cond, uncond).unwrap();
+        if control == ControlSource::Image {
+            st.set_control_image(&control_png).unwrap();
+        }
+        st
+    };
+    let frames: Vec<Tensor> =
+        (0..3).map(|i| frame_tensor(&format!("tests/fixtures/stream/frames/frame_00{i}.png"))).collect();
+    let specs =
+        [(7, ControlSource::Image, 1.0), (8, ControlSource::None, 1.0), (9, ControlSource::Canny, 0.5)];
+    let alone: Vec<Vec<Tensor>> = specs
+        .iter()
+        .map(|&(seed, c, scale)| {
+            let mut s = mk(seed, c, scale);
+            frames
+                .iter()
+                .enumerate()
+                .map(|(i, f)| {
+                    let input =
+                        TickInput { stream: &mut s, frame_id: i as u64, image: Some(f.shallow_clone()) };
+                    tick(&sd, vec![input], false).unwrap().0.remove(0).image.unwrap()
+                })
+                .collect()
+        })
+        .collect();
+    let mut streams: Vec<Stream> = specs.iter().map(|&(seed, c, scale)| mk(seed, c, scale)).collect();
+    for (i, f) in frames.iter().enumerate() {
+        let inputs = streams
+            .iter_mut()
+            .map(|s| TickInput { stream: s, frame_id: i as u64, image: Some(f.shallow_clone()) })
+            .collect();
+        let (outs, timings) = tick(&sd, inputs, false).unwrap();
+        assert_eq!(timings.unet_batch, 6);
+        for (o, want) in outs.iter().zip(&alone) {
+            assert_close(
+                &format!("stream {} frame {i}", o.stream_id),
+                o.image.as_ref().unwrap(),
+                &want[i],
+                1e-4,
+                1e-4,
+            );
+        }
+    }
+    // The control changes the output (after the warm-up frame): the Image stream differs from a stream with
+    // the same seed and none.
+    let mut plain = mk(7, ControlSource::None, 1.0);
+    let mut out = None;
+    for (i, f) in frames.iter().enumerate() {
+        let input = TickInput { stream: &mut plain, frame_id: i as u64, image: Some(f.shallow_clone()) };
+        out = tick(&sd, vec![input], false).unwrap().0.remove(0).image;
+    }
+    assert!(max_abs_diff(&out.unwrap(), &alone[0][2]) > 1e-3);
+    // control without a ControlNet is refused, naming the setting.
+    let plain_sd = StableDiffusion::load(
+        &fixture("tests/fixtures/models/sd1-tiny").display().to_string(),
+        &cpu_fp32(None),
+    )
+    .unwrap();
+    let mut s = settings(&case);
+    s.control = ControlSource::Canny;
+    let cond = plain_sd.encode_text("", None).unwrap();
+    let e = Stream::new(0, &plain_sd, s, cond.shallow_clone(), cond).err().unwrap().to_string();
+    assert!(e.contains("control") && e.contains("--controlnet"), "{e}");
+}

@@ -255,19 +255,32 @@ class RefStream:
     def decode(self, lat):
         return self.vae.decode(lat / self.vae.config.scaling_factor, return_dict=False)[0]
 
-    def unet_guided(self, x, t, slot=None):
+    def unet_guided(self, x, t, slot=None, control=None):
         """One UNet call + guidance; updates stock_noise for initialize.
         `slot` is None for the denoising batch (x has n rows) or the slot
-        index for the non-batch path (x has 1 row)."""
+        index for the non-batch path (x has 1 row). `control` (sdstream's
+        ControlNet extension, not in StreamDiffusion): (per-slot control
+        images (n,3,H,W) in [0,1], per-slot scales (n,)); the ControlNet runs
+        on the same items as the UNet, each slot with its own frame's image."""
         g, cfg = self.guidance, self.cfg_type
         if self.cfg_active and cfg == "initialize":
             xin, tin = torch.cat([x[0:1], x], 0), torch.cat([t[0:1], t], 0)
+            dup = lambda a: torch.cat([a[0:1], a], 0)  # noqa: E731
         elif self.cfg_active and cfg == "full":
             xin, tin = torch.cat([x, x], 0), torch.cat([t, t], 0)
+            dup = lambda a: torch.cat([a, a], 0)  # noqa: E731
         else:
             xin, tin = x, t
+            dup = lambda a: a  # noqa: E731
+        extra = {}
+        if control is not None:
+            cimg, cscale = dup(control[0]), dup(control[1]).view(-1, 1, 1, 1)
+            down, mid = self.controlnet(xin, tin, encoder_hidden_states=self.embeds, controlnet_cond=cimg,
+                                        conditioning_scale=1.0, return_dict=False)
+            extra = dict(down_block_additional_residuals=[d * cscale for d in down],
+                         mid_block_additional_residual=mid * cscale)
         out = self.unet(xin, tin, encoder_hidden_states=self.embeds, added_cond_kwargs=self.added,
-                        return_dict=False)[0]
+                        return_dict=False, **extra)[0]
         self.last_unet_out = out
         if self.cfg_active and cfg == "initialize":
             eps_c = out[1:]
@@ -284,9 +297,17 @@ class RefStream:
             eps = eps_c
         return eps
 
-    def step(self, image: torch.Tensor | None):
+    def step(self, image: torch.Tensor | None, control_image=None, controlnet_scale=1.0):
         rec = {}
         n = self.n
+        control = None
+        if getattr(self, "controlnet", None) is not None:
+            # per-slot control images, shifted with the latent buffer; a frame without one gets scale 0
+            first = control_image if control_image is not None else torch.zeros((1, 3, H, W), dtype=DTYPE)
+            self.ctrl = torch.cat([first, self.ctrl[:-1]], 0)
+            self.ctrl_active = torch.cat([torch.tensor([1.0 if control_image is not None else 0.0]),
+                                          self.ctrl_active[:-1]], 0)
+            control = (self.ctrl, (self.ctrl_active * controlnet_scale).to(DTYPE))
         if self.mode == "img2img":
             lat, r = self.encode(image)
             rec.update(r)
@@ -300,7 +321,7 @@ class RefStream:
             x = torch.cat([x_in, self.buffer], 0) if n > 1 else x_in
             if n > 1:
                 self.stock = torch.cat([self.init_noise[0:1], self.stock[:-1]], 0)
-            eps = self.unet_guided(x, self.sub_t)
+            eps = self.unet_guided(x, self.sub_t, control=control)
             x0 = self.denoise(eps, x, self.alpha, self.beta, self.c_out, self.c_skip)
             if self.cfg_type in ("self", "initialize"):
                 scaled = self.beta * self.stock
@@ -613,6 +634,75 @@ def run_case(case, models_dir: Path, out_dir: Path, frame_names, verify: bool, c
     return verify_result
 
 
+# ----------------------------------------------------------------------------
+# ControlNet streams (sdstream's extension; StreamDiffusion 0.1.1 has no ControlNet)
+# ----------------------------------------------------------------------------
+def make_control_frames(out_dir: Path) -> list[str | None]:
+    """A client-sent control image sequence: a white rectangle outline moving over black, none for frame 0
+    (the client sends its first control image with frame 1)."""
+    names = [None]
+    for i in range(1, NUM_FRAMES):
+        img = Image.new("RGB", (W, H), (0, 0, 0))
+        from PIL import ImageDraw
+        d = ImageDraw.Draw(img)
+        d.rectangle([10 + 3 * i, 12, 40 + 3 * i, 50 - i], outline=(255, 255, 255), width=2)
+        d.line([(0, 58 - 2 * i), (W - 1, 30 + i)], fill=(255, 255, 255), width=1)
+        name = f"controlnet/control_{i:03d}.png"
+        (out_dir / "controlnet").mkdir(parents=True, exist_ok=True)
+        img.save(out_dir / name, optimize=True)
+        names.append(name)
+    return names
+
+
+def controlnet_cases():
+    scales = [1.0, 1.0, 1.0, 0.6, 0.6, 1.5]  # controlnet_scale changes live between frames
+    cases = [
+        dict(name="sd1_img2img_n2_self_controlnet_image", t_index_list=[32, 45], cfg_type="self",
+             guidance_scale=1.2, delta=0.8),
+        dict(name="sd1_img2img_n3_full_controlnet_image", t_index_list=[20, 32, 45], cfg_type="full",
+             guidance_scale=1.4, delta=0.8),
+    ]
+    for c in cases:
+        c.update(model="sd1-tiny", vae=None, controlnet="controlnet-tiny", control="image", mode="img2img",
+                 do_add_noise=True, use_denoising_batch=True, seed=SEED, prompt=PROMPT,
+                 negative_prompt=NEGATIVE_PROMPT, width=W, height=H, controlnet_scales=scales)
+    return cases
+
+
+def run_controlnet_case(case, models_dir: Path, out_dir: Path, frame_names, control_names, cache: dict):
+    from diffusers import ControlNetModel
+
+    key = (case["model"], case["vae"])
+    if key not in cache:
+        cache[key] = load_models(models_dir / case["model"], None)
+    pipe, vae = cache[key]
+    n = len(case["t_index_list"])
+    rs = RefStream(pipe, vae, case["t_index_list"], case["cfg_type"], case["mode"])
+    rs.controlnet = ControlNetModel.from_pretrained(str(models_dir / case["controlnet"]), torch_dtype=DTYPE).eval()
+    rs.prepare(case["prompt"], case["negative_prompt"], case["guidance_scale"], case["delta"], case["seed"])
+    rs.ctrl = torch.zeros((n, 3, H, W), dtype=DTYPE)
+    rs.ctrl_active = torch.zeros(n)
+    t = {}
+    for i, fname in enumerate(frame_names):
+        img = load_frame(out_dir / fname)
+        cimg = None
+        if control_names[i] is not None:
+            arr = np.asarray(Image.open(out_dir / control_names[i]).convert("RGB"), dtype=np.float32) / 255.0
+            cimg = torch.from_numpy(arr[None]).permute(0, 3, 1, 2).contiguous()
+        rec = rs.step(img, cimg, case["controlnet_scales"][i])
+        t[f"latent_out_{i}"] = rec["latent_out"]
+    t[f"image_out_{len(frame_names) - 1}"] = rec["image_out"]
+    save_file({k: v.detach().clone().contiguous() for k, v in t.items()},
+              str(out_dir / "controlnet" / f"{case['name']}.safetensors"))
+    meta = {k: case[k] for k in ("seed", "t_index_list", "cfg_type", "guidance_scale", "delta", "prompt",
+                                 "negative_prompt", "width", "height", "mode", "do_add_noise",
+                                 "use_denoising_batch", "control", "controlnet_scales")}
+    meta.update(model=f"tests/fixtures/models/{case['model']}", vae=None,
+                controlnet=f"tests/fixtures/models/{case['controlnet']}", frames=frame_names,
+                control_images=control_names, warmup_frames=n - 1, num_frames=len(frame_names))
+    (out_dir / "controlnet" / f"{case['name']}.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models-dir", default=str(REPO / "tests/fixtures/models"))
@@ -642,6 +732,12 @@ def main():
             continue
         d = run_case(case, models_dir, out_dir, frame_names, verify, cache)
         print(f"{case['name']}: " + (f"matches streamdiffusion (max abs diff {d:.3g})" if d is not None else "written"))
+    control_names = make_control_frames(out_dir)
+    for case in controlnet_cases():
+        if args.only and args.only not in case["name"]:
+            continue
+        run_controlnet_case(case, models_dir, out_dir, frame_names, control_names, cache)
+        print(f"{case['name']}: written (ControlNet: sdstream's own reference, no streamdiffusion to verify)")
     total = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file())
     print(f"total size of {out_dir}: {total / 1e6:.2f} MB")
 

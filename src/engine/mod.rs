@@ -148,6 +148,11 @@ enum Command {
         scale: f64,
         reply: Sender<Result<Vec<crate::models::lora::LoraInfo>>>,
     },
+    ControlImage {
+        id: u64,
+        image: RgbImage,
+        reply: Sender<Result<()>>,
+    },
     Shutdown,
 }
 
@@ -354,6 +359,12 @@ impl StreamHandle {
         self.submitter.clone()
     }
 
+    /// Sets the stream's control image (for `control = "image"`): the frames submitted after it use it.
+    pub fn set_control_image(&self, image: RgbImage) -> Result<()> {
+        let id = self.id;
+        self.submitter.engine.request(|reply| Command::ControlImage { id, image, reply })
+    }
+
     /// Changes settings from a JSON object of the fields to change; on error the old settings stay.
     pub fn update_settings(&self, patch: serde_json::Value) -> Result<StreamSettings> {
         let id = self.id;
@@ -447,6 +458,13 @@ impl Worker {
             }
             Command::LoraScale { name, scale, reply } => {
                 let result = self.set_lora_scale(&name, scale);
+                let _ = reply.send(result);
+            }
+            Command::ControlImage { id, image, reply } => {
+                let result = match self.streams.get_mut(&id) {
+                    Some(open) => open.stream.set_control_image(&image),
+                    None => Err(Error::invalid("stream", "is closed")),
+                };
                 let _ = reply.send(result);
             }
             Command::Shutdown => {}

@@ -796,11 +796,15 @@ mod tests {
         );
         assert_eq!(p("lora_unet_conv_in.alpha"), (Component::Unet, Kohya("conv_in".into()), Part::Alpha));
         assert_eq!(p("lora_te_text_model_encoder_layers_0_mlp_fc2.lora_up.weight").0, Component::TextEncoder);
+        assert_eq!(p("lora_te2_text_model_encoder_layers_0_mlp_fc2.alpha").0, Component::TextEncoder2);
+        assert_eq!(
+            p("text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight").0,
+            Component::TextEncoder2
+        );
         for bad in [
             "lora_unet_x.hada_w1_a",
             "unet.a.lora_magnitude_vector",
             "lora_unet_x.lora_mid.weight",
-            "lora_te2_x.alpha",
             "unet.a.lora_B.bias",
             "foo.bar",
         ] {

@@ -1,6 +1,7 @@
 //! The Stable Diffusion model stack. Every module mirrors diffusers' parameter names so that official
 //! safetensors load unchanged, and reads its shapes from the model's own config.json.
 pub mod clip;
+pub mod controlnet;
 pub mod loader;
 pub mod lora;
 pub mod nn;

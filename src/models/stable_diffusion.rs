@@ -1,6 +1,7 @@
 //! A loaded Stable Diffusion model: tokenizer, text encoder, UNet, autoencoder (VAE or TAESD) and the
 //! scheduler config, on one device in one dtype.
 use super::clip::{ClipTextConfig, ClipTextModel};
+use super::controlnet::ControlNetModel;
 use super::loader::{class_name, ModelSource};
 use super::taesd::{AutoencoderTiny, AutoencoderTinyConfig};
 use super::tokenizer::ClipTokenizer;
@@ -18,6 +19,8 @@ pub struct LoadOptions {
     pub kind: Kind,
     /// A separate autoencoder folder or model id (TAESD or another AutoencoderKL) replacing the model's VAE.
     pub vae: Option<String>,
+    /// A ControlNet folder or model id loaded next to the model (see `models::controlnet`).
+    pub controlnet: Option<String>,
 }
 
 /// The image autoencoder in use: the model's AutoencoderKL or a TAESD (AutoencoderTiny).
@@ -142,6 +145,8 @@ pub struct StableDiffusion {
     pub force_zeros_for_empty_prompt: bool,
     pub unet: UNet2DConditionModel,
     pub unet_config: UNetConfig,
+    /// The ControlNet loaded with the model, if any.
+    pub controlnet: Option<ControlNetModel>,
     pub autoencoder: Autoencoder,
     pub scheduler_config: SchedulerConfig,
     pub device: Device,
@@ -223,6 +228,18 @@ fn load_tokenizer(src: &ModelSource, dir: &str) -> Result<ClipTokenizer> {
     ClipTokenizer::from_dir(&src.root.join(dir))
 }
 
+/// Loads a ControlNet and checks that it fits the model's UNet (cross-attention width, down blocks).
+pub fn load_controlnet(spec: &str, unet: &UNetConfig, device: Device, kind: Kind) -> Result<ControlNetModel> {
+    let net = ControlNetModel::load(spec, device, kind)?;
+    net.config().check_fits(unet).map_err(|e| match e {
+        Error::InvalidArgument { what, msg } => {
+            Error::InvalidArgument { what: format!("{what} {spec}"), msg }
+        }
+        e => e,
+    })?;
+    Ok(net)
+}
+
 impl StableDiffusion {
     /// Loads the model named by `spec` (a diffusers folder or a Hugging Face model id).
     pub fn load(spec: &str, opts: &LoadOptions) -> Result<Self> {
@@ -284,6 +301,10 @@ impl StableDiffusion {
             None => load_autoencoder(&src, "vae", device, kind, sdxl)?,
         };
         let scheduler_config = SchedulerConfig::from_file(&src.file("scheduler/scheduler_config.json")?)?;
+        let controlnet = match &opts.controlnet {
+            Some(spec) => Some(load_controlnet(spec, &unet_config, device, kind)?),
+            None => None,
+        };
         Ok(StableDiffusion {
             source: src,
             tokenizer,
@@ -293,6 +314,7 @@ impl StableDiffusion {
             force_zeros_for_empty_prompt,
             unet,
             unet_config,
+            controlnet,
             autoencoder,
             scheduler_config,
             device,

@@ -4,10 +4,79 @@
 //! order, so that on CPU in fp32 the same model, prompt and seed give the same picture.
 use crate::device::{randn_cpu, seed_cpu};
 use crate::error::{Error, Result};
+use crate::models::controlnet::{ControlNetModel, ControlScale};
 use crate::models::stable_diffusion::{sdxl_time_ids, StableDiffusion, TextEmbedding};
-use crate::models::unet::{AddedCond, UNetExtra};
+use crate::models::unet::{AddedCond, ControlResiduals, UNetExtra};
 use crate::schedulers::{self, SchedulerKind};
 use tch::{Kind, Tensor};
+
+/// A ControlNet's inputs for one generation, as diffusers' StableDiffusionControlNetPipeline takes them.
+/// The ControlNet itself is the one loaded with the model ([`StableDiffusion::controlnet`]).
+#[derive(Debug)]
+pub struct Control {
+    /// The conditioning image, (1, 3, height, width), RGB in [0, 1] (see [`control_image`]).
+    pub image: Tensor,
+    /// `controlnet_conditioning_scale`.
+    pub scale: f64,
+    /// diffusers' `guess_mode` (forced on for `global_pool_conditions` ControlNets).
+    pub guess_mode: bool,
+    /// `control_guidance_start` / `control_guidance_end`: the fraction of the steps the ControlNet acts in.
+    pub guidance_start: f64,
+    pub guidance_end: f64,
+}
+
+impl Control {
+    /// A control image at scale `scale`, acting on every step, not in guess mode (diffusers' defaults).
+    pub fn new(image: Tensor, scale: f64) -> Self {
+        Control { image, scale, guess_mode: false, guidance_start: 0.0, guidance_end: 1.0 }
+    }
+
+    fn validate(&self, p: &GenerateParams) -> Result<()> {
+        let size = self.image.size();
+        if size.len() != 4 || size[0] != 1 || size[1] != 3 {
+            return Err(Error::invalid(
+                "control image",
+                format!("tensor of shape {size:?}, expected [1, 3, H, W]"),
+            ));
+        }
+        if (size[3], size[2]) != (p.width, p.height) {
+            return Err(Error::invalid(
+                "control image",
+                format!(
+                    "is {}x{}, the generation is {}x{} (resize it with `control_image`)",
+                    size[3], size[2], p.width, p.height
+                ),
+            ));
+        }
+        if !self.scale.is_finite() {
+            return Err(Error::invalid("controlnet scale", format!("{} is not finite", self.scale)));
+        }
+        if !(0.0..=1.0).contains(&self.guidance_start)
+            || !(0.0..=1.0).contains(&self.guidance_end)
+            || self.guidance_start >= self.guidance_end
+        {
+            return Err(Error::invalid(
+                "control guidance start/end",
+                format!(
+                    "{}..{} is not a range 0 <= start < end <= 1",
+                    self.guidance_start, self.guidance_end
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// diffusers' control-image preprocessing (`VaeImageProcessor(do_convert_rgb=True, do_normalize=False)`):
+/// resized to `width` x `height` when the size differs (Lanczos), RGB, scaled to [0, 1]; (1, 3, H, W) fp32.
+pub fn control_image(img: &image::RgbImage, width: i64, height: i64) -> Result<Tensor> {
+    if width <= 0 || height <= 0 {
+        return Err(Error::invalid("control image", format!("target size {width}x{height}")));
+    }
+    let img = crate::io::image::resize(img.clone(), width as u32, height as u32);
+    let raw = Tensor::f_from_data_size(img.as_raw(), &[height, width, 3], Kind::Uint8)?;
+    Ok(raw.f_permute([2, 0, 1])?.f_unsqueeze(0)?.f_to_kind(Kind::Float)?.f_div_scalar(255.0)?)
+}
 
 /// What every single-image generation takes.
 #[derive(Debug, Clone)]
@@ -130,6 +199,75 @@ pub fn pipeline_scheduler_config(c: &schedulers::SchedulerConfig) -> schedulers:
     c
 }
 
+/// The ControlNet and its prepared inputs for a denoising loop.
+struct ControlRun<'a> {
+    net: &'a ControlNetModel,
+    control: &'a Control,
+    /// The control image on the model's device and dtype, duplicated for guidance unless in guess mode.
+    image: Tensor,
+    guess_mode: bool,
+}
+
+fn control_run<'a>(
+    sd: &'a StableDiffusion,
+    p: &GenerateParams,
+    control: Option<&'a Control>,
+    guided: bool,
+) -> Result<Option<ControlRun<'a>>> {
+    let Some(control) = control else { return Ok(None) };
+    let net = sd.controlnet.as_ref().ok_or_else(|| {
+        Error::invalid("control image", "given, but no ControlNet is loaded (pass --controlnet)")
+    })?;
+    control.validate(p)?;
+    let guess_mode = control.guess_mode || net.forces_guess_mode();
+    let image = control.image.f_to_device(sd.device)?.f_to_kind(sd.kind)?;
+    let image = if guided && !guess_mode { Tensor::f_cat(&[&image, &image], 0)? } else { image };
+    Ok(Some(ControlRun { net, control, image, guess_mode }))
+}
+
+impl ControlRun<'_> {
+    /// diffusers' `controlnet_keep`: 0 outside [start, end) of the loop's steps, else 1.
+    fn keep(&self, i: usize, n: usize) -> f64 {
+        let (i, n) = (i as f64, n as f64);
+        let off = i / n < self.control.guidance_start || (i + 1.0) / n > self.control.guidance_end;
+        if off {
+            0.0
+        } else {
+            1.0
+        }
+    }
+
+    /// The residuals for one step, as diffusers' ControlNet pipelines compute them: in guess mode with
+    /// guidance, from the conditional half only, zeros for the unconditional half.
+    #[allow(clippy::too_many_arguments)]
+    fn residuals(
+        &self,
+        scheduler: &dyn schedulers::Scheduler,
+        step: usize,
+        latents: &Tensor,
+        input: &Tensor,
+        t: &Tensor,
+        cond: &Conditioning,
+        keep: f64,
+    ) -> Result<ControlResiduals> {
+        let scale = ControlScale::One(self.control.scale * keep);
+        if self.guess_mode && cond.guided {
+            let x = scheduler.scale_model_input(latents, step)?;
+            let text = cond.embeddings.f_chunk(2, 0)?.remove(1);
+            let t1 = t.f_narrow(0, 0, 1)?;
+            let r = self.net.forward(&x, &t1, &text, &self.image, scale, true)?;
+            let zeros_first =
+                |d: &Tensor| -> Result<Tensor> { Ok(Tensor::f_cat(&[&d.f_zeros_like()?, d], 0)?) };
+            Ok(ControlResiduals {
+                down: r.down.iter().map(zeros_first).collect::<Result<Vec<_>>>()?,
+                mid: zeros_first(&r.mid)?,
+            })
+        } else {
+            self.net.forward(input, t, &cond.embeddings, &self.image, scale, self.guess_mode)
+        }
+    }
+}
+
 /// Runs the scheduler's loop from `start` over its timesteps, starting from `latents`.
 fn denoise(
     sd: &StableDiffusion,
@@ -138,8 +276,10 @@ fn denoise(
     guidance: f64,
     mut latents: Tensor,
     start: usize,
+    control: Option<&ControlRun>,
 ) -> Result<Tensor> {
     let timesteps = scheduler.timesteps().to_vec();
+    let n = timesteps.len().saturating_sub(start);
     for (i, &t) in timesteps.iter().enumerate().skip(start) {
         let input =
             if cond.guided { Tensor::f_cat(&[&latents, &latents], 0)? } else { latents.shallow_clone() };
@@ -148,8 +288,15 @@ fn denoise(
         let t = Tensor::f_full([batch], t, (scheduler.timestep_kind(), sd.device))?;
         let cond_b =
             cond.timestep_cond.as_ref().map(|c| c.f_expand([batch, c.size()[1]], false)).transpose()?;
-        let extra =
-            UNetExtra { timestep_cond: cond_b.as_ref(), added_cond: cond.added_cond.as_ref(), control: None };
+        let residuals = match control {
+            Some(c) => Some(c.residuals(&*scheduler, i, &latents, &input, &t, cond, c.keep(i - start, n))?),
+            None => None,
+        };
+        let extra = UNetExtra {
+            timestep_cond: cond_b.as_ref(),
+            added_cond: cond.added_cond.as_ref(),
+            control: residuals.as_ref(),
+        };
         let eps = sd.unet.forward_with(&input, &t, &cond.embeddings, &extra)?;
         let eps = if cond.guided {
             let parts = eps.f_chunk(2, 0)?;
@@ -165,6 +312,16 @@ fn denoise(
 
 /// Latents of a txt2img generation (before decoding), as diffusers' StableDiffusionPipeline computes them.
 pub fn txt2img_latents(sd: &StableDiffusion, p: &GenerateParams) -> Result<Tensor> {
+    txt2img_latents_with(sd, p, None)
+}
+
+/// [`txt2img_latents`] with an optional ControlNet input, as diffusers' StableDiffusionControlNetPipeline
+/// computes it.
+pub fn txt2img_latents_with(
+    sd: &StableDiffusion,
+    p: &GenerateParams,
+    control: Option<&Control>,
+) -> Result<Tensor> {
     p.validate(sd)?;
     // The seeded draws (initial noise, LCM's step noise) come from the process's CPU generator.
     let _rng = crate::device::rng_lock();
@@ -174,15 +331,21 @@ pub fn txt2img_latents(sd: &StableDiffusion, p: &GenerateParams) -> Result<Tenso
     scheduler.set_timesteps(p.steps)?;
     let f = sd.vae_scale_factor();
     let channels = sd.unet_config.in_channels;
+    let control = control_run(sd, p, control, cond.guided)?;
     seed_cpu(p.seed);
     let latents = randn_cpu(&[1, channels, p.height / f, p.width / f], sd.device, sd.kind)?
         .f_mul_scalar(scheduler.init_noise_sigma())?;
-    denoise(sd, scheduler.as_mut(), &cond, p.guidance, latents, 0)
+    denoise(sd, scheduler.as_mut(), &cond, p.guidance, latents, 0, control.as_ref())
 }
 
 /// A txt2img image, (1, 3, H, W) in [-1, 1].
 pub fn txt2img(sd: &StableDiffusion, p: &GenerateParams) -> Result<Tensor> {
-    let latents = txt2img_latents(sd, p)?;
+    txt2img_with(sd, p, None)
+}
+
+/// A txt2img image with an optional ControlNet input, (1, 3, H, W) in [-1, 1].
+pub fn txt2img_with(sd: &StableDiffusion, p: &GenerateParams, control: Option<&Control>) -> Result<Tensor> {
+    let latents = txt2img_latents_with(sd, p, control)?;
     let _guard = tch::no_grad_guard();
     sd.autoencoder.decode_scaled(&latents)
 }
@@ -193,6 +356,18 @@ pub fn img2img_latents(
     p: &GenerateParams,
     image: &Tensor,
     strength: f64,
+) -> Result<Tensor> {
+    img2img_latents_with(sd, p, image, strength, None)
+}
+
+/// [`img2img_latents`] with an optional ControlNet input, as diffusers'
+/// StableDiffusionControlNetImg2ImgPipeline computes it.
+pub fn img2img_latents_with(
+    sd: &StableDiffusion,
+    p: &GenerateParams,
+    image: &Tensor,
+    strength: f64,
+    control: Option<&Control>,
 ) -> Result<Tensor> {
     p.validate(sd)?;
     if !(strength > 0.0 && strength <= 1.0) {
@@ -216,18 +391,30 @@ pub fn img2img_latents(
             ),
         ));
     }
+    let control = control_run(sd, p, control, cond.guided)?;
     seed_cpu(p.seed);
     let image = image.f_to_device(sd.device)?.f_to_kind(sd.kind)?;
     let (device, kind) = (sd.device, sd.kind);
     let init_latents = sd.autoencoder.encode_scaled(&image, |shape| randn_cpu(shape, device, kind))?;
     let noise = randn_cpu(&init_latents.size(), device, kind)?;
     let latents = scheduler.add_noise(&init_latents, &noise, start)?;
-    denoise(sd, scheduler.as_mut(), &cond, p.guidance, latents, start)
+    denoise(sd, scheduler.as_mut(), &cond, p.guidance, latents, start, control.as_ref())
 }
 
 /// An img2img image, (1, 3, H, W) in [-1, 1].
 pub fn img2img(sd: &StableDiffusion, p: &GenerateParams, image: &Tensor, strength: f64) -> Result<Tensor> {
-    let latents = img2img_latents(sd, p, image, strength)?;
+    img2img_with(sd, p, image, strength, None)
+}
+
+/// An img2img image with an optional ControlNet input, (1, 3, H, W) in [-1, 1].
+pub fn img2img_with(
+    sd: &StableDiffusion,
+    p: &GenerateParams,
+    image: &Tensor,
+    strength: f64,
+    control: Option<&Control>,
+) -> Result<Tensor> {
+    let latents = img2img_latents_with(sd, p, image, strength, control)?;
     let _guard = tch::no_grad_guard();
     sd.autoencoder.decode_scaled(&latents)
 }

@@ -147,6 +147,8 @@ pub async fn run_stream(stream: TcpStream, peer: SocketAddr, state: Arc<ServerSt
     let min_interval = Duration::from_secs_f64(1.0 / state.config.max_fps);
     let mut last_frame: Option<Instant> = None;
     let mut next_frame_id: u64 = 0;
+    // Set by a `control_image` message: the next binary message is a control image, not a frame.
+    let mut control_next = false;
     let mut arrivals: VecDeque<(u64, Instant)> = VecDeque::new();
     let mut rate_limited: u64 = 0;
     let mut last_rate_notice: Option<Instant> = None;
@@ -189,6 +191,25 @@ pub async fn run_stream(stream: TcpStream, peer: SocketAddr, state: Arc<ServerSt
                     Some(Ok(m)) => m,
                 };
                 match msg {
+                    Message::Binary(data) if control_next => {
+                        control_next = false;
+                        let h = handle.clone();
+                        let result = tokio::task::spawn_blocking(move || {
+                            let img = crate::io::image::decode(&data, "control image")?;
+                            let size = img.dimensions();
+                            h.set_control_image(img).map(|_| size)
+                        })
+                        .await;
+                        let sent = match result {
+                            Ok(Ok((width, height))) => send_json(&mut tx, &ServerMessage::ControlImage { width, height }).await,
+                            Ok(Err(e)) => {
+                                state.metrics.messages_bad.fetch_add(1, Ordering::Relaxed);
+                                send_error(&mut tx, "bad_control_image", e.to_string(), false).await
+                            }
+                            Err(_) => false,
+                        };
+                        if !sent { break; }
+                    }
                     Message::Binary(data) => {
                         let id = next_frame_id;
                         next_frame_id += 1;
@@ -218,6 +239,9 @@ pub async fn run_stream(stream: TcpStream, peer: SocketAddr, state: Arc<ServerSt
                             }
                             Err(_) => break,
                         }
+                    }
+                    Message::Text(text) if text.contains("control_image") && matches!(ClientMessage::parse(&text), Ok(ClientMessage::ControlImage {})) => {
+                        control_next = true;
                     }
                     Message::Text(text) => {
                         let reply = handle_text(&text, &handle, &mut settings, &mut quality, &mut next_frame_id, &mut arrivals).await;
@@ -377,6 +401,8 @@ async fn handle_text(
             *next_frame_id = id;
             TextReply::none()
         }
+        // Handled by the connection loop (it changes how the next binary message is read).
+        ClientMessage::ControlImage {} => TextReply::none(),
         ClientMessage::Ping { nonce } => {
             TextReply { json: Some(ServerMessage::Pong { nonce }.to_json()), error: None }
         }

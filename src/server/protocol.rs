@@ -29,6 +29,9 @@ pub enum ClientMessage {
     Generate {},
     /// The id to give the next binary frame (default: one more than the last).
     FrameId { id: u64 },
+    /// The next binary message is a control image for the stream's ControlNet (`control = "image"`), not a
+    /// frame.
+    ControlImage {},
     Ping {
         #[serde(default)]
         nonce: Option<serde_json::Value>,
@@ -36,7 +39,8 @@ pub enum ClientMessage {
 }
 
 /// The names of the client message types.
-pub const CLIENT_TYPES: [&str; 6] = ["prompt", "settings", "quality", "generate", "frame_id", "ping"];
+pub const CLIENT_TYPES: [&str; 7] =
+    ["prompt", "settings", "quality", "generate", "frame_id", "control_image", "ping"];
 
 /// Why a client text message was refused: an error code and a message for the client.
 pub type Refusal = (&'static str, String);
@@ -100,9 +104,14 @@ pub enum ServerMessage<'a> {
     Settings {
         settings: &'a StreamSettings,
     },
+    /// A control image (announced with `control_image`) was accepted; frames from now on use it.
+    ControlImage {
+        width: u32,
+        height: u32,
+    },
     Error {
-        /// A stable machine-readable code: bad_json, unknown_type, bad_frame, bad_setting, rate_limited,
-        /// too_large, server_full, unauthorized, idle_timeout, internal.
+        /// A stable machine-readable code: bad_json, unknown_type, bad_frame, bad_control_image, bad_setting,
+        /// rate_limited, too_large, server_full, unauthorized, idle_timeout, internal.
         code: &'a str,
         message: String,
         /// Whether the connection is closed after this message.

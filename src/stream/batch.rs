@@ -152,11 +152,12 @@ fn tick_group(
     let mut sequential = Vec::new();
     for (i, input) in group.iter_mut().enumerate() {
         let entry = input.stream.entry_latent(encoded[i].as_ref())?;
+        let control = input.stream.frame_control(input.image.as_ref())?;
         if input.stream.batched() {
-            works.push(input.stream.begin(entry, input.frame_id)?);
+            works.push(input.stream.begin(entry, input.frame_id, control)?);
         } else {
             let t0 = Instant::now();
-            sequential.push((i, input.stream.run_sequential(sd, entry, input.frame_id)?));
+            sequential.push((i, input.stream.run_sequential(sd, entry, input.frame_id, control)?));
             timings.unet += t0.elapsed();
         }
     }
@@ -164,7 +165,7 @@ fn tick_group(
     let pred = if works.is_empty() {
         None
     } else {
-        Some(timed(sd, measure, &mut timings.unet, || UnetWork::cat(&works)?.predict(sd))?)
+        Some(timed(sd, measure, &mut timings.unet, || UnetWork::predict_all(sd, &works))?)
     };
     timings.streams = timings.streams.max(works.len());
     timings.unet_batch = timings.unet_batch.max(sizes.iter().sum());

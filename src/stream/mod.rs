@@ -9,6 +9,7 @@
 //! [`Stream::finish`] takes its share of the prediction back) so that the engine can put the slots of many
 //! streams into one UNet call (see [`batch`]).
 pub mod batch;
+pub mod control;
 pub mod offline;
 pub mod prompts;
 pub mod settings;
@@ -16,10 +17,11 @@ pub mod similarity;
 
 use crate::device::CpuGenerator;
 use crate::error::{Error, Result};
+use crate::models::controlnet::ControlScale;
 use crate::models::stable_diffusion::{sdxl_time_ids, StableDiffusion, TextEmbedding};
-use crate::models::unet::{AddedCond, UNetExtra};
+use crate::models::unet::{AddedCond, ControlResiduals, UNetExtra};
 use crate::schedulers::{self, SchedulerKind};
-use settings::{CfgType, Mode, StreamScheduler, StreamSettings, STREAM_SCHEDULE_STEPS};
+use settings::{CfgType, ControlSource, Mode, StreamScheduler, StreamSettings, STREAM_SCHEDULE_STEPS};
 use std::collections::VecDeque;
 use tch::{Device, Kind, Tensor};
 
@@ -126,6 +128,21 @@ impl Prepared {
     }
 }
 
+/// A stream with a control source needs a ControlNet loaded with the model.
+fn check_control(sd: &StableDiffusion, s: &StreamSettings) -> Result<()> {
+    if s.control != ControlSource::None && sd.controlnet.is_none() {
+        return Err(Error::invalid(
+            "control",
+            format!(
+                "{:?} needs a ControlNet: start sdstream with --controlnet (or [model] controlnet)",
+                s.control
+            )
+            .to_lowercase(),
+        ));
+    }
+    Ok(())
+}
+
 /// `c_out * (x - beta * eps) / alpha + c_skip * x`: LCM's boundary-condition step (DDIM: c_out 1, c_skip 0).
 fn boundary_denoise(
     x: &Tensor,
@@ -152,36 +169,101 @@ pub struct UnetWork {
     pub embeddings: TextEmbedding,
     /// SDXL's time ids per item (original size, crop, target size: the stream's frame size), else `None`.
     pub time_ids: Option<Tensor>,
+    /// The ControlNet's inputs for these items, when the stream uses one.
+    pub control: Option<ControlWork>,
+}
+
+/// A stream's share of a ControlNet batch: one control image and one conditioning scale per UNet item (each
+/// slot uses the control image of the frame it is denoising; slots whose frame had none get scale 0).
+pub struct ControlWork {
+    /// (items, 3, H, W), RGB in [0, 1].
+    pub images: Tensor,
+    pub scales: Vec<f64>,
+}
+
+/// The control images of the frames in the slots, shifted along with the latent buffer.
+struct ControlSlots {
+    /// (n, 3, H, W): slot k holds the control image of the frame in slot k.
+    images: Tensor,
+    /// 1 where that frame had a control image, 0 where it had none.
+    active: Vec<f64>,
 }
 
 impl UnetWork {
-    /// Stacks several shares into one batch (in order).
-    pub fn cat(works: &[UnetWork]) -> Result<UnetWork> {
+    /// The UNet's prediction for `works` stacked into one batch, in order: one ControlNet call over the items
+    /// that have control (the others get no residuals), then one UNet call.
+    pub fn predict_all(sd: &StableDiffusion, works: &[UnetWork]) -> Result<Tensor> {
         let cat =
             |f: &dyn Fn(&UnetWork) -> &Tensor| Tensor::f_cat(&works.iter().map(f).collect::<Vec<_>>(), 0);
-        let time_ids = match works.iter().map(|w| w.time_ids.as_ref()).collect::<Option<Vec<_>>>() {
-            Some(ids) => Some(Tensor::f_cat(&ids, 0)?),
-            None => None,
-        };
-        Ok(UnetWork {
-            sample: cat(&|w| &w.sample)?,
-            timesteps: cat(&|w| &w.timesteps)?,
-            embeddings: TextEmbedding::cat(&works.iter().map(|w| &w.embeddings).collect::<Vec<_>>())?,
-            time_ids,
-        })
-    }
-
-    /// The UNet's prediction for this batch.
-    pub fn predict(&self, sd: &StableDiffusion) -> Result<Tensor> {
-        let added = match (&self.embeddings.pooled, &self.time_ids) {
+        let sample = cat(&|w| &w.sample)?;
+        let timesteps = cat(&|w| &w.timesteps)?;
+        let emb = TextEmbedding::cat(&works.iter().map(|w| &w.embeddings).collect::<Vec<_>>())?;
+        let added = match (&emb.pooled, works.iter().map(|w| w.time_ids.as_ref()).collect::<Option<Vec<_>>>())
+        {
             (Some(p), Some(ids)) => {
-                Some(AddedCond { text_embeds: p.shallow_clone(), time_ids: ids.shallow_clone() })
+                Some(AddedCond { text_embeds: p.shallow_clone(), time_ids: Tensor::f_cat(&ids, 0)? })
             }
             _ => None,
         };
-        let extra = UNetExtra { added_cond: added.as_ref(), ..Default::default() };
-        sd.unet.forward_with(&self.sample, &self.timesteps, &self.embeddings.hidden, &extra)
+        let residuals = control_residuals(sd, works, &sample, &timesteps, &emb.hidden)?;
+        let extra =
+            UNetExtra { added_cond: added.as_ref(), control: residuals.as_ref(), ..Default::default() };
+        sd.unet.forward_with(&sample, &timesteps, &emb.hidden, &extra)
     }
+}
+
+/// One ControlNet call over the rows of the stacked batch whose stream has control; zero residuals elsewhere.
+fn control_residuals(
+    sd: &StableDiffusion,
+    works: &[UnetWork],
+    sample: &Tensor,
+    t: &Tensor,
+    emb: &Tensor,
+) -> Result<Option<ControlResiduals>> {
+    if works.iter().all(|w| w.control.is_none()) {
+        return Ok(None);
+    }
+    let net = sd.controlnet.as_ref().ok_or_else(|| {
+        Error::invalid("control", "a stream asks for ControlNet conditioning but no ControlNet is loaded")
+    })?;
+    // Rows of the stacked batch that have control.
+    let mut rows = Vec::new();
+    let mut images = Vec::new();
+    let mut scales = Vec::new();
+    let mut offset = 0i64;
+    for w in works {
+        let size = w.sample.size()[0];
+        if let Some(c) = &w.control {
+            rows.extend(offset..offset + size);
+            images.push(c.images.shallow_clone());
+            scales.extend_from_slice(&c.scales);
+        }
+        offset += size;
+    }
+    let total = offset;
+    let images = Tensor::f_cat(&images, 0)?;
+    if rows.len() as i64 == total {
+        return Ok(Some(net.forward(sample, t, emb, &images, ControlScale::PerItem(&scales), false)?));
+    }
+    let index = Tensor::f_from_slice(&rows)?.f_to_device(sample.device())?;
+    let r = net.forward(
+        &sample.f_index_select(0, &index)?,
+        &t.f_index_select(0, &index)?,
+        &emb.f_index_select(0, &index)?,
+        &images,
+        ControlScale::PerItem(&scales),
+        false,
+    )?;
+    let scatter = |part: &Tensor| -> Result<Tensor> {
+        let mut shape = part.size();
+        shape[0] = total;
+        let full = Tensor::f_zeros(&shape, (part.kind(), part.device()))?;
+        Ok(full.f_index_copy(0, &index, part)?)
+    };
+    Ok(Some(ControlResiduals {
+        down: r.down.iter().map(scatter).collect::<Result<Vec<_>>>()?,
+        mid: scatter(&r.mid)?,
+    }))
 }
 
 /// `t` with its first dimension expanded to `n` rows.
@@ -215,6 +297,10 @@ pub struct Stream {
     in_flight: VecDeque<u64>,
     /// The slot latents of the frame being processed between begin and finish.
     pending_x: Option<Tensor>,
+    /// Per-slot control images (None while the stream's control is `none`).
+    control_slots: Option<ControlSlots>,
+    /// The last control image the client sent, (1, 3, H, W) in [0, 1] at the stream's size.
+    control_image: Option<Tensor>,
     /// The last decoded output (1, 3, H, W) in [-1, 1], returned for skipped frames.
     pub previous_output: Option<Tensor>,
     /// The last latent that left the last slot (before decoding).
@@ -233,6 +319,7 @@ impl Stream {
         uncond: TextEmbedding,
     ) -> Result<Self> {
         settings.validate()?;
+        check_control(sd, &settings)?;
         let f = sd.vae_scale_factor();
         if settings.width % f != 0 || settings.height % f != 0 {
             return Err(Error::invalid("width/height", format!("must be multiples of {f} for this model")));
@@ -255,6 +342,8 @@ impl Stream {
             time_ids,
             in_flight: VecDeque::new(),
             pending_x: None,
+            control_slots: None,
+            control_image: None,
             previous_output: None,
             last_latent: None,
             frames_skipped: 0,
@@ -310,6 +399,13 @@ impl Stream {
     /// buffer flowing on.
     pub fn apply_settings(&mut self, sd: &StableDiffusion, next: StreamSettings) -> Result<()> {
         next.validate()?;
+        check_control(sd, &next)?;
+        if (next.width, next.height) != (self.settings.width, self.settings.height) {
+            self.control_image = None;
+        }
+        if self.settings.needs_reprime(&next) || next.control == ControlSource::None {
+            self.control_slots = None;
+        }
         if self.settings.needs_reprime(&next) {
             let mut generator = CpuGenerator::new(next.seed)?;
             let prepared = Prepared::new(sd, &next, &mut generator)?;
@@ -373,13 +469,71 @@ impl Stream {
         }
     }
 
+    /// Sets the control image for the frames that enter from now on (`control = "image"`): any RGB image,
+    /// resized to the stream's size and scaled to [0, 1] as diffusers prepares control images.
+    pub fn set_control_image(&mut self, image: &image::RgbImage) -> Result<()> {
+        let s = &self.settings;
+        let t = crate::pipeline::control_image(image, s.width, s.height)?;
+        let p = &self.prepared;
+        self.control_image = Some(t.f_to_device(p.init_noise.device())?.f_to_kind(p.init_noise.kind())?);
+        Ok(())
+    }
+
+    /// The control image of a frame entering now: Canny edges of `frame` ((1, 3, H, W) in [-1, 1]), the
+    /// client's last control image, or none.
+    pub fn frame_control(&self, frame: Option<&Tensor>) -> Result<Option<Tensor>> {
+        let s = &self.settings;
+        match (s.control, frame) {
+            (ControlSource::None, _) => Ok(None),
+            (ControlSource::Image, _) => Ok(self.control_image.as_ref().map(Tensor::shallow_clone)),
+            (ControlSource::Canny, Some(f)) => {
+                let rgb01 = f.f_add_scalar(1.0)?.f_div_scalar(2.0)?.f_clamp(0.0, 1.0)?;
+                Ok(Some(control::canny(&rgb01, s.canny_low, s.canny_high)?))
+            }
+            (ControlSource::Canny, None) => Ok(None),
+        }
+    }
+
+    /// Shifts the per-slot control images: the entering frame's control into slot 0, the others one slot on.
+    /// Gives this frame's per-slot images (n, 3, H, W) and scales, or None without control.
+    fn shift_control(&mut self, entry: Option<Tensor>) -> Result<Option<(Tensor, Vec<f64>)>> {
+        if self.settings.control == ControlSource::None {
+            self.control_slots = None;
+            return Ok(None);
+        }
+        let p = &self.prepared;
+        let (device, kind) = (p.init_noise.device(), p.init_noise.kind());
+        let (h, w) = (self.settings.height, self.settings.width);
+        let slots = match self.control_slots.take() {
+            Some(c) => c,
+            None => ControlSlots {
+                images: Tensor::f_zeros([p.n, 3, h, w], (kind, device))?,
+                active: vec![0.0; p.n as usize],
+            },
+        };
+        let (first, active0) = match entry {
+            Some(img) => (img.f_to_device(device)?.f_to_kind(kind)?, 1.0),
+            None => (Tensor::f_zeros([1, 3, h, w], (kind, device))?, 0.0),
+        };
+        let images = Tensor::f_cat(&[&first, &slots.images.f_narrow(0, 0, p.n - 1)?], 0)?;
+        let mut active = vec![active0];
+        active.extend_from_slice(&slots.active[..p.n as usize - 1]);
+        let scales = active.iter().map(|a| a * self.settings.controlnet_scale).collect();
+        let out = images.shallow_clone();
+        self.control_slots = Some(ControlSlots { images, active });
+        Ok(Some((out, scales)))
+    }
+
     fn guided(&self) -> bool {
         self.settings.guidance > 1.0
     }
 
     /// Starts a frame: stacks the entry latent with the in-flight slots and builds this stream's share of the
     /// UNet batch (n items; n + 1 with `initialize` guidance; 2n with `full`).
-    pub fn begin(&mut self, entry: Tensor, frame_id: u64) -> Result<UnetWork> {
+    ///
+    /// `control` is the entering frame's control image ([`Stream::frame_control`]).
+    pub fn begin(&mut self, entry: Tensor, frame_id: u64, control: Option<Tensor>) -> Result<UnetWork> {
+        let control = self.shift_control(control)?;
         let p = &self.prepared;
         let x = match &self.buffer {
             Some(buffer) => {
@@ -394,6 +548,7 @@ impl Stream {
         let cond = self.cond.advance()?.map(|t| Ok(t.f_to_kind(kind)?))?;
         let uncond = self.uncond.map(|t| Ok(t.f_to_kind(kind)?))?;
         let (cond_n, time_ids_n) = self.items(&cond, p.n)?;
+        // The ControlNet sees the same items as the UNet: each slot with its frame's control image.
         let work = match (self.guided(), self.settings.cfg_type) {
             (true, CfgType::Initialize) => {
                 let (uncond_1, ids_1) = self.items(&uncond, 1)?;
@@ -402,6 +557,15 @@ impl Stream {
                     timesteps: Tensor::f_cat(&[&p.timesteps.f_narrow(0, 0, 1)?, &p.timesteps], 0)?,
                     embeddings: TextEmbedding::cat(&[&uncond_1, &cond_n])?,
                     time_ids: ids_1.zip(time_ids_n).map(|(a, b)| Tensor::f_cat(&[a, b], 0)).transpose()?,
+                    control: control
+                        .map(|(img, s)| -> Result<ControlWork> {
+                            let scales = [&s[..1], &s[..]].concat();
+                            Ok(ControlWork {
+                                images: Tensor::f_cat(&[&img.f_narrow(0, 0, 1)?, &img], 0)?,
+                                scales,
+                            })
+                        })
+                        .transpose()?,
                 }
             }
             (true, CfgType::Full) => {
@@ -411,6 +575,14 @@ impl Stream {
                     timesteps: Tensor::f_cat(&[&p.timesteps, &p.timesteps], 0)?,
                     embeddings: TextEmbedding::cat(&[&uncond_n, &cond_n])?,
                     time_ids: time_ids_n.map(|t| Tensor::f_cat(&[&t, &t], 0)).transpose()?,
+                    control: control
+                        .map(|(img, s)| -> Result<ControlWork> {
+                            Ok(ControlWork {
+                                images: Tensor::f_cat(&[&img, &img], 0)?,
+                                scales: [&s[..], &s[..]].concat(),
+                            })
+                        })
+                        .transpose()?,
                 }
             }
             _ => UnetWork {
@@ -418,6 +590,7 @@ impl Stream {
                 timesteps: p.timesteps.shallow_clone(),
                 embeddings: cond_n,
                 time_ids: time_ids_n,
+                control: control.map(|(images, scales)| ControlWork { images, scales }),
             },
         };
         self.pending_x = Some(x);
@@ -487,12 +660,19 @@ impl Stream {
     /// A whole frame without the stream batch: the stages run one after another (one UNet call each), each
     /// estimate re-noised to the next stage with fresh noise from the stream's generator; no latency, no
     /// warm-up. StreamDiffusion's `use_denoising_batch=False`.
+    ///
+    /// `control` is the frame's control image ([`Stream::frame_control`]); every stage uses it.
     pub fn run_sequential(
         &mut self,
         sd: &StableDiffusion,
         entry: Tensor,
         frame_id: u64,
+        control: Option<Tensor>,
     ) -> Result<FrameResult> {
+        let control = match (self.settings.control, control) {
+            (ControlSource::None, _) | (_, None) => None,
+            (_, Some(c)) => Some(c.f_to_device(sd.device)?.f_to_kind(sd.kind)?),
+        };
         let p = &self.prepared;
         let (device, kind) = (p.init_noise.device(), p.init_noise.kind());
         let cond = self.cond.advance()?.map(|t| Ok(t.f_to_kind(kind)?))?;
@@ -505,21 +685,30 @@ impl Stream {
         let (cond_1, ids_1) = self.items(&cond, 1)?;
         for k in 0..p.n {
             let t = p.timesteps.f_narrow(0, k, 1)?;
-            let work = match (guided, cfg) {
+            let mut work = match (guided, cfg) {
                 (true, CfgType::Full) | (true, CfgType::Initialize) => UnetWork {
                     sample: Tensor::f_cat(&[&x, &x], 0)?,
                     timesteps: Tensor::f_cat(&[&t, &t], 0)?,
                     embeddings: TextEmbedding::cat(&[&uncond, &cond_1])?,
                     time_ids: ids_1.as_ref().map(|t| Tensor::f_cat(&[t, t], 0)).transpose()?,
+                    control: None,
                 },
                 _ => UnetWork {
                     sample: x.shallow_clone(),
                     timesteps: t,
                     embeddings: cond_1.shallow_clone(),
                     time_ids: ids_1.as_ref().map(Tensor::shallow_clone),
+                    control: None,
                 },
             };
-            let pred = work.predict(sd)?;
+            if let Some(c) = &control {
+                let items = work.sample.size()[0];
+                work.control = Some(ControlWork {
+                    images: c.f_expand([items, c.size()[1], c.size()[2], c.size()[3]], false)?,
+                    scales: vec![self.settings.controlnet_scale; items as usize],
+                });
+            }
+            let pred = UnetWork::predict_all(sd, std::slice::from_ref(&work))?;
             let eps = match (guided, cfg) {
                 (true, CfgType::Full) => {
                     let parts = pred.f_chunk(2, 0)?;

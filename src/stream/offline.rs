@@ -50,16 +50,20 @@ pub struct FrameReport {
 
 /// Streams `files` through one stream and writes `output_dir/<input stem>.png` for each. An unreadable input
 /// is reported for that frame only and the stream carries on. Frames of another size are resized to the
-/// stream's size.
+/// stream's size. `control_image` is the fixed control image of a `control = "image"` stream.
 pub fn run_files(
     sd: &StableDiffusion,
     settings: StreamSettings,
     files: &[PathBuf],
     output_dir: &Path,
+    control_image: Option<&image::RgbImage>,
 ) -> Result<Vec<FrameReport>> {
     let cond = sd.encode_text(&settings.prompt, None)?;
     let uncond = sd.encode_text(&settings.negative_prompt, None)?;
     let mut stream = Stream::new(0, sd, settings, cond, uncond)?;
+    if let Some(img) = control_image {
+        stream.set_control_image(img)?;
+    }
     std::fs::create_dir_all(output_dir).map_err(|e| Error::io(output_dir, e))?;
     let mut reports = Vec::new();
     for (i, file) in files.iter().enumerate() {

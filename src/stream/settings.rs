@@ -60,6 +60,19 @@ pub enum Interpolation {
     Slerp,
 }
 
+/// Where a stream's ControlNet conditioning comes from (the daemon needs a ControlNet loaded for anything
+/// but `none`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ControlSource {
+    /// No ControlNet.
+    None,
+    /// Canny edges of each input frame (img2img only), with `canny_low` / `canny_high`.
+    Canny,
+    /// The last control image the client sent (each frame keeps the control image it entered with).
+    Image,
+}
+
 /// Every setting of one stream. Unknown fields are refused.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -95,6 +108,13 @@ pub struct StreamSettings {
     /// Frames over which a new prompt blends in (0: at once).
     pub prompt_transition_frames: u32,
     pub prompt_interpolation: Interpolation,
+    /// The ControlNet conditioning: none, canny or image.
+    pub control: ControlSource,
+    /// The ControlNet's conditioning scale; changes take effect on the next frame, for every slot.
+    pub controlnet_scale: f64,
+    /// Canny's hysteresis thresholds, in OpenCV's units (Sobel L1 magnitude of a 0..255 image).
+    pub canny_low: f64,
+    pub canny_high: f64,
 }
 
 impl Default for StreamSettings {
@@ -120,6 +140,10 @@ impl Default for StreamSettings {
             height: 512,
             prompt_transition_frames: 0,
             prompt_interpolation: Interpolation::Slerp,
+            control: ControlSource::None,
+            controlnet_scale: 1.0,
+            canny_low: 100.0,
+            canny_high: 200.0,
         }
     }
 }
@@ -189,6 +213,28 @@ impl StreamSettings {
             return Err(Error::invalid(
                 "prompt_transition_frames",
                 format!("{} is above 600", self.prompt_transition_frames),
+            ));
+        }
+        if !(self.controlnet_scale.is_finite() && (0.0..=5.0).contains(&self.controlnet_scale)) {
+            return Err(Error::invalid(
+                "controlnet_scale",
+                format!("{} is not in 0..=5", self.controlnet_scale),
+            ));
+        }
+        if !(self.canny_low.is_finite() && self.canny_high.is_finite())
+            || self.canny_low < 0.0
+            || self.canny_low > self.canny_high
+            || self.canny_high > 2040.0
+        {
+            return Err(Error::invalid(
+                "canny_low/canny_high",
+                format!("{} / {}: expected 0 <= low <= high <= 2040", self.canny_low, self.canny_high),
+            ));
+        }
+        if self.control == ControlSource::Canny && self.mode == Mode::Txt2img {
+            return Err(Error::invalid(
+                "control",
+                "\"canny\" takes edges of the input frames, which a txt2img stream does not have; use                  \"image\" and send control images",
             ));
         }
         for (name, v) in [("prompt", &self.prompt), ("negative_prompt", &self.negative_prompt)] {
