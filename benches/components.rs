@@ -24,6 +24,7 @@ fn model() -> StableDiffusion {
         device: sdstream::device::parse_device(&device).expect("SDSTREAM_BENCH_DEVICE"),
         kind: sdstream::device::parse_dtype(&dtype).expect("SDSTREAM_BENCH_DTYPE"),
         vae: Some(format!("{root}/models/tiny-taesd-test")),
+        model_config: None,
     };
     StableDiffusion::load(&format!("{root}/models/tiny-sd-test"), &opts).expect("the tiny test model loads")
 }

@@ -24,8 +24,12 @@ fn main() -> anyhow::Result<()> {
     }
     let cameras = sdstream::io::camera::list()?;
     println!("cameras: {cameras:?}");
-    let load =
-        LoadOptions { device: sdstream::device::parse_device("auto")?, kind: tch::Kind::Float, vae: None };
+    let load = LoadOptions {
+        device: sdstream::device::parse_device("auto")?,
+        kind: tch::Kind::Float,
+        vae: None,
+        model_config: None,
+    };
     let engine = Engine::start(EngineConfig::new(model, load))?;
     let settings =
         StreamSettings { width: 256, height: 256, prompt: "an oil painting".into(), ..Default::default() };

@@ -25,6 +25,7 @@ fn engine_config(config: &DaemonConfig) -> Result<EngineConfig> {
         device: crate::device::parse_device(&m.device)?,
         kind: crate::device::parse_dtype(&m.dtype)?,
         vae: m.vae.clone(),
+        model_config: m.model_config.clone(),
     };
     let mut e = EngineConfig::new(m.model.clone(), load);
     e.max_streams = config.server.max_clients + 1;

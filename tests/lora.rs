@@ -147,7 +147,7 @@ fn two_loras_at_once() {
 
 #[test]
 fn half_precision_scale_changes_do_not_drift_and_unfuse_exactly() {
-    let opts = LoadOptions { device: tch::Device::Cpu, kind: Kind::Half, vae: None };
+    let opts = LoadOptions { device: tch::Device::Cpu, kind: Kind::Half, vae: None, model_config: None };
     let mut sd = load_with("sd1-tiny", opts);
     let base = snapshot(&sd);
     sd.load_loras(&[spec("sd1_peft.safetensors", 1.0), spec("sd1_conv_kohya.safetensors", 0.7)]).unwrap();

@@ -227,6 +227,7 @@ pub fn run(a: &BenchArgs) -> Result<report::BenchReport> {
         device: crate::device::parse_device(&a.device)?,
         kind: crate::device::parse_dtype(&a.dtype)?,
         vae: None,
+        model_config: None,
     };
     let choice = choose_model(a, &load)?;
     let load = LoadOptions { vae: choice.vae.clone(), ..load };

@@ -41,7 +41,12 @@ pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, atol: f64, rtol: f64) {
 }
 
 pub fn cpu_fp32(vae: Option<String>) -> sdstream::models::stable_diffusion::LoadOptions {
-    sdstream::models::stable_diffusion::LoadOptions { device: tch::Device::Cpu, kind: tch::Kind::Float, vae }
+    sdstream::models::stable_diffusion::LoadOptions {
+        device: tch::Device::Cpu,
+        kind: tch::Kind::Float,
+        vae,
+        model_config: None,
+    }
 }
 
 /// All tensors of a safetensors file (any path).
