@@ -605,10 +605,7 @@ fn warn_unused(w: &Weights, what: &str) {
 pub fn load(spec: &str, opts: &LoadOptions) -> Result<StableDiffusion> {
     let path = Path::new(spec);
     if !path.is_file() {
-        return Err(Error::io(
-            path,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "checkpoint file not found"),
-        ));
+        return Err(Error::config(path, "no such checkpoint file"));
     }
     let ck = Checkpoint::open(path)?;
     let cfg = match &opts.model_config {
