@@ -307,7 +307,7 @@ pub struct Checkpoint {
     shapes: HashMap<String, Vec<i64>>,
 }
 
-fn first_key<'a>(shapes: &'a HashMap<String, Vec<i64>>, pred: impl Fn(&str) -> bool) -> Option<&'a str> {
+fn first_key(shapes: &HashMap<String, Vec<i64>>, pred: impl Fn(&str) -> bool) -> Option<&str> {
     let mut v: Vec<&str> = shapes.keys().map(String::as_str).filter(|k| pred(k)).collect();
     v.sort();
     v.first().copied()
