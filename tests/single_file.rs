@@ -1,9 +1,10 @@
 //! Single-file checkpoints (original LDM layout) against diffusers: tests/fixtures/single_file (made by
 //! tools/make_single_file_fixtures.py, which checks with diffusers' own `from_single_file` that the files hold
-//! the intended weights bit for bit) holds sd1-tiny in the LDM layout and a second layout, variant-tiny, with
-//! references from `StableDiffusionPipeline.from_single_file`. sd1-tiny's single file holds exactly the weights
-//! of tests/fixtures/models/sd1-tiny, so its references are that model's pipeline references (the fixture tool
-//! checks diffusers gives bit-equal latents from the single file). Same seed on CPU in fp32: latents within 1e-4
+//! the intended weights bit for bit) holds sd1-tiny and sd2-tiny (OpenCLIP text encoder) in the LDM layout and a
+//! second UNet/VAE layout, variant-tiny, with references from `StableDiffusionPipeline.from_single_file`. The
+//! sd1-tiny and sd2-tiny single files hold exactly the weights of tests/fixtures/models/<model>, so their
+//! references are those models' pipeline references (the fixture tool checks diffusers gives bit-equal latents
+//! from the single files). Same seed on CPU in fp32: latents within 1e-4
 //! (abs + rel), PNG within 2/255. Bad files are refused with a message, from the library and the CLI.
 mod common;
 
@@ -15,6 +16,8 @@ use std::process::Command;
 
 const SD1_FILE: &str = "tests/fixtures/single_file/sd1-tiny.safetensors";
 const SD1_CONFIG: &str = "tests/fixtures/models/sd1-tiny";
+const SD2_FILE: &str = "tests/fixtures/single_file/sd2-tiny.safetensors";
+const SD2_CONFIG: &str = "tests/fixtures/models/sd2-tiny";
 const VARIANT_FILE: &str = "tests/fixtures/single_file/variant-tiny.safetensors";
 const VARIANT_CONFIG: &str = "tests/fixtures/single_file/variant-tiny";
 
@@ -84,11 +87,21 @@ fn write_fake(path: &Path, tensors: &[(&str, &[i64])]) {
 fn sd1_tiny_single_file_holds_the_folder_weights_and_matches_diffusers() {
     let single = load(SD1_FILE, SD1_CONFIG);
     let folder = StableDiffusion::load(&fixture(SD1_CONFIG).display().to_string(), &cpu_fp32(None)).unwrap();
+    assert_same_weights(&single, &folder);
+    let reference = "tests/fixtures/reference/sd1-tiny/pipeline";
+    for name in ["txt2img_ddim_g7.5", "txt2img_euler_g7.5_neg", "txt2img_ddim_g7.5_96x64", "img2img_lcm_g7.5"]
+    {
+        check_case(&single, reference, name);
+    }
+}
+
+/// The single file's UNet and text-encoder weights are bit-equal to those of the diffusers folder.
+fn assert_same_weights(single: &StableDiffusion, folder: &StableDiffusion) {
     for (what, a, b) in [
         ("unet", &single.unet_weights, &folder.unet_weights),
         ("text encoder", &single.text_encoder_weights, &folder.text_encoder_weights),
     ] {
-        // The single file also carries CLIP's `position_ids` buffer (read as used, not a weight).
+        // The SD 1.x single file also carries CLIP's `position_ids` buffer (read as used, not a weight).
         let names = b.loaded_names();
         let mut got = a.loaded_names();
         got.retain(|n| !n.ends_with("position_ids"));
@@ -97,11 +110,20 @@ fn sd1_tiny_single_file_holds_the_folder_weights_and_matches_diffusers() {
             assert!(a.loaded(n).unwrap().equal(&b.loaded(n).unwrap()), "{what}: `{n}` differs");
         }
     }
-    let reference = "tests/fixtures/reference/sd1-tiny/pipeline";
-    for name in ["txt2img_ddim_g7.5", "txt2img_euler_g7.5_neg", "txt2img_ddim_g7.5_96x64", "img2img_lcm_g7.5"]
-    {
+}
+
+#[test]
+fn sd2_tiny_single_file_with_open_clip_matches_diffusers() {
+    let single = load(SD2_FILE, SD2_CONFIG);
+    let folder = StableDiffusion::load(&fixture(SD2_CONFIG).display().to_string(), &cpu_fp32(None)).unwrap();
+    assert_same_weights(&single, &folder);
+    let reference = "tests/fixtures/reference/sd2-tiny/pipeline";
+    for name in ["txt2img_ddim_g7.5", "txt2img_euler_g7.5_neg", "img2img_euler_g1.0"] {
         check_case(&single, reference, name);
     }
+    // Without --model-config an SD 2.x file is refused: its configs cannot be told from its shapes.
+    let e = load_err(&fixture(SD2_FILE), None);
+    assert!(e.contains("SD 2.x") && e.contains("--model-config"), "{e}");
 }
 
 #[test]

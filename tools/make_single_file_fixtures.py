@@ -13,6 +13,9 @@ Outputs:
   weights, `cond_stage_model.transformer.text_model.*`) by this script's own diffusers -> LDM mapping, plus the
   extra tensors real checkpoints carry and a loader must ignore (`model_ema.*`, `alphas_cumprod`, ...,
   `position_ids`). Its configs are sd1-tiny's folder.
+* `sd2-tiny.safetensors`: tests/fixtures/models/sd2-tiny likewise, with the text encoder in SD 2.x's OpenCLIP
+  layout (`cond_stage_model.model.*`, fused `in_proj`), one extra last resblock (SD 2.x conditions on the
+  penultimate layer), `text_projection` and `logit_scale`. Its configs are sd2-tiny's folder.
 * `variant-tiny/` (configs, tokenizer, scheduler; no weights) and `variant-tiny.safetensors`: a second UNet/VAE
   shape (blocks (8,16,24), attention on the first and last blocks only, layers_per_block 1,
   transformer_layers_per_block 2, linear proj_in/out, per-block head counts; a 3-level VAE with
@@ -22,9 +25,9 @@ Outputs:
   tests/fixtures/reference/<model>/pipeline).
 
 Verification (the script fails if any check fails): `from_single_file` (diffusers' own LDM converter) must give
-every UNet, VAE and text-encoder tensor bit-equal to the diffusers-layout original; for sd1-tiny, the
-single-file pipeline must give bit-equal latents to the committed sd1-tiny pipeline references (so the Rust
-test reuses tests/fixtures/reference/sd1-tiny for it).
+every UNet, VAE and text-encoder tensor bit-equal to the diffusers-layout original; for sd1-tiny and sd2-tiny,
+the single-file pipeline must give bit-equal latents to the committed pipeline references (so the Rust test
+reuses tests/fixtures/reference/<model> for them).
 """
 
 from __future__ import annotations
@@ -169,17 +172,64 @@ def to_ldm(state: dict, module_map: dict, prefix: str) -> dict:
     return out
 
 
-def write_single_file(path: Path, unet: dict, unet_cfg, vae: dict, vae_cfg, te: dict, extras=True):
+OPEN_CLIP_LEAVES = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}
+
+
+def to_open_clip(te: dict, extra_layer_seed: int) -> dict:
+    """transformers CLIP text model -> the OpenCLIP layout of SD 2.x (`cond_stage_model.model.*`): q/k/v fused
+    into `in_proj_*`, plus what SD 2.x files carry besides: one more (last) resblock that SD 2.x skips (it uses
+    the penultimate layer's output; diffusers' config has one layer fewer), `text_projection`, `logit_scale`."""
+    p = "cond_stage_model.model."
+    out = {
+        p + "positional_embedding": te["text_model.embeddings.position_embedding.weight"],
+        p + "token_embedding.weight": te["text_model.embeddings.token_embedding.weight"],
+        p + "ln_final.weight": te["text_model.final_layer_norm.weight"],
+        p + "ln_final.bias": te["text_model.final_layer_norm.bias"],
+    }
+    layers = sorted({int(k.split(".")[3]) for k in te if k.startswith("text_model.encoder.layers.")})
+    for i in layers:
+        src = f"text_model.encoder.layers.{i}."
+        dst = f"{p}transformer.resblocks.{i}."
+        for ours, theirs in OPEN_CLIP_LEAVES.items():
+            for t in ("weight", "bias"):
+                out[f"{dst}{theirs}.{t}"] = te[f"{src}{ours}.{t}"]
+        for t in ("weight", "bias"):
+            out[f"{dst}attn.in_proj_{t}"] = torch.cat(
+                [te[f"{src}self_attn.{x}_proj.{t}"] for x in ("q", "k", "v")], 0
+            )
+    g = torch.Generator("cpu").manual_seed(extra_layer_seed)
+    last = f"{p}transformer.resblocks.{layers[-1]}."
+    extra = f"{p}transformer.resblocks.{layers[-1] + 1}."
+    for k in [k for k in out if k.startswith(last)]:
+        out[extra + k[len(last):]] = torch.randn(out[k].shape, generator=g)
+    d = te["text_model.final_layer_norm.weight"].shape[0]
+    out[p + "text_projection"] = torch.randn((d, d), generator=g)
+    out[p + "logit_scale"] = torch.tensor(4.6052)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def write_single_file(path: Path, unet: dict, unet_cfg, vae: dict, vae_cfg, te: dict, extras=True,
+                      open_clip=False):
     ckpt = {}
     ckpt.update(to_ldm(unet, unet_module_map(unet_cfg), "model.diffusion_model."))
     ckpt.update(to_ldm(vae, vae_module_map(vae_cfg), "first_stage_model."))
-    for k, v in te.items():
-        assert k.startswith("text_model."), k
-        ckpt["cond_stage_model.transformer." + k] = v.contiguous()
+    if open_clip:
+        ckpt.update(to_open_clip(te, 6))
+    else:
+        for k, v in te.items():
+            assert k.startswith("text_model."), k
+            ckpt["cond_stage_model.transformer." + k] = v.contiguous()
     if extras:
         # What real checkpoints also carry (and a loader must ignore or tolerate).
         g = torch.Generator("cpu").manual_seed(5)
-        ckpt["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+        if not open_clip:
+            ckpt["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
         betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2
         ckpt["betas"] = betas
         ckpt["alphas_cumprod"] = torch.cumprod(1 - betas, 0)
@@ -352,9 +402,9 @@ def references(t2i, input_img, input_rel):
 
 
 @torch.no_grad()
-def check_sd1_reuses_references(pipe):
-    """The sd1-tiny single file holds the very same weights, so the sd1-tiny pipeline references apply."""
-    ref = mf.REF / "sd1-tiny" / "pipeline"
+def check_reuses_references(pipe, model):
+    """The <model> single file holds the very same weights, so the <model> pipeline references apply."""
+    ref = mf.REF / model / "pipeline"
     for name in ("txt2img_ddim_g7.5", "txt2img_euler_g7.5_neg"):
         case = json.loads((ref / f"{name}.json").read_text())
         pipe.scheduler = mf.SCHED_CLASSES[case["scheduler"]].from_config(pipe.scheduler.config)
@@ -364,7 +414,7 @@ def check_sd1_reuses_references(pipe):
                    height=case["height"], generator=gen, output_type="latent").images
         want = load_file(str(ref / f"{name}.safetensors"))["latents"]
         assert torch.equal(lat, want), name
-    mf.log("sd1-tiny single file: diffusers gives bit-equal latents to the committed sd1-tiny references")
+    mf.log(f"{model} single file: diffusers gives bit-equal latents to the committed {model} references")
 
 
 def main():
@@ -377,7 +427,16 @@ def main():
                       json.loads((src / "vae" / "config.json").read_text()), te)
     pipe = from_single_file(path, src)
     check_bit_equal(pipe, unet, vae, te, "sd1-tiny")
-    check_sd1_reuses_references(pipe)
+    check_reuses_references(pipe, "sd1-tiny")
+
+    src = MODELS / "sd2-tiny"
+    unet, vae, te = load_dir(src)
+    path = OUT / "sd2-tiny.safetensors"
+    write_single_file(path, unet, json.loads((src / "unet" / "config.json").read_text()), vae,
+                      json.loads((src / "vae" / "config.json").read_text()), te, open_clip=True)
+    pipe = from_single_file(path, src)
+    check_bit_equal(pipe, unet, vae, te, "sd2-tiny")
+    check_reuses_references(pipe, "sd2-tiny")
 
     input_path = mf.REF / "input_64.png"
     input_img = Image.open(input_path).convert("RGB")

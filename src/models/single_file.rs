@@ -8,7 +8,13 @@
 //!   (`in_layers.2` -> `conv1`, `skip_connection` -> `conv_shortcut`, ...); attention blocks keep theirs.
 //! - VAE: `first_stage_model.*` (`encoder.down.i.block.j`, `decoder.up.i` stored in reverse order, `mid.attn_1`
 //!   whose `q`/`k`/`v`/`proj_out` 1x1 convolutions are viewed as diffusers' linear weights).
-//! - Text encoder (SD 1.x CLIP): `cond_stage_model.transformer.[text_model.]*` -> `text_model.*`.
+//! - Text encoder, SD 1.x (CLIP ViT-L): `cond_stage_model.transformer.[text_model.]*` -> `text_model.*`.
+//! - Text encoder, SD 2.x (OpenCLIP ViT-H): `cond_stage_model.model.*` (`positional_embedding`,
+//!   `transformer.resblocks.i.{ln_1, attn.in_proj_*, attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}`, `ln_final`)
+//!   -> `text_model.*`, the fused `in_proj` split into q/k/v (each a contiguous third of the stored tensor, so
+//!   still read straight from the mapping). SD 2.x conditions on the penultimate layer: diffusers' SD 2.x config
+//!   has one layer fewer than the file (23 of 24), and that last resblock is ignored, as are `text_projection`
+//!   and `logit_scale`.
 //! - Everything else (`model_ema.*`, `alphas_cumprod`, `betas`, ...) is ignored. A tensor under one of the
 //!   three prefixes that the config's layout has no place for is an error naming it; a tensor a module needs
 //!   and the file lacks is an error naming both the diffusers name and the LDM name it was looked for under.
@@ -25,10 +31,11 @@
 //!   width 768): the SD 1.5 configs built into the binary (`configs/models/sd15-*.json`: UNet, VAE, CLIP ViT-L
 //!   text encoder, PNDM scheduler as in runwayml/stable-diffusion-v1-5) and the tokenizer of the hub model
 //!   `openai/clip-vit-large-patch14` (from the Hugging Face cache, downloaded once when online; offline and not
-//!   cached, the error says to pass `--model-config`). Other shapes are refused with that hint.
+//!   cached, the error says to pass `--model-config`). Other shapes are refused with that hint, and so are SD 2.x
+//!   files without `--model-config` (512 epsilon vs 768 v-prediction models cannot be told apart by shape).
 //!
-//! Refused with a message: pickle checkpoints (`.ckpt`), SD 2.x single files (OpenCLIP text encoder,
-//! `cond_stage_model.model.*`), SDXL single files (`conditioner.embedders.*`), files that are not checkpoints
+//! Refused with a message: pickle checkpoints (`.ckpt`), SDXL single files (`conditioner.embedders.*`), files
+//! that are not checkpoints
 //! (a LoRA, one diffusers component's weights, unrelated tensors), truncated files.
 use super::clip::{ClipTextConfig, ClipTextModel};
 use super::loader::{hub_file, ModelSource};
@@ -50,6 +57,8 @@ pub const UNET_PREFIX: &str = "model.diffusion_model.";
 pub const VAE_PREFIX: &str = "first_stage_model.";
 /// Prefix of the SD 1.x CLIP text encoder's tensors.
 pub const CLIP_PREFIX: &str = "cond_stage_model.transformer.";
+/// Prefix of the SD 2.x OpenCLIP text encoder's tensors.
+pub const OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
 
 /// The hub model whose tokenizer SD 1.x uses (with the built-in configs).
 pub const SD1_TOKENIZER_ID: &str = "openai/clip-vit-large-patch14";
@@ -304,7 +313,99 @@ impl NameMap {
 /// A single-file checkpoint's header: tensor names and shapes (nothing read but the header).
 pub struct Checkpoint {
     pub path: PathBuf,
+    pub text_encoder: TextEncoderLayout,
     shapes: HashMap<String, Vec<i64>>,
+}
+
+/// Which text encoder a checkpoint holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextEncoderLayout {
+    /// SD 1.x: OpenAI CLIP ViT-L in transformers' layout (`cond_stage_model.transformer.*`).
+    Clip,
+    /// SD 2.x: OpenCLIP ViT-H (`cond_stage_model.model.*`, fused q/k/v `in_proj_*`).
+    OpenClip,
+}
+
+/// One diffusers tensor a stored tensor holds (all of it, or one of its fused parts).
+struct Target {
+    name: String,
+    chunk: Option<(usize, usize)>,
+    conv_as_linear: bool,
+}
+
+impl Target {
+    fn one((name, conv_as_linear): (String, bool)) -> Vec<Target> {
+        vec![Target { name, chunk: None, conv_as_linear }]
+    }
+}
+
+/// OpenCLIP's names for the parts of a transformer layer, against transformers' CLIP names.
+const OPEN_CLIP_LAYER_PARTS: &[(&str, &str)] = &[
+    ("ln_1", "layer_norm1"),
+    ("ln_2", "layer_norm2"),
+    ("mlp.c_fc", "mlp.fc1"),
+    ("mlp.c_proj", "mlp.fc2"),
+    ("attn.out_proj", "self_attn.out_proj"),
+];
+
+/// The transformers CLIP tensors an SD 2.x OpenCLIP tensor (name after `cond_stage_model.model.`) holds, for a
+/// text encoder of `layers` layers. SD 2.x conditions on the penultimate layer, so diffusers' config has one
+/// layer fewer than the file: resblock `layers` is ignored (any later one is an error), as are
+/// `text_projection` and `logit_scale` (unused by the pipeline).
+fn open_clip_to_diffusers(k: &str, layers: usize) -> Option<Vec<Target>> {
+    let one = |name: String| Some(vec![Target { name, chunk: None, conv_as_linear: false }]);
+    match k {
+        "positional_embedding" => return one("text_model.embeddings.position_embedding.weight".into()),
+        "token_embedding.weight" => return one("text_model.embeddings.token_embedding.weight".into()),
+        "ln_final.weight" | "ln_final.bias" => {
+            return one(format!("text_model.final_layer_norm.{}", &k["ln_final.".len()..]))
+        }
+        "text_projection" | "logit_scale" => return Some(Vec::new()),
+        _ => {}
+    }
+    let (i, leaf) = k.strip_prefix("transformer.resblocks.")?.split_once('.')?;
+    let i: usize = i.parse().ok()?;
+    if i == layers {
+        return Some(Vec::new());
+    }
+    if i > layers {
+        return None;
+    }
+    let base = format!("text_model.encoder.layers.{i}");
+    if let Some(param) = leaf.strip_prefix("attn.in_proj_") {
+        if param != "weight" && param != "bias" {
+            return None;
+        }
+        let split = ["q", "k", "v"].iter().enumerate().map(|(c, x)| Target {
+            name: format!("{base}.self_attn.{x}_proj.{param}"),
+            chunk: Some((c, 3)),
+            conv_as_linear: false,
+        });
+        return Some(split.collect());
+    }
+    let (part, param) = leaf.rsplit_once('.')?;
+    let (_, ours) = OPEN_CLIP_LAYER_PARTS.iter().find(|(theirs, _)| *theirs == part)?;
+    one(format!("{base}.{ours}.{param}"))
+}
+
+/// The OpenCLIP name (after `cond_stage_model.model.`) of a transformers CLIP tensor.
+fn open_clip_ldm_name(name: &str) -> Option<String> {
+    let fixed = [
+        ("text_model.embeddings.position_embedding.weight", "positional_embedding"),
+        ("text_model.embeddings.token_embedding.weight", "token_embedding.weight"),
+        ("text_model.final_layer_norm.weight", "ln_final.weight"),
+        ("text_model.final_layer_norm.bias", "ln_final.bias"),
+    ];
+    if let Some((_, n)) = fixed.iter().find(|(d, _)| *d == name) {
+        return Some(n.to_string());
+    }
+    let (i, leaf) = name.strip_prefix("text_model.encoder.layers.")?.split_once('.')?;
+    let (part, param) = leaf.rsplit_once('.')?;
+    if ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"].contains(&part) {
+        return Some(format!("transformer.resblocks.{i}.attn.in_proj_{param}"));
+    }
+    let (theirs, _) = OPEN_CLIP_LAYER_PARTS.iter().find(|(_, ours)| *ours == part)?;
+    Some(format!("transformer.resblocks.{i}.{theirs}.{param}"))
 }
 
 fn first_key(shapes: &HashMap<String, Vec<i64>>, pred: impl Fn(&str) -> bool) -> Option<&str> {
@@ -334,8 +435,11 @@ impl Checkpoint {
             },
             e => e,
         })?;
-        let ck = Checkpoint { path: path.to_path_buf(), shapes };
+        let mut ck = Checkpoint { path: path.to_path_buf(), text_encoder: TextEncoderLayout::Clip, shapes };
         ck.check_family()?;
+        if ck.has_prefix(OPEN_CLIP_PREFIX) && !ck.has_prefix(CLIP_PREFIX) {
+            ck.text_encoder = TextEncoderLayout::OpenClip;
+        }
         Ok(ck)
     }
 
@@ -355,14 +459,6 @@ impl Checkpoint {
                 "{p}: an SDXL single-file checkpoint (`conditioner.embedders.*`); single files are loaded for \
                  SD 1.x only: convert it to a diffusers folder (diffusers' \
                  StableDiffusionXLPipeline.from_single_file(...).save_pretrained(DIR)) and pass the folder"
-            )));
-        }
-        if self.has_prefix("cond_stage_model.model.") {
-            return Err(Error::Unsupported(format!(
-                "{p}: an SD 2.x single-file checkpoint (OpenCLIP text encoder, `cond_stage_model.model.*`); \
-                 single files are loaded for SD 1.x only: convert it to a diffusers folder (diffusers' \
-                 StableDiffusionPipeline.from_single_file(...).save_pretrained(DIR)) or use the model's diffusers \
-                 repository (e.g. stabilityai/stable-diffusion-2-1)"
             )));
         }
         if !self.has_prefix(UNET_PREFIX) {
@@ -389,11 +485,12 @@ impl Checkpoint {
                 ),
             ));
         }
-        if !self.has_prefix(CLIP_PREFIX) {
+        if !self.has_prefix(CLIP_PREFIX) && !self.has_prefix(OPEN_CLIP_PREFIX) {
             return Err(Error::config(
                 &self.path,
                 format!(
-                    "no CLIP text encoder (`{CLIP_PREFIX}*`): only complete SD 1.x checkpoints are loaded"
+                    "no text encoder (`{CLIP_PREFIX}*` or `{OPEN_CLIP_PREFIX}*`): only complete checkpoints are \
+                     loaded"
                 ),
             ));
         }
@@ -431,19 +528,20 @@ impl Checkpoint {
         }
     }
 
-    /// The renaming plan of the tensors under `prefix` through `map` (stored name -> diffusers name). A stored
-    /// tensor with no place in the layout is an error naming it.
+    /// The renaming plan of the tensors under `prefix` through `map` (stored name, without the prefix -> the
+    /// diffusers tensors it holds; none: ignored). A stored tensor with no place in the layout is an error
+    /// naming it.
     fn plan(
         &self,
         prefix: &str,
         what: &str,
-        map: impl Fn(&str) -> Option<(String, bool)>,
+        map: impl Fn(&str) -> Option<Vec<Target>>,
     ) -> Result<Vec<Renamed>> {
         let mut keys: Vec<&String> = self.shapes.keys().filter(|k| k.starts_with(prefix)).collect();
         keys.sort();
         let mut plan = Vec::with_capacity(keys.len());
         for stored in keys {
-            let (name, conv_as_linear) = map(&stored[prefix.len()..]).ok_or_else(|| {
+            let targets = map(&stored[prefix.len()..]).ok_or_else(|| {
                 Error::config(
                     &self.path,
                     format!(
@@ -453,22 +551,24 @@ impl Checkpoint {
                 )
             })?;
             let shape = &self.shapes[stored];
-            let shape = (conv_as_linear && shape.len() > 2 && shape[2..].iter().all(|&d| d == 1))
-                .then(|| shape[..2].to_vec());
-            plan.push(Renamed { name, stored: stored.clone(), shape });
+            for t in targets {
+                let shape = (t.conv_as_linear && shape.len() > 2 && shape[2..].iter().all(|&d| d == 1))
+                    .then(|| shape[..2].to_vec());
+                plan.push(Renamed { name: t.name, stored: stored.clone(), chunk: t.chunk, shape });
+            }
         }
         Ok(plan)
     }
 
     /// The UNet's weights under diffusers' names.
     pub fn unet_weights(&self, map: &NameMap, opts: &LoadOptions) -> Result<Weights> {
-        let plan = self.plan(UNET_PREFIX, "UNet", |k| map.to_diffusers(k))?;
+        let plan = self.plan(UNET_PREFIX, "UNet", |k| map.to_diffusers(k).map(Target::one))?;
         Weights::from_renamed(&self.path, &plan, opts.device, opts.kind)
     }
 
     /// The VAE's weights under diffusers' names.
     pub fn vae_weights(&self, map: &NameMap, opts: &LoadOptions) -> Result<Weights> {
-        let plan = self.plan(VAE_PREFIX, "VAE", |k| map.to_diffusers(k))?;
+        let plan = self.plan(VAE_PREFIX, "VAE", |k| map.to_diffusers(k).map(Target::one))?;
         Weights::from_renamed(&self.path, &plan, opts.device, opts.kind)
     }
 
@@ -479,14 +579,29 @@ impl Checkpoint {
     }
 
     /// The text encoder's weights under transformers' names (`text_model.*`).
-    pub fn text_encoder_weights(&self, opts: &LoadOptions) -> Result<Weights> {
-        let plan = self.plan(CLIP_PREFIX, "text encoder", |k| {
-            Some((
-                if k.starts_with("text_model.") { k.to_string() } else { format!("text_model.{k}") },
-                false,
-            ))
-        })?;
+    pub fn text_encoder_weights(&self, cfg: &ClipTextConfig, opts: &LoadOptions) -> Result<Weights> {
+        let plan = match self.text_encoder {
+            TextEncoderLayout::Clip => self.plan(CLIP_PREFIX, "text encoder", |k| {
+                let name =
+                    if k.starts_with("text_model.") { k.to_string() } else { format!("text_model.{k}") };
+                Some(vec![Target { name, chunk: None, conv_as_linear: false }])
+            })?,
+            TextEncoderLayout::OpenClip => self.plan(OPEN_CLIP_PREFIX, "text encoder", |k| {
+                open_clip_to_diffusers(k, cfg.num_hidden_layers)
+            })?,
+        };
         Weights::from_renamed(&self.path, &plan, opts.device, opts.kind)
+    }
+
+    /// The stored name of a text-encoder tensor (diffusers name `text_model.*`).
+    fn text_encoder_ldm_name(&self, name: &str) -> Option<String> {
+        match self.text_encoder {
+            TextEncoderLayout::Clip => {
+                let rest = if self.clip_has_text_model() { name } else { name.strip_prefix("text_model.")? };
+                Some(format!("{CLIP_PREFIX}{rest}"))
+            }
+            TextEncoderLayout::OpenClip => open_clip_ldm_name(name).map(|n| format!("{OPEN_CLIP_PREFIX}{n}")),
+        }
     }
 
     /// Adds the stored (LDM) name to a missing-tensor or shape error of a module built from renamed weights.
@@ -610,6 +725,13 @@ pub fn load(spec: &str, opts: &LoadOptions) -> Result<StableDiffusion> {
     let ck = Checkpoint::open(path)?;
     let cfg = match &opts.model_config {
         Some(c) => SingleFileConfigs::from_pipeline(c)?,
+        None if ck.text_encoder == TextEncoderLayout::OpenClip => {
+            return Err(Error::Unsupported(format!(
+                "{spec}: an SD 2.x checkpoint (OpenCLIP text encoder): pass --model-config with its diffusers \
+                 configs, e.g. stabilityai/stable-diffusion-2-1 (768x768, v-prediction) or \
+                 stabilityai/stable-diffusion-2-1-base (512x512); the file does not say which"
+            )));
+        }
         None => {
             if let Some(why) = ck.sd1_mismatch() {
                 return Err(Error::Unsupported(format!(
@@ -630,11 +752,9 @@ pub fn load(spec: &str, opts: &LoadOptions) -> Result<StableDiffusion> {
         .map_err(|e| ck.explain(e, |n| unet_map.to_ldm(n).map(|l| format!("{UNET_PREFIX}{l}"))))?;
     warn_unused(&unet_w, "unet");
 
-    let te_w = ck.text_encoder_weights(opts)?;
-    let clip_level = if ck.clip_has_text_model() { "" } else { "text_model." };
-    let text_encoder = ClipTextModel::new(&te_w, cfg.text_encoder).map_err(|e| {
-        ck.explain(e, |n| Some(format!("{CLIP_PREFIX}{}", n.strip_prefix(clip_level).unwrap_or(n))))
-    })?;
+    let te_w = ck.text_encoder_weights(&cfg.text_encoder, opts)?;
+    let text_encoder = ClipTextModel::new(&te_w, cfg.text_encoder)
+        .map_err(|e| ck.explain(e, |n| ck.text_encoder_ldm_name(n)))?;
     warn_unused(&te_w, "text_encoder");
 
     let autoencoder = match &opts.vae {
@@ -745,6 +865,43 @@ mod tests {
             m.to_ldm("decoder.mid_block.attentions.0.to_k.weight").as_deref(),
             Some("decoder.mid.attn_1.k.weight")
         );
+    }
+
+    #[test]
+    fn open_clip_names_split_the_fused_projection_and_skip_the_last_layer() {
+        let t = open_clip_to_diffusers("transformer.resblocks.3.attn.in_proj_weight", 23).unwrap();
+        let names: Vec<(&str, Option<(usize, usize)>)> =
+            t.iter().map(|t| (t.name.as_str(), t.chunk)).collect();
+        assert_eq!(
+            names,
+            [
+                ("text_model.encoder.layers.3.self_attn.q_proj.weight", Some((0, 3))),
+                ("text_model.encoder.layers.3.self_attn.k_proj.weight", Some((1, 3))),
+                ("text_model.encoder.layers.3.self_attn.v_proj.weight", Some((2, 3))),
+            ]
+        );
+        let one = |k: &str| {
+            open_clip_to_diffusers(k, 23).map(|v| v.into_iter().map(|t| t.name).collect::<Vec<_>>())
+        };
+        assert_eq!(
+            one("transformer.resblocks.0.mlp.c_fc.bias").unwrap(),
+            ["text_model.encoder.layers.0.mlp.fc1.bias"]
+        );
+        assert_eq!(one("ln_final.weight").unwrap(), ["text_model.final_layer_norm.weight"]);
+        assert!(one("transformer.resblocks.23.ln_1.weight").unwrap().is_empty());
+        assert!(one("text_projection").unwrap().is_empty());
+        assert!(one("transformer.resblocks.24.ln_1.weight").is_none());
+        assert!(one("transformer.resblocks.0.attn.bogus").is_none());
+        for (ours, theirs) in [
+            (
+                "text_model.encoder.layers.5.self_attn.v_proj.bias",
+                "transformer.resblocks.5.attn.in_proj_bias",
+            ),
+            ("text_model.encoder.layers.5.layer_norm2.weight", "transformer.resblocks.5.ln_2.weight"),
+            ("text_model.embeddings.position_embedding.weight", "positional_embedding"),
+        ] {
+            assert_eq!(open_clip_ldm_name(ours).as_deref(), Some(theirs));
+        }
     }
 
     #[test]

@@ -68,12 +68,14 @@ fn kind_of(dtype: Dtype) -> Option<Kind> {
     })
 }
 
-/// One tensor of a [`Weights::from_renamed`] store: the stored tensor `stored` seen as `name`, with `shape`
-/// instead of its stored shape when given (same element count).
+/// One tensor of a [`Weights::from_renamed`] store: the stored tensor `stored` seen as `name`; with `chunk`
+/// `(i, n)` only its `i`-th of `n` equal parts along the first dimension (a fused q/k/v projection split, still
+/// one contiguous byte range); with `shape`, viewed in that shape instead (same element count).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Renamed {
     pub name: String,
     pub stored: String,
+    pub chunk: Option<(usize, usize)>,
     pub shape: Option<Vec<i64>>,
 }
 
@@ -134,6 +136,22 @@ impl Weights {
                 origin: path.display().to_string(),
             })?;
             let mut e = e.clone();
+            if let Some((i, n)) = r.chunk {
+                let rows = e.shape.first().copied().unwrap_or(0) as usize;
+                let bytes = e.range.1 - e.range.0;
+                if n == 0 || i >= n || rows % n != 0 || bytes % n != 0 {
+                    return Err(Error::WeightFile {
+                        path: path.to_path_buf(),
+                        msg: format!(
+                            "tensor `{}` of shape {:?} cannot be split in {n} parts",
+                            r.stored, e.shape
+                        ),
+                    });
+                }
+                let part = bytes / n;
+                e.range = (e.range.0 + i * part, e.range.0 + (i + 1) * part);
+                e.shape[0] = (rows / n) as i64;
+            }
             if let Some(shape) = &r.shape {
                 if shape.iter().product::<i64>() != e.shape.iter().product::<i64>() {
                     return Err(Error::ShapeMismatch {
