@@ -253,8 +253,8 @@ fn bad_files_are_refused_naming_the_file_and_the_key() {
         ("missing_up", vec![(format!("{q}.lora_A.weight"), ok_a())], "up (lora_B)"),
         (
             "kohya_unknown",
-            vec![("lora_unet_input_blocks_1_1_proj_in.lora_down.weight".into(), ok_a())],
-            "lora_unet_input_blocks_1_1_proj_in.lora_down.weight",
+            vec![("lora_unet_input_blocks_99_1_proj_in.lora_down.weight".into(), ok_a())],
+            "lora_unet_input_blocks_99_1_proj_in.lora_down.weight",
         ),
         ("garbage", vec![("weird.key".into(), ok_a())], "weird.key"),
     ];

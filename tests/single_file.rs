@@ -40,8 +40,9 @@ fn load_err(file: &Path, config: Option<&str>) -> String {
 fn check_case(sd: &StableDiffusion, dir: &str, name: &str) {
     let base = format!("{dir}/{name}");
     let case = json(&format!("{base}.json"));
-    let p = generate_params(&case, case["width"].as_i64().unwrap(), case["height"].as_i64().unwrap());
-    let latents = match case["mode"].as_str().unwrap() {
+    let p =
+        generate_params(&case, case["width"].as_i64().unwrap_or(64), case["height"].as_i64().unwrap_or(64));
+    let latents = match case["mode"].as_str().unwrap_or("txt2img") {
         "txt2img" => pipeline::txt2img_latents(sd, &p).unwrap(),
         "img2img" => {
             let input = sdstream::io::image::read(&fixture(case["input_image"].as_str().unwrap())).unwrap();
@@ -307,4 +308,56 @@ fn cli_refuses_bad_single_files() {
     std::fs::create_dir_all(&empty_cache).unwrap();
     let t = run(sd15.to_str().unwrap(), &[], &[("HF_HOME", &empty_cache), ("HF_HUB_CACHE", &empty_cache)]);
     assert!(t.contains("openai/clip-vit-large-patch14") && t.contains("--model-config"), "{t}");
+}
+
+/// Copies of every UNet and text-encoder weight the modules hold.
+fn snapshot(sd: &StableDiffusion) -> Vec<(String, tch::Tensor)> {
+    let mut v = Vec::new();
+    for (tag, w) in [("unet", &sd.unet_weights), ("te", &sd.text_encoder_weights)] {
+        for n in w.loaded_names() {
+            v.push((format!("{tag}:{n}"), w.loaded(&n).unwrap().copy()));
+        }
+    }
+    v
+}
+
+fn lora(file: &str) -> sdstream::models::lora::LoraSpec {
+    sdstream::models::lora::LoraSpec { path: fixture(file).display().to_string(), scale: 1.0 }
+}
+
+/// kohya LoRAs with the UNet's LDM names (`lora_unet_input_blocks_1_1_proj_in`, resnet `in_layers_2`,
+/// samplers, `time_embed_0`, `out_2`) fuse exactly the weights their diffusers-named originals fuse, on a
+/// folder-loaded and a single-file model; the fixture tool checks diffusers does the same.
+#[test]
+fn kohya_loras_with_ldm_names_fuse_like_their_diffusers_named_originals() {
+    let mut sd = load(SD1_FILE, SD1_CONFIG);
+    let base = snapshot(&sd);
+    for (original, ldm) in [
+        (
+            "tests/fixtures/lora/sd1_kohya.safetensors",
+            "tests/fixtures/single_file/lora/sd1_kohya_ldm.safetensors",
+        ),
+        (
+            "tests/fixtures/lora/sd1_conv_kohya.safetensors",
+            "tests/fixtures/single_file/lora/sd1_conv_kohya_ldm.safetensors",
+        ),
+    ] {
+        sd.load_lora(&lora(original)).unwrap();
+        let want = snapshot(&sd);
+        sd.loras.remove(0).unwrap();
+        sd.load_lora(&lora(ldm)).unwrap();
+        let info = &sd.loras.list()[0];
+        assert!(info.unet_layers > 0, "{ldm}: {info:?}");
+        let got = snapshot(&sd);
+        let mut changed = 0;
+        for (((name, g), (_, w)), (_, b)) in got.iter().zip(&want).zip(&base) {
+            assert!(g.equal(w), "{ldm}: `{name}` differs from what {original} fuses");
+            changed += usize::from(!g.equal(b));
+        }
+        assert!(changed > 0, "{ldm} changed nothing");
+        sd.loras.remove(0).unwrap();
+    }
+    // The same images as diffusers with the (equivalent) PEFT LoRA fused.
+    sd.load_lora(&lora("tests/fixtures/single_file/lora/sd1_kohya_ldm.safetensors")).unwrap();
+    check_case(&sd, "tests/fixtures/lora", "peft_ddim_g7.5");
 }

@@ -20,6 +20,13 @@ Outputs:
   shape (blocks (8,16,24), attention on the first and last blocks only, layers_per_block 1,
   transformer_layers_per_block 2, linear proj_in/out, per-block head counts; a 3-level VAE with
   layers_per_block 2) so that the mapping is tested beyond one layout. Text encoder and tokenizer: sd1-tiny's.
+* `lora/sd1_kohya_ldm.safetensors`, `lora/sd1_conv_kohya_ldm.safetensors`: tests/fixtures/lora's kohya LoRAs
+  for sd1-tiny with the UNet modules renamed to their LDM names (`lora_unet_input_blocks_1_1_proj_in`,
+  `lora_unet_input_blocks_1_0_in_layers_2`, `lora_unet_output_blocks_5_2_conv`, `lora_unet_time_embed_0`, ...).
+  Checked: diffusers' `load_lora_weights(..., unet_config=...)` (its SGM-name remapping, which the SD pipeline only
+  applies when given the UNet config) + `fuse_lora` gives the same fused weights as with the original files
+  (except the upsampler of sd1-tiny's attention-less first up block, which diffusers' SGM remapping misplaces:
+  compared without that layer).
 * `reference/<case>.{json,safetensors,png}` + `reference/index.json`: what diffusers'
   `StableDiffusionPipeline.from_single_file(<file>, config=<folder>)` makes (same format as
   tests/fixtures/reference/<model>/pipeline).
@@ -417,6 +424,76 @@ def check_reuses_references(pipe, model):
     mf.log(f"{model} single file: diffusers gives bit-equal latents to the committed {model} references")
 
 
+# ------------------------------------------------------------------------------------------------
+# kohya LoRAs with the UNet's LDM names
+# ------------------------------------------------------------------------------------------------
+LORA_SRC = mf.FIX / "lora"
+LORA_OUT = OUT / "lora"
+
+
+def ldm_kohya_names(unet_cfg, unet_state) -> dict[str, str]:
+    """kohya module name in diffusers' spelling -> the same module in the LDM spelling, for every UNet weight."""
+    m = unet_module_map(unet_cfg)
+    out = {}
+    for name in unet_state:
+        if name.endswith(".weight"):
+            (ldm,) = to_ldm({name: torch.zeros(1)}, m, "").keys()
+            out[name[: -len(".weight")].replace(".", "_")] = ldm[: -len(".weight")].replace(".", "_")
+    return out
+
+
+def to_ldm_lora(src: Path, dst: Path, names: dict[str, str]):
+    from safetensors import safe_open
+
+    with safe_open(str(src), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    out = {}
+    for k, v in tensors.items():
+        if k.startswith("lora_unet_"):
+            mod, rest = k[len("lora_unet_"):].split(".", 1)
+            k = f"lora_unet_{names[mod]}.{rest}"
+        out[k] = v
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: out[k] for k in sorted(out)}, str(dst), metadata=meta)
+
+
+@torch.no_grad()
+def fused(lora: Path, drop=()):
+    pipe = StableDiffusionPipeline.from_pretrained(str(MODELS / "sd1-tiny"), torch_dtype=torch.float32)
+    # diffusers remaps SGM/LDM block names (_maybe_map_sgm_blocks_to_diffusers) when `lora_state_dict` gets the
+    # UNet config, which StableDiffusionPipeline.load_lora_weights only passes for SDXL: pass it here.
+    sd = {k: v for k, v in load_file(str(lora)).items() if not any(d in k for d in drop)}
+    pipe.load_lora_weights(sd, unet_config=pipe.unet.config)
+    pipe.fuse_lora(lora_scale=1.0)
+    return {f"{c}.{k}": v.clone() for c in ("unet", "text_encoder")
+            for k, v in getattr(pipe, c).state_dict().items() if "lora" not in k}
+
+
+def make_ldm_loras():
+    if LORA_OUT.exists():
+        shutil.rmtree(LORA_OUT)
+    src = MODELS / "sd1-tiny"
+    cfg = json.loads((src / "unet" / "config.json").read_text())
+    names = ldm_kohya_names(cfg, load_file(str(src / "unet" / "diffusion_pytorch_model.safetensors")))
+    for name in ("sd1_kohya", "sd1_conv_kohya"):
+        dst = LORA_OUT / f"{name}_ldm.safetensors"
+        to_ldm_lora(LORA_SRC / f"{name}.safetensors", dst, names)
+        want = fused(LORA_SRC / f"{name}.safetensors")
+        # diffusers' SGM-name remapping (_maybe_map_sgm_blocks_to_diffusers) puts the upsampler of a block
+        # without attention (output_blocks.K.1.conv) into `attentions`; compare without that layer there.
+        plain_up = [names[k] for k in names if k.startswith("up_blocks_0_upsamplers")]
+        has_plain_up = any(p in k for p in plain_up for k in load_file(str(dst)))
+        got = fused(dst, drop=plain_up if has_plain_up else ())
+        if has_plain_up:
+            want = fused(LORA_SRC / f"{name}.safetensors", drop=["up_blocks_0_upsamplers"])
+        bad = [k for k in want if not torch.equal(want[k], got[k])]
+        assert not bad, (name, bad[:5])
+        n = sum(1 for k in load_file(str(dst)) if k.startswith("lora_unet_") and k.endswith("lora_down.weight"))
+        mf.log(f"{dst.name}: diffusers' load_lora_weights + fuse_lora give the same weights as {name} "
+               f"({n} UNet layers{', the plain-block upsampler left out there' if has_plain_up else ''})")
+
+
 def main():
     mf.T0 = __import__("time").perf_counter()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -437,6 +514,8 @@ def main():
     pipe = from_single_file(path, src)
     check_bit_equal(pipe, unet, vae, te, "sd2-tiny")
     check_reuses_references(pipe, "sd2-tiny")
+
+    make_ldm_loras()
 
     input_path = mf.REF / "input_64.png"
     input_img = Image.open(input_path).convert("RGB")

@@ -140,6 +140,71 @@ impl Leaf {
     }
 }
 
+/// What the LDM block numbering depends on: per down and up block, its resnet count, whether it has attention
+/// and a sampler; whether there is a mid block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UNetLayout {
+    pub down: Vec<LayoutBlock>,
+    pub up: Vec<LayoutBlock>,
+    pub mid: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LayoutBlock {
+    pub num_layers: i64,
+    pub attention: bool,
+    pub sampler: bool,
+}
+
+impl UNetLayout {
+    pub fn from_plan(plan: &UNetPlan) -> Self {
+        let block = |b: &super::unet::config::BlockPlan| LayoutBlock {
+            num_layers: b.num_layers,
+            attention: b.kind == BlockKind::CrossAttn,
+            sampler: b.add_sampler,
+        };
+        UNetLayout {
+            down: plan.down.iter().map(block).collect(),
+            up: plan.up.iter().map(block).collect(),
+            mid: plan.mid.is_some(),
+        }
+    }
+
+    /// The layout a loaded UNet's diffusers parameter names show (`down_blocks.1.resnets.0.conv1.weight`, ...):
+    /// for matching LDM-named LoRAs to a model however it was loaded.
+    pub fn from_names<S: AsRef<str>>(names: &[S]) -> Self {
+        let mut layout = UNetLayout { down: Vec::new(), up: Vec::new(), mid: false };
+        for n in names {
+            let n = n.as_ref();
+            if n.starts_with("mid_block.") {
+                layout.mid = true;
+            }
+            let (blocks, rest) = match (n.strip_prefix("down_blocks."), n.strip_prefix("up_blocks.")) {
+                (Some(r), _) => (&mut layout.down, r),
+                (_, Some(r)) => (&mut layout.up, r),
+                _ => continue,
+            };
+            let mut it = rest.split('.');
+            let (Some(Ok(i)), Some(kind), Some(Ok(j))) =
+                (it.next().map(str::parse::<usize>), it.next(), it.next().map(str::parse::<i64>))
+            else {
+                continue;
+            };
+            if blocks.len() <= i {
+                blocks.resize(i + 1, LayoutBlock::default());
+            }
+            let b = &mut blocks[i];
+            match kind {
+                "resnets" => b.num_layers = b.num_layers.max(j + 1),
+                "attentions" => b.attention = true,
+                "downsamplers" | "upsamplers" => b.sampler = true,
+                _ => {}
+            }
+        }
+        layout
+    }
+}
+
 /// A two-way map between LDM and diffusers names of one component, by module: `input_blocks.4.1` <->
 /// `down_blocks.1.attentions.0` and so on, with the renaming of the parameters inside each module.
 #[derive(Debug, Default)]
@@ -172,6 +237,11 @@ impl NameMap {
 
     /// The UNet's map for the structure a config resolves to ([`UNetConfig::plan`]).
     pub fn unet(plan: &UNetPlan) -> Self {
+        Self::unet_layout(&UNetLayout::from_plan(plan))
+    }
+
+    /// The UNet's map for a block structure.
+    pub fn unet_layout(plan: &UNetLayout) -> Self {
         let mut m = NameMap::default();
         m.add("time_embed.0", "time_embedding.linear_1", Leaf::Same);
         m.add("time_embed.2", "time_embedding.linear_2", Leaf::Same);
@@ -191,7 +261,7 @@ impl NameMap {
                     format!("down_blocks.{i}.resnets.{j}"),
                     Leaf::UNetResnet,
                 );
-                if b.kind == BlockKind::CrossAttn {
+                if b.attention {
                     m.add(
                         format!("input_blocks.{k}.1"),
                         format!("down_blocks.{i}.attentions.{j}"),
@@ -200,7 +270,7 @@ impl NameMap {
                 }
                 k += 1;
             }
-            if b.add_sampler {
+            if b.sampler {
                 m.add(
                     format!("input_blocks.{k}.0.op"),
                     format!("down_blocks.{i}.downsamplers.0.conv"),
@@ -209,7 +279,7 @@ impl NameMap {
                 k += 1;
             }
         }
-        if plan.mid.is_some() {
+        if plan.mid {
             m.add("middle_block.0", "mid_block.resnets.0", Leaf::UNetResnet);
             m.add("middle_block.1", "mid_block.attentions.0", Leaf::Same);
             m.add("middle_block.2", "mid_block.resnets.1", Leaf::UNetResnet);
@@ -221,7 +291,7 @@ impl NameMap {
             for j in 0..b.num_layers {
                 m.add(format!("output_blocks.{k}.0"), format!("up_blocks.{i}.resnets.{j}"), Leaf::UNetResnet);
                 let mut slot = 1;
-                if b.kind == BlockKind::CrossAttn {
+                if b.attention {
                     m.add(
                         format!("output_blocks.{k}.1"),
                         format!("up_blocks.{i}.attentions.{j}"),
@@ -229,7 +299,7 @@ impl NameMap {
                     );
                     slot = 2;
                 }
-                if b.add_sampler && j == b.num_layers - 1 {
+                if b.sampler && j == b.num_layers - 1 {
                     m.add(
                         format!("output_blocks.{k}.{slot}.conv"),
                         format!("up_blocks.{i}.upsamplers.0.conv"),
@@ -827,6 +897,16 @@ mod tests {
         assert!(m.to_diffusers("output_blocks.12.0.in_layers.0.weight").is_none());
         assert!(m.to_diffusers("input_blocks.1.0.bogus.weight").is_none());
         assert!(m.to_ldm("time_embedding.cond_proj.weight").is_none());
+    }
+
+    #[test]
+    fn the_layout_read_from_parameter_names_is_the_configs() {
+        let plan = sd15_plan();
+        let w = Weights::shapes_only(tch::Kind::Float);
+        let cfg: UNetConfig = serde_json::from_str(SD15_UNET).unwrap();
+        UNet2DConditionModel::new(&w, &cfg).unwrap();
+        let names: Vec<String> = w.requested_names();
+        assert_eq!(UNetLayout::from_names(&names), UNetLayout::from_plan(&plan));
     }
 
     #[test]

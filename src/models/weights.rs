@@ -342,6 +342,11 @@ impl Weights {
         }
     }
 
+    /// Full names of the tensors asked for so far under this handle's prefix (any store), sorted.
+    pub fn requested_names(&self) -> Vec<String> {
+        self.store.requested.borrow().keys().filter(|k| k.starts_with(&self.prefix)).cloned().collect()
+    }
+
     /// Number of parameters asked for so far under this handle's prefix.
     pub fn requested_parameter_count(&self) -> i64 {
         self.store
