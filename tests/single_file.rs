@@ -361,3 +361,46 @@ fn kohya_loras_with_ldm_names_fuse_like_their_diffusers_named_originals() {
     sd.load_lora(&lora("tests/fixtures/single_file/lora/sd1_kohya_ldm.safetensors")).unwrap();
     check_case(&sd, "tests/fixtures/lora", "peft_ddim_g7.5");
 }
+
+/// Without --model-config an SD 1.x-shaped file is loaded with the built-in SD 1.5 configs and the tokenizer of
+/// openai/clip-vit-large-patch14 from the Hugging Face cache (here a fake cache holding the tiny tokenizer):
+/// loading then proceeds to the weights, and this header-only file's missing tensors are named in both layouts.
+#[test]
+fn builtin_sd15_configs_take_the_tokenizer_from_the_hub_cache() {
+    let hf_home = tmp("fake-hf-home");
+    let snapshot = hf_home.join("hub/models--openai--clip-vit-large-patch14/snapshots/0123abcd");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(hf_home.join("hub/models--openai--clip-vit-large-patch14/refs")).unwrap();
+    std::fs::write(hf_home.join("hub/models--openai--clip-vit-large-patch14/refs/main"), "0123abcd").unwrap();
+    for f in ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"] {
+        std::fs::copy(fixture(&format!("tests/fixtures/models/sd1-tiny/tokenizer/{f}")), snapshot.join(f))
+            .unwrap();
+    }
+    let sd15 = tmp("sd15-shaped-2.safetensors");
+    write_fake(
+        &sd15,
+        &[
+            ("model.diffusion_model.input_blocks.0.0.weight", &[320, 4, 3, 3]),
+            ("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight", &[320, 768]),
+            ("cond_stage_model.transformer.text_model.final_layer_norm.weight", &[768]),
+        ],
+    );
+    let args = [
+        "txt2img",
+        "--model",
+        sd15.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--prompt",
+        "a fox",
+        "--steps",
+        "1",
+    ];
+    let (ok, text) = sdstream(&args, &[("HF_HOME", &hf_home)]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("is missing from the weights")
+            && text.contains("looked for it as `model.diffusion_model."),
+        "{text}"
+    );
+}

@@ -15,7 +15,7 @@
 //!   still read straight from the mapping). SD 2.x conditions on the penultimate layer: diffusers' SD 2.x config
 //!   has one layer fewer than the file (23 of 24), and that last resblock is ignored, as are `text_projection`
 //!   and `logit_scale`.
-//! - Everything else (`model_ema.*`, `alphas_cumprod`, `betas`, ...) is ignored. A tensor under one of the
+//! - Everything else (`model_ema.*`, `alphas_cumprod`, `betas`, `first_stage_model.loss.*`, ...) is ignored. A tensor under one of the
 //!   three prefixes that the config's layout has no place for is an error naming it; a tensor a module needs
 //!   and the file lacks is an error naming both the diffusers name and the LDM name it was looked for under.
 //!
@@ -638,7 +638,13 @@ impl Checkpoint {
 
     /// The VAE's weights under diffusers' names.
     pub fn vae_weights(&self, map: &NameMap, opts: &LoadOptions) -> Result<Weights> {
-        let plan = self.plan(VAE_PREFIX, "VAE", |k| map.to_diffusers(k).map(Target::one))?;
+        // Training checkpoints may keep the autoencoder's loss (LPIPS, discriminator): not part of the model.
+        let plan = self.plan(VAE_PREFIX, "VAE", |k| {
+            if k.starts_with("loss.") {
+                return Some(Vec::new());
+            }
+            map.to_diffusers(k).map(Target::one)
+        })?;
         Weights::from_renamed(&self.path, &plan, opts.device, opts.kind)
     }
 
