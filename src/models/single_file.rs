@@ -15,9 +15,13 @@
 //!   still read straight from the mapping). SD 2.x conditions on the penultimate layer: diffusers' SD 2.x config
 //!   has one layer fewer than the file (23 of 24), and that last resblock is ignored, as are `text_projection`
 //!   and `logit_scale`.
-//! - Everything else (`model_ema.*`, `alphas_cumprod`, `betas`, `first_stage_model.loss.*`, ...) is ignored. A tensor under one of the
-//!   three prefixes that the config's layout has no place for is an error naming it; a tensor a module needs
-//!   and the file lacks is an error naming both the diffusers name and the LDM name it was looked for under.
+//! - Everything else (`model_ema.*`, `alphas_cumprod`, `betas`, `first_stage_model.loss.*`, ...) is ignored.
+//!   A tensor under one of the component prefixes that the config's layout has no place for is an error naming
+//!   it; a tensor a module needs and the file lacks is an error naming both the diffusers name and the LDM name
+//!   it was looked for under.
+//!
+//! The same UNet map ([`NameMap`], from a [`UNetLayout`]) also places kohya LoRAs that use LDM block names
+//! (`lora_unet_input_blocks_1_1_proj_in`), see `models::lora`.
 //!
 //! The file is memory-mapped (once per component), never copied: each tensor is read from the mapping as its
 //! module asks for it (see [`Weights::from_renamed`]).
@@ -35,8 +39,7 @@
 //!   files without `--model-config` (512 epsilon vs 768 v-prediction models cannot be told apart by shape).
 //!
 //! Refused with a message: pickle checkpoints (`.ckpt`), SDXL single files (`conditioner.embedders.*`), files
-//! that are not checkpoints
-//! (a LoRA, one diffusers component's weights, unrelated tensors), truncated files.
+//! that are not checkpoints (a LoRA, one diffusers component's weights, unrelated tensors), truncated files.
 use super::clip::{ClipTextConfig, ClipTextModel};
 use super::loader::{hub_file, ModelSource};
 use super::stable_diffusion::{load_autoencoder, Autoencoder, LoadOptions, StableDiffusion};
