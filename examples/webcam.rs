@@ -29,6 +29,8 @@ fn main() -> anyhow::Result<()> {
         kind: tch::Kind::Float,
         vae: None,
         controlnet: None,
+
+        model_config: None,
     };
     let engine = Engine::start(EngineConfig::new(model, load))?;
     let settings =

@@ -8,8 +8,11 @@ use std::path::Path;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
-    /// A diffusers folder or Hugging Face model id.
+    /// A diffusers folder, a Hugging Face model id, or a single-file `.safetensors` checkpoint.
     pub model: String,
+    /// For a single-file checkpoint: a diffusers folder or model id giving its configs, tokenizer and
+    /// scheduler (unset: built-in SD 1.5 configs when the checkpoint's shapes are SD 1.x).
+    pub model_config: Option<String>,
     /// A separate autoencoder (e.g. TAESD) replacing the model's VAE.
     pub vae: Option<String>,
     /// A ControlNet (folder or Hugging Face id) loaded next to the model, for `control = "canny"/"image"`
@@ -26,6 +29,7 @@ impl Default for ModelConfig {
     fn default() -> Self {
         ModelConfig {
             model: String::new(),
+            model_config: None,
             vae: None,
             controlnet: None,
             device: "auto".into(),

@@ -36,9 +36,14 @@ struct DaemonArgs {
     /// A TOML config (configs/*.toml); flags override its values. Optional when --model is given.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// A diffusers folder or Hugging Face model id (overrides the config's).
+    /// A diffusers folder, Hugging Face model id or single-file .safetensors checkpoint (overrides the
+    /// config's).
     #[arg(long)]
     model: Option<String>,
+    /// For a single-file --model: a diffusers folder or model id with its configs, tokenizer and scheduler
+    /// (default: built-in SD 1.5 configs when the checkpoint is SD 1.x).
+    #[arg(long, value_name = "DIR_OR_HUB_ID")]
+    model_config: Option<String>,
     /// A separate autoencoder (e.g. TAESD) folder or id.
     #[arg(long)]
     vae: Option<String>,
@@ -78,6 +83,9 @@ impl DaemonArgs {
         };
         if let Some(v) = &self.model {
             c.model.model = v.clone();
+        }
+        if let Some(v) = &self.model_config {
+            c.model.model_config = Some(v.clone());
         }
         if let Some(v) = &self.vae {
             c.model.vae = Some(v.clone());
@@ -135,9 +143,14 @@ struct WebcamCmd {
 
 #[derive(Args)]
 struct ModelArgs {
-    /// A diffusers-layout model folder or a Hugging Face model id (e.g. stabilityai/sd-turbo).
+    /// A diffusers-layout model folder, a Hugging Face model id (e.g. stabilityai/sd-turbo), or a single-file
+    /// .safetensors checkpoint (SD 1.x, original LDM layout).
     #[arg(long, default_value = "models/tiny-sd-test")]
     model: String,
+    /// For a single-file --model: a diffusers folder or model id with its configs, tokenizer and scheduler
+    /// (default: built-in SD 1.5 configs when the checkpoint is SD 1.x).
+    #[arg(long, value_name = "DIR_OR_HUB_ID")]
+    model_config: Option<String>,
     /// A separate autoencoder folder or model id (e.g. a TAESD) replacing the model's VAE.
     #[arg(long)]
     vae: Option<String>,
@@ -164,6 +177,8 @@ impl ModelArgs {
             kind: sdstream::device::parse_dtype(&self.dtype)?,
             vae: self.vae.clone(),
             controlnet: self.controlnet.clone(),
+
+            model_config: self.model_config.clone(),
         };
         let t0 = std::time::Instant::now();
         let mut sd = StableDiffusion::load(&self.model, &opts)

@@ -170,7 +170,7 @@ fn two_loras_at_once() {
 
 #[test]
 fn half_precision_scale_changes_do_not_drift_and_unfuse_exactly() {
-    let opts = LoadOptions { device: tch::Device::Cpu, kind: Kind::Half, vae: None, controlnet: None };
+    let opts = LoadOptions { kind: Kind::Half, ..cpu_fp32(None) };
     let mut sd = load_with("sd1-tiny", opts);
     let base = snapshot(&sd);
     sd.load_loras(&[spec("sd1_peft.safetensors", 1.0), spec("sd1_conv_kohya.safetensors", 0.7)]).unwrap();
@@ -276,8 +276,8 @@ fn bad_files_are_refused_naming_the_file_and_the_key() {
         ("missing_up", vec![(format!("{q}.lora_A.weight"), ok_a())], "up (lora_B)"),
         (
             "kohya_unknown",
-            vec![("lora_unet_input_blocks_1_1_proj_in.lora_down.weight".into(), ok_a())],
-            "lora_unet_input_blocks_1_1_proj_in.lora_down.weight",
+            vec![("lora_unet_input_blocks_99_1_proj_in.lora_down.weight".into(), ok_a())],
+            "lora_unet_input_blocks_99_1_proj_in.lora_down.weight",
         ),
         ("garbage", vec![("weird.key".into(), ok_a())], "weird.key"),
     ];

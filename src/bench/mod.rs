@@ -228,6 +228,8 @@ pub fn run(a: &BenchArgs) -> Result<report::BenchReport> {
         kind: crate::device::parse_dtype(&a.dtype)?,
         vae: None,
         controlnet: None,
+
+        model_config: None,
     };
     let choice = choose_model(a, &load)?;
     let load = LoadOptions { vae: choice.vae.clone(), ..load };

@@ -42,6 +42,11 @@ impl ModelSource {
         Self::resolve_with(spec, PIPELINE_FILES)
     }
 
+    /// A local folder holding a model's configs, standing for `spec` (a single-file checkpoint's configs).
+    pub fn local(spec: &str, root: PathBuf) -> Self {
+        ModelSource { spec: spec.into(), root, hub_id: None }
+    }
+
     /// Resolves a single-component folder (config.json + weights at its root), e.g. a TAESD.
     pub fn resolve_component(spec: &str) -> Result<Self> {
         Self::resolve_with(spec, &["config.json"])

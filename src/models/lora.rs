@@ -5,10 +5,11 @@
 //! `text_encoder.<module>...`), diffusers' older namings (`<module>.lora.down.weight`, `lora_linear_layer`,
 //! `processor.to_q_lora.down.weight`), and the kohya naming (`lora_unet_<module_with_underscores>.lora_down.weight`,
 //! `.lora_up.weight`, `.alpha`; `lora_te_text_model_encoder_layers_0_...`; SDXL's `text_encoder_2.`, `lora_te1_`,
-//! `lora_te2_`). Linear and conv (1x1 and kxk
-//! `lora_down`) layers. Each layer adds `scale * (alpha / rank) * (up @ down)` to its target weight: alpha from
-//! the file's `.alpha` keys, or the `lora_adapter_metadata` diffusers writes (`lora_alpha`, `alpha_pattern`,
-//! `use_rslora`), otherwise alpha = rank. LoHa, LoKr, DoRA, Tucker LoCon (`lora_mid`), LoRA biases and full
+//! `lora_te2_`), also with the UNet's original LDM block names (`lora_unet_input_blocks_1_1_proj_in`,
+//! `lora_unet_middle_block_0_in_layers_2`, mapped through `models::single_file`'s UNet name map). Linear and
+//! conv (1x1 and kxk `lora_down`) layers. Each layer adds `scale * (alpha / rank) * (up @ down)` to its target
+//! weight: alpha from the file's `.alpha` keys, or the `lora_adapter_metadata` diffusers writes (`lora_alpha`,
+//! `alpha_pattern`, `use_rslora`), otherwise alpha = rank. LoHa, LoKr, DoRA, Tucker LoCon (`lora_mid`), LoRA biases and full
 //! weight diffs are refused by name.
 //!
 //! Fusing patches the very tensors the modules hold (the [`Weights`] store keeps a shallow clone of each), so
@@ -17,6 +18,7 @@
 //! rounding (~1e-7 relative); in fp16/bf16 the original values of every patched weight are kept on the CPU and
 //! each change recomputes `original + sum of deltas`, so repeated slider moves never drift and unfusing is exact.
 use super::loader;
+use super::single_file::{NameMap, UNetLayout};
 use super::stable_diffusion::StableDiffusion;
 use super::Weights;
 use crate::error::{Error, Result};
@@ -387,13 +389,23 @@ fn read_tensor(path: &Path, st: &safetensors::SafeTensors<'_>, key: &str, device
     Ok(Tensor::f_from_data_size(view.data(), &shape, kind)?.f_to_kind(Kind::Float)?.f_to_device(device)?)
 }
 
-/// `kohya name -> dotted module` for every weight a model's modules hold.
-fn kohya_index(w: &Weights) -> HashMap<String, String> {
-    w.loaded_names()
-        .into_iter()
-        .filter_map(|n| n.strip_suffix(".weight").map(str::to_string))
-        .map(|m| (m.replace('.', "_"), m))
-        .collect()
+/// `kohya name -> dotted module` for every weight a model's modules hold. With `ldm`, the UNet's modules are
+/// also indexed under their original LDM names (`input_blocks_1_1_proj_in`, `middle_block_0_in_layers_2`,
+/// `output_blocks_2_1_conv`), the numbering derived from the loaded blocks (see `models::single_file`).
+fn kohya_index(w: &Weights, ldm: bool) -> HashMap<String, String> {
+    let names = w.loaded_names();
+    let map = ldm.then(|| NameMap::unet_layout(&UNetLayout::from_names(&names)));
+    let mut index = HashMap::new();
+    for n in &names {
+        let Some(m) = n.strip_suffix(".weight") else { continue };
+        if let Some(l) = map.as_ref().and_then(|map| map.to_ldm(n)) {
+            if let Some(l) = l.strip_suffix(".weight") {
+                index.insert(l.replace('.', "_"), m.to_string());
+            }
+        }
+        index.insert(m.replace('.', "_"), m.to_string());
+    }
+    index
 }
 
 impl Lora {
@@ -416,8 +428,10 @@ impl Lora {
             ));
         }
 
-        let indexes: HashMap<Component, HashMap<String, String>> =
-            Component::ALL.into_iter().filter_map(|c| targets.get(c).map(|w| (c, kohya_index(w)))).collect();
+        let indexes: HashMap<Component, HashMap<String, String>> = Component::ALL
+            .into_iter()
+            .filter_map(|c| targets.get(c).map(|w| (c, kohya_index(w, c == Component::Unet))))
+            .collect();
 
         // (component, module) -> (down key, up key, alpha key)
         #[derive(Default)]
@@ -448,20 +462,20 @@ impl Lora {
                     } else {
                         vec![m.clone()]
                     };
-                    candidates.into_iter().find(|c| w.loaded(&format!("{c}.weight")).is_some()).ok_or_else(|| {
-                        file_err(
-                            path,
-                            format!("key `{key}` targets `{m}`, which the {} does not have", comp.name()),
-                        )
-                    })?
+                    candidates.into_iter().find(|c| w.loaded(&format!("{c}.weight")).is_some()).ok_or_else(
+                        || {
+                            file_err(
+                                path,
+                                format!("key `{key}` targets `{m}`, which the {} does not have", comp.name()),
+                            )
+                        },
+                    )?
                 }
                 Module::Kohya(k) => indexes[&comp].get(&k).cloned().ok_or_else(|| {
-                    let hint = if k.contains("input_blocks") || k.contains("output_blocks") || k.contains("middle_block") {
-                        " (original LDM/SGM block names are not supported; SD 1.x kohya LoRAs use diffusers' names)"
-                    } else {
-                        ""
-                    };
-                    file_err(path, format!("key `{key}` targets `{k}`, which the {} does not have{hint}", comp.name()))
+                    file_err(
+                        path,
+                        format!("key `{key}` targets `{k}`, which the {} does not have", comp.name()),
+                    )
                 })?,
             };
             let slot = groups.entry((comp, module)).or_default();

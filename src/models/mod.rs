@@ -6,6 +6,7 @@ pub mod loader;
 pub mod lora;
 pub mod nn;
 pub mod resnet;
+pub mod single_file;
 pub mod stable_diffusion;
 pub mod taesd;
 pub mod tokenizer;

@@ -21,6 +21,10 @@ pub struct LoadOptions {
     pub vae: Option<String>,
     /// A ControlNet folder or model id loaded next to the model (see `models::controlnet`).
     pub controlnet: Option<String>,
+
+    /// For a single-file checkpoint: a diffusers folder or model id giving its configs, tokenizer and scheduler
+    /// (see `models::single_file`; unset: built-in SD 1.5 configs when the shapes say SD 1.x).
+    pub model_config: Option<String>,
 }
 
 /// The image autoencoder in use: the model's AutoencoderKL or a TAESD (AutoencoderTiny).
@@ -241,8 +245,12 @@ pub fn load_controlnet(spec: &str, unet: &UNetConfig, device: Device, kind: Kind
 }
 
 impl StableDiffusion {
-    /// Loads the model named by `spec` (a diffusers folder or a Hugging Face model id).
+    /// Loads the model named by `spec` (a diffusers folder, a Hugging Face model id, or a single-file
+    /// `.safetensors` checkpoint: see `models::single_file`).
     pub fn load(spec: &str, opts: &LoadOptions) -> Result<Self> {
+        if super::single_file::is_single_file(spec) {
+            return super::single_file::load(spec, opts);
+        }
         let (device, kind) = (opts.device, opts.kind);
         let src = ModelSource::resolve(spec)?;
         let index_path = src.file("model_index.json")?;

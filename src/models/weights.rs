@@ -68,34 +68,104 @@ fn kind_of(dtype: Dtype) -> Option<Kind> {
     })
 }
 
+/// One tensor of a [`Weights::from_renamed`] store: the stored tensor `stored` seen as `name`; with `chunk`
+/// `(i, n)` only its `i`-th of `n` equal parts along the first dimension (a fused q/k/v projection split, still
+/// one contiguous byte range); with `shape`, viewed in that shape instead (same element count).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Renamed {
+    pub name: String,
+    pub stored: String,
+    pub chunk: Option<(usize, usize)>,
+    pub shape: Option<Vec<i64>>,
+}
+
+/// The names and shapes of the tensors in a safetensors file, read from its header (the file is memory-mapped,
+/// not read). A truncated or malformed file is an error naming it.
+pub fn stored_shapes(path: &Path) -> Result<HashMap<String, Vec<i64>>> {
+    let (_, entries) = map_file(path)?;
+    Ok(entries.into_iter().map(|(k, e)| (k, e.shape)).collect())
+}
+
+/// Maps a safetensors file and reads its header (entries with `file` 0), checking every tensor lies in it.
+fn map_file(path: &Path) -> Result<(MappedFile, HashMap<String, Entry>)> {
+    let path = path.to_path_buf();
+    let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+    // SAFETY: the file is opened read-only; weights files are not expected to change while loaded.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+    let (header_len, meta) = safetensors::SafeTensors::read_metadata(&mmap)
+        .map_err(|e| Error::WeightFile { path: path.clone(), msg: e.to_string() })?;
+    let data_start = 8 + header_len;
+    let mut entries = HashMap::new();
+    for (name, info) in meta.tensors() {
+        let (start, end) = info.data_offsets;
+        if data_start + end > mmap.len() || start > end {
+            return Err(Error::WeightFile {
+                path: path.clone(),
+                msg: format!("tensor `{name}` points past the end of the file (truncated?)"),
+            });
+        }
+        let shape = info.shape.iter().map(|&d| d as i64).collect();
+        entries.insert(name.clone(), Entry { file: 0, dtype: info.dtype, shape, range: (start, end) });
+    }
+    Ok((MappedFile { path, mmap, data_start }, entries))
+}
+
 impl Weights {
     /// Memory-maps the given safetensors files (a model's weights may be sharded across several).
     pub fn from_safetensors<P: AsRef<Path>>(paths: &[P], device: Device, kind: Kind) -> Result<Self> {
         let mut files = Vec::new();
         let mut entries = HashMap::new();
         for (i, p) in paths.iter().enumerate() {
-            let path = p.as_ref().to_path_buf();
-            let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
-            // SAFETY: the file is opened read-only; weights files are not expected to change while loaded.
-            let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-            let (header_len, meta) = safetensors::SafeTensors::read_metadata(&mmap)
-                .map_err(|e| Error::WeightFile { path: path.clone(), msg: e.to_string() })?;
-            let data_start = 8 + header_len;
-            for (name, info) in meta.tensors() {
-                let (start, end) = info.data_offsets;
-                if data_start + end > mmap.len() || start > end {
-                    return Err(Error::WeightFile {
-                        path: path.clone(),
-                        msg: format!("tensor `{name}` points past the end of the file (truncated?)"),
-                    });
-                }
-                let shape = info.shape.iter().map(|&d| d as i64).collect();
-                entries
-                    .insert(name.clone(), Entry { file: i, dtype: info.dtype, shape, range: (start, end) });
-            }
-            files.push(MappedFile { path, mmap, data_start });
+            let (file, stored) = map_file(p.as_ref())?;
+            entries.extend(stored.into_iter().map(|(name, e)| (name, Entry { file: i, ..e })));
+            files.push(file);
         }
         Ok(Self::with_source(Source::Files { files, entries }, device, kind))
+    }
+
+    /// Memory-maps one safetensors file and exposes its tensors under other names: each [`Renamed`] entry
+    /// makes the stored tensor `stored` available as `name`, optionally viewed with another shape of the same
+    /// number of elements (a 1x1 convolution weight read as a linear one). Stored tensors the plan does not
+    /// name are invisible. Nothing is copied: the tensors are read from the mapping as modules ask for them.
+    pub fn from_renamed(path: &Path, plan: &[Renamed], device: Device, kind: Kind) -> Result<Self> {
+        let (file, stored) = map_file(path)?;
+        let mut entries = HashMap::with_capacity(plan.len());
+        for r in plan {
+            let e = stored.get(&r.stored).ok_or_else(|| Error::MissingTensor {
+                name: r.stored.clone(),
+                origin: path.display().to_string(),
+            })?;
+            let mut e = e.clone();
+            if let Some((i, n)) = r.chunk {
+                let rows = e.shape.first().copied().unwrap_or(0) as usize;
+                let bytes = e.range.1 - e.range.0;
+                if n == 0 || i >= n || rows % n != 0 || bytes % n != 0 {
+                    return Err(Error::WeightFile {
+                        path: path.to_path_buf(),
+                        msg: format!(
+                            "tensor `{}` of shape {:?} cannot be split in {n} parts",
+                            r.stored, e.shape
+                        ),
+                    });
+                }
+                let part = bytes / n;
+                e.range = (e.range.0 + i * part, e.range.0 + (i + 1) * part);
+                e.shape[0] = (rows / n) as i64;
+            }
+            if let Some(shape) = &r.shape {
+                if shape.iter().product::<i64>() != e.shape.iter().product::<i64>() {
+                    return Err(Error::ShapeMismatch {
+                        name: r.stored.clone(),
+                        expected: shape.clone(),
+                        found: e.shape,
+                        origin: path.display().to_string(),
+                    });
+                }
+                e.shape = shape.clone();
+            }
+            entries.insert(r.name.clone(), e);
+        }
+        Ok(Self::with_source(Source::Files { files: vec![file], entries }, device, kind))
     }
 
     /// A random-weight model (test or benchmark model: its outputs mean nothing).
@@ -270,6 +340,11 @@ impl Weights {
             }
             _ => Vec::new(),
         }
+    }
+
+    /// Full names of the tensors asked for so far under this handle's prefix (any store), sorted.
+    pub fn requested_names(&self) -> Vec<String> {
+        self.store.requested.borrow().keys().filter(|k| k.starts_with(&self.prefix)).cloned().collect()
     }
 
     /// Number of parameters asked for so far under this handle's prefix.
