@@ -61,6 +61,10 @@ pub struct ModelInfo {
     pub autoencoder: String,
     pub test_model: bool,
     pub vae_scale_factor: i64,
+    /// The ControlNet loaded with the model (streams may then set `control`).
+    pub controlnet: Option<String>,
+    /// An SDXL model (two text encoders).
+    pub sdxl: bool,
 }
 
 /// One frame handed to a stream.
@@ -206,6 +210,8 @@ impl Engine {
                     autoencoder: sd.autoencoder.name().into(),
                     test_model: crate::models::is_test_model(&sd.source.root),
                     vae_scale_factor: sd.vae_scale_factor(),
+                    controlnet: sd.controlnet.as_ref().and(config.load.controlnet.clone()),
+                    sdxl: sd.is_sdxl(),
                 };
                 let _ = ready_tx.send(Ok(info));
                 let mut worker = Worker {
