@@ -1,6 +1,7 @@
 //! End to end: the real `sdstream serve` binary on the bundled tiny TEST model, its browser client driven in
 //! headless Chromium (Debian's chromium, fake camera, playwright-core; tests/e2e/browser.mjs): camera frames
-//! round-trip and a prompt change changes the output. Then SIGTERM must shut the daemon down cleanly (exit 0).
+//! round-trip, a prompt change changes the output, and (with the tiny test ControlNet loaded) the page's Canny
+//! control changes it while a ControlNet scale of 0 restores it. Then SIGTERM must shut the daemon down cleanly (exit 0).
 //! scripts/test.sh installs chromium and playwright-core; without them this test fails and says so.
 mod common;
 
@@ -27,7 +28,15 @@ fn browser_client_round_trips_frames_and_prompt_changes_the_output() {
     let port = free_port();
     let mut daemon = Command::new(env!("CARGO_BIN_EXE_sdstream"))
         .current_dir(root)
-        .args(["serve", "--config", "configs/tiny.toml", "--listen", &format!("127.0.0.1:{port}")])
+        .args([
+            "serve",
+            "--config",
+            "configs/tiny.toml",
+            "--controlnet",
+            "tests/fixtures/models/controlnet-sd2-tiny",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

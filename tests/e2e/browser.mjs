@@ -1,6 +1,8 @@
 // Drives the daemon's browser client in headless Chromium with a fake camera:
 // 1. frames from the (fake) camera round-trip through the daemon and show up on the output canvas;
-// 2. on a still test pattern the output settles, and a prompt typed into the prompt box changes it.
+// 2. on a still test pattern the output settles, and a prompt typed into the prompt box changes it;
+// 3. when the daemon has a ControlNet: choosing Canny control in the page changes the output, and a
+//    ControlNet scale of 0 brings back the output without control.
 // Usage: node browser.mjs http://127.0.0.1:PORT/   (exit code 0 = pass)
 import { chromium } from "playwright-core";
 
@@ -64,6 +66,29 @@ try {
   const b = await snapshotAfter(5);
   if (b === a2) fail("changing the prompt did not change the output");
   log("prompt change changed the output");
+
+  // 3. ControlNet controls (the daemon runs with a test ControlNet).
+  if (!model.controlnet) fail("expected the daemon to run with a ControlNet");
+  if (await page.isHidden("#controlbox")) fail("the ControlNet controls are hidden although the daemon has one");
+  const setAndWait = async (act, check) => {
+    const v = await page.evaluate(() => window.sdstream.settingsVersion);
+    await act();
+    await page.waitForFunction((v) => window.sdstream.settingsVersion > v, v, { timeout });
+    const s = await page.evaluate(() => window.sdstream.settings);
+    if (!check(s)) fail(`the setting did not reach the daemon: ${JSON.stringify(s)}`);
+  };
+  await setAndWait(() => page.selectOption("#control", "canny"), (s) => s.control === "canny");
+  const c = await snapshotAfter(5);
+  if (c === b) fail("Canny control did not change the output");
+  log("canny control changed the output");
+  await setAndWait(async () => {
+    await page.fill("#controlnet_scale", "0");
+    await page.dispatchEvent("#controlnet_scale", "change");
+  }, (s) => s.controlnet_scale === 0);
+  const d = await snapshotAfter(5);
+  if (d !== b) fail("ControlNet scale 0 did not give the output without control");
+  log("controlnet_scale 0 gives the output without control");
+
   const stats = await page.textContent("#stats");
   log("stats line:", stats.replace(/\n/g, " | "));
   if (!/fps out/.test(stats)) fail("no stats shown");
