@@ -70,21 +70,26 @@ try {
   // 3. ControlNet controls (the daemon runs with a test ControlNet).
   if (!model.controlnet) fail("expected the daemon to run with a ControlNet");
   if (await page.isHidden("#controlbox")) fail("the ControlNet controls are hidden although the daemon has one");
-  const setAndWait = async (act, check) => {
-    const v = await page.evaluate(() => window.sdstream.settingsVersion);
+  // Waits until the daemon's echo of the settings holds `value` for `key` (echoes of earlier changes may
+  // still be on their way, so the version counter alone is not enough).
+  const setAndWait = async (act, key, value) => {
     await act();
-    await page.waitForFunction((v) => window.sdstream.settingsVersion > v, v, { timeout });
-    const s = await page.evaluate(() => window.sdstream.settings);
-    if (!check(s)) fail(`the setting did not reach the daemon: ${JSON.stringify(s)}`);
+    try {
+      await page.waitForFunction(([k, v]) => window.sdstream.settings && window.sdstream.settings[k] === v,
+        [key, value], { timeout: 30_000 });
+    } catch (e) {
+      fail(`${key} = ${value} did not reach the daemon: ${JSON.stringify(await page.evaluate(() => window.sdstream.settings))}`);
+    }
   };
-  await setAndWait(() => page.selectOption("#control", "canny"), (s) => s.control === "canny");
+  await setAndWait(() => page.selectOption("#control", "canny"), "control", "canny");
   const c = await snapshotAfter(5);
   if (c === b) fail("Canny control did not change the output");
   log("canny control changed the output");
-  await setAndWait(async () => {
-    await page.fill("#controlnet_scale", "0");
-    await page.dispatchEvent("#controlnet_scale", "change");
-  }, (s) => s.controlnet_scale === 0);
+  await setAndWait(() => page.evaluate(() => {
+    const el = document.getElementById("controlnet_scale");
+    el.value = "0";
+    el.dispatchEvent(new Event("change"));
+  }), "controlnet_scale", 0);
   const d = await snapshotAfter(5);
   if (d !== b) fail("ControlNet scale 0 did not give the output without control");
   log("controlnet_scale 0 gives the output without control");
