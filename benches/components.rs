@@ -25,7 +25,6 @@ fn model() -> StableDiffusion {
         kind: sdstream::device::parse_dtype(&dtype).expect("SDSTREAM_BENCH_DTYPE"),
         vae: Some(format!("{root}/models/tiny-taesd-test")),
         controlnet: None,
-
         model_config: None,
     };
     StableDiffusion::load(&format!("{root}/models/tiny-sd-test"), &opts).expect("the tiny test model loads")

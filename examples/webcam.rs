@@ -29,7 +29,6 @@ fn main() -> anyhow::Result<()> {
         kind: tch::Kind::Float,
         vae: None,
         controlnet: None,
-
         model_config: None,
     };
     let engine = Engine::start(EngineConfig::new(model, load))?;

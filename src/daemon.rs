@@ -26,7 +26,6 @@ fn engine_config(config: &DaemonConfig) -> Result<EngineConfig> {
         kind: crate::device::parse_dtype(&m.dtype)?,
         vae: m.vae.clone(),
         controlnet: m.controlnet.clone(),
-
         model_config: m.model_config.clone(),
     };
     let mut e = EngineConfig::new(m.model.clone(), load);

@@ -177,7 +177,6 @@ impl ModelArgs {
             kind: sdstream::device::parse_dtype(&self.dtype)?,
             vae: self.vae.clone(),
             controlnet: self.controlnet.clone(),
-
             model_config: self.model_config.clone(),
         };
         let t0 = std::time::Instant::now();

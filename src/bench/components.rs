@@ -93,7 +93,7 @@ fn autoencoder_label(ae: &Autoencoder) -> &'static str {
 }
 
 /// Times every component of `sd` at the stream `settings`' size. When the model runs with a TAESD, the
-/// model's own AutoencoderKL is loaded and timed too (and the other way round is not possible: a model has
+/// model's own AutoencoderKL (from a diffusers folder) is loaded and timed too (and the other way round is not possible: a model has
 /// no TAESD of its own).
 pub fn run(
     sd: &StableDiffusion,
@@ -145,7 +145,10 @@ pub fn run(
     let image = Tensor::f_rand([1, 3, h, w], (kind, device))?.f_mul_scalar(2.0)?.f_sub_scalar(1.0)?;
     let latents = Tensor::f_randn([1, channels, h / f, w / f], (kind, device))?;
     timer.autoencoder(autoencoder_label(&sd.autoencoder), &sd.autoencoder, &image, &latents)?;
-    if matches!(sd.autoencoder, Autoencoder::Tiny(_)) {
+    // A single-file checkpoint has no `vae/` folder of its own to load the model's VAE from.
+    let single_file = std::path::Path::new(&sd.source.spec).is_file();
+    let own_vae = matches!(sd.autoencoder, Autoencoder::Tiny(_)) && !single_file;
+    if own_vae {
         let own = load_autoencoder(&sd.source, "vae", device, kind, sd.is_sdxl())?;
         timer.autoencoder(autoencoder_label(&own), &own, &image, &latents)?;
     } else {

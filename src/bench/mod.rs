@@ -24,7 +24,7 @@ pub struct BenchArgs {
     /// A diffusers folder or Hugging Face model id.
     #[arg(long, conflicts_with = "random_model", required_unless_present = "random_model")]
     pub model: Option<String>,
-    /// A random-weight benchmark model at a real architecture: sd-turbo or sd15 (written once under
+    /// A random-weight benchmark model at a real architecture: sd-turbo, sd15 or sdxl-turbo (written once under
     /// --random-model-dir, then loaded like any model); tiny-test: the bundled tiny configs, for CPU checks.
     #[arg(long)]
     pub random_model: Option<String>,
@@ -35,6 +35,9 @@ pub struct BenchArgs {
     /// model's AutoencoderKL).
     #[arg(long)]
     pub vae: Option<String>,
+    /// For a single-file checkpoint: a diffusers folder or id giving its configs and tokenizer.
+    #[arg(long)]
+    pub model_config: Option<String>,
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -228,8 +231,7 @@ pub fn run(a: &BenchArgs) -> Result<report::BenchReport> {
         kind: crate::device::parse_dtype(&a.dtype)?,
         vae: None,
         controlnet: None,
-
-        model_config: None,
+        model_config: a.model_config.clone(),
     };
     let choice = choose_model(a, &load)?;
     let load = LoadOptions { vae: choice.vae.clone(), ..load };

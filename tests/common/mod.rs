@@ -46,7 +46,6 @@ pub fn cpu_fp32(vae: Option<String>) -> sdstream::models::stable_diffusion::Load
         kind: tch::Kind::Float,
         vae,
         controlnet: None,
-
         model_config: None,
     }
 }
