@@ -6,15 +6,14 @@
 //! The down and mid blocks are the UNet's own ([`DownBlock`], [`MidBlock`]), planned by [`UNetConfig::plan`]
 //! from the UNet config a ControlNet config implies ([`ControlNetConfig::unet_config`]).
 use super::loader::ModelSource;
-use super::unet::attention::TransformerSettings;
 use super::unet::blocks::{DownBlock, MidBlock};
 use super::unet::config::TransformerLayers;
-use super::unet::embeddings::{timestep_embedding, TimestepEmbedding};
+use super::unet::embeddings::{batch_time_features, TimestepEmbedding};
+use super::unet::model::DownPath;
 use super::unet::{ControlResiduals, UNetConfig};
 use super::{read_config, OneOrMany, Weights};
 use crate::error::{Error, Result};
 use crate::models::nn::{Activation, Conv2d};
-use crate::models::resnet::ResnetSettings;
 use serde::{Deserialize, Deserializer};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -325,25 +324,9 @@ impl ControlNetModel {
             &config.conditioning_embedding_out_channels,
             ch[0],
         )?;
-        let r = ResnetSettings {
-            temb_channels: Some(plan.time_embed_dim),
-            groups: plan.norm_num_groups,
-            eps: config.norm_eps,
-            act,
-        };
-        let t = TransformerSettings {
-            groups: plan.norm_num_groups,
-            use_linear_projection: config.use_linear_projection,
-            upcast_attention: false,
-        };
-        let down_blocks = plan
-            .down
-            .iter()
-            .enumerate()
-            .map(|(i, p)| DownBlock::new(&w.sub("down_blocks").sub(i), p, r, t, config.downsample_padding))
-            .collect::<Result<Vec<_>>>()?;
-        let mid = plan.mid.as_ref().ok_or_else(|| unsupported("mid_block_type", "null"))?;
-        let mid_block = MidBlock::new(&w.sub("mid_block"), mid, r, t, config.mid_block_scale_factor)?;
+        let path = DownPath::new(w, &unet_config, &plan, act)?;
+        let down_blocks = path.down_blocks;
+        let mid_block = path.mid_block.ok_or_else(|| unsupported("mid_block_type", "null"))?;
         // One zero conv per skip connection: conv_in's output, every resnet of every block, every downsampler.
         let mut widths = vec![ch[0]];
         for p in &plan.down {
@@ -470,26 +453,13 @@ impl ControlNetModel {
         };
         let cond = cond.f_to_kind(kind)?;
 
-        let t = match timesteps.dim() {
-            0 => timesteps.f_unsqueeze(0)?,
-            1 => timesteps.shallow_clone(),
-            d => {
-                return Err(Error::invalid(
-                    "timesteps",
-                    format!("expected shape (batch,), got a {d}-d tensor"),
-                ))
-            }
-        };
-        let n = t.size()[0];
-        if n != batch && n != 1 {
-            return Err(Error::invalid("timesteps", format!("{n} timesteps for a batch of {batch}")));
-        }
-        let t = t.f_to_device(sample.device())?.f_expand([batch], false)?;
-        let emb = timestep_embedding(
-            &t,
-            self.config.block_out_channels[0],
-            self.config.flip_sin_to_cos,
-            self.config.freq_shift,
+        let c = &self.config;
+        let emb = batch_time_features(
+            &timesteps.f_to_device(sample.device())?,
+            batch,
+            c.block_out_channels[0],
+            c.flip_sin_to_cos,
+            c.freq_shift,
         )?
         .f_to_kind(kind)?;
         let emb = self.time_embedding.forward(&emb, None)?;

@@ -29,6 +29,30 @@ pub fn timestep_embedding(
     Ok(emb)
 }
 
+/// diffusers' `get_time_embed`: the timesteps (0-d, or one per batch item, or one for all) broadcast to `batch`,
+/// then [`timestep_embedding`] in fp32 (the caller casts to the model's dtype).
+pub fn batch_time_features(
+    timesteps: &Tensor,
+    batch: i64,
+    dim: i64,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+) -> Result<Tensor> {
+    let t = match timesteps.dim() {
+        0 => timesteps.f_unsqueeze(0)?,
+        1 => timesteps.shallow_clone(),
+        d => return Err(Error::invalid("timesteps", format!("expected shape (batch,), got a {d}-d tensor"))),
+    };
+    let n = t.size()[0];
+    if n != batch && n != 1 {
+        return Err(Error::invalid(
+            "timesteps",
+            format!("{n} timesteps for a batch of {batch} (give one per batch item, or one for all)"),
+        ));
+    }
+    timestep_embedding(&t.f_expand([batch], false)?, dim, flip_sin_to_cos, freq_shift)
+}
+
 /// diffusers' `TimestepEmbedding`: `linear_1 -> act -> linear_2 [-> post_act]`, with the optional
 /// `cond_proj` (LCM's guidance embedding, `time_cond_proj_dim`) added to the input first.
 #[derive(Debug)]

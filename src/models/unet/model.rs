@@ -3,8 +3,8 @@
 //! residuals a ControlNet adds.
 use super::attention::TransformerSettings;
 use super::blocks::{DownBlock, MidBlock, UpBlock};
-use super::config::UNetConfig;
-use super::embeddings::{timestep_embedding, TimestepEmbedding};
+use super::config::{UNetConfig, UNetPlan};
+use super::embeddings::{batch_time_features, timestep_embedding, TimestepEmbedding};
 use crate::error::{Error, Result};
 use crate::models::nn::{Activation, Conv2d, GroupNorm};
 use crate::models::resnet::ResnetSettings;
@@ -74,29 +74,8 @@ impl UNet2DConditionModel {
             }),
             _ => None,
         };
-        let r = ResnetSettings {
-            temb_channels: Some(plan.time_embed_dim),
-            groups: plan.norm_num_groups,
-            eps: config.norm_eps,
-            act,
-        };
-        let t = TransformerSettings {
-            groups: plan.norm_num_groups,
-            use_linear_projection: config.use_linear_projection,
-            // diffusers 0.42's scaled-dot-product attention path never reads `upcast_attention`: attention runs
-            // in the model's dtype. Doing the same keeps fp16 parity and the fast half-precision kernels.
-            upcast_attention: false,
-        };
-        let down_blocks = plan
-            .down
-            .iter()
-            .enumerate()
-            .map(|(i, p)| DownBlock::new(&w.sub("down_blocks").sub(i), p, r, t, config.downsample_padding))
-            .collect::<Result<Vec<_>>>()?;
-        let mid_block = match &plan.mid {
-            Some(p) => Some(MidBlock::new(&w.sub("mid_block"), p, r, t, config.mid_block_scale_factor)?),
-            None => None,
-        };
+        let DownPath { down_blocks, mid_block, resnet: r, transformer: t } =
+            DownPath::new(w, config, &plan, act)?;
         let up_blocks = plan
             .up
             .iter()
@@ -190,7 +169,10 @@ impl UNet2DConditionModel {
             sample.shallow_clone()
         };
 
-        let emb = self.time_embed(timesteps, batch, kind, &sample)?;
+        let c = &self.config;
+        let t = timesteps.f_to_device(sample.device())?;
+        let emb = batch_time_features(&t, batch, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)?
+            .f_to_kind(kind)?;
         let mut emb = self.time_embedding.forward(&emb, extra.timestep_cond)?;
         match (&self.add_embedding, &extra.added_cond) {
             (Some(add), Some(c)) => emb = emb.f_add(&add.forward(c, emb.f_kind()?)?)?,
@@ -257,36 +239,6 @@ impl UNet2DConditionModel {
         h = self.conv_act.forward(&h)?;
         self.conv_out.forward(&h)
     }
-
-    /// diffusers' `get_time_embed`: broadcast the timesteps to the batch, sinusoidal features in fp32, then
-    /// cast to the sample's dtype.
-    fn time_embed(&self, timesteps: &Tensor, batch: i64, kind: Kind, sample: &Tensor) -> Result<Tensor> {
-        let t = match timesteps.dim() {
-            0 => timesteps.f_unsqueeze(0)?,
-            1 => timesteps.shallow_clone(),
-            d => {
-                return Err(Error::invalid(
-                    "timesteps",
-                    format!("expected shape (batch,), got a {d}-d tensor"),
-                ))
-            }
-        };
-        let n = t.size()[0];
-        if n != batch && n != 1 {
-            return Err(Error::invalid(
-                "timesteps",
-                format!("{n} timesteps for a batch of {batch} (give one per batch item, or one for all)"),
-            ));
-        }
-        let t = t.f_to_device(sample.device())?.f_expand([batch], false)?;
-        let emb = timestep_embedding(
-            &t,
-            self.config.block_out_channels[0],
-            self.config.flip_sin_to_cos,
-            self.config.freq_shift,
-        )?;
-        Ok(emb.f_to_kind(kind)?)
-    }
 }
 
 /// SDXL's added conditions (`added_cond_kwargs`): the pooled output of the second text encoder and the
@@ -335,6 +287,46 @@ impl AddedTimeEmbedding {
             .f_reshape([batch, -1])?;
         let x = Tensor::f_cat(&[c.text_embeds.f_to_kind(Kind::Float)?, t], -1)?.f_to_kind(kind)?;
         self.embedding.forward(&x, None)
+    }
+}
+
+/// The down path the UNet shares with diffusers' ControlNet: the down blocks and the mid block, and the resnet
+/// and transformer settings they were built with.
+pub(crate) struct DownPath {
+    pub down_blocks: Vec<DownBlock>,
+    /// `None` when the config has no mid block.
+    pub mid_block: Option<MidBlock>,
+    pub resnet: ResnetSettings,
+    pub transformer: TransformerSettings,
+}
+
+impl DownPath {
+    pub fn new(w: &Weights, config: &UNetConfig, plan: &UNetPlan, act: Activation) -> Result<Self> {
+        let resnet = ResnetSettings {
+            temb_channels: Some(plan.time_embed_dim),
+            groups: plan.norm_num_groups,
+            eps: config.norm_eps,
+            act,
+        };
+        let transformer = TransformerSettings {
+            groups: plan.norm_num_groups,
+            use_linear_projection: config.use_linear_projection,
+            // diffusers 0.42's scaled-dot-product attention path never reads `upcast_attention`: attention runs
+            // in the model's dtype. Doing the same keeps fp16 parity and the fast half-precision kernels.
+            upcast_attention: false,
+        };
+        let (r, t) = (resnet, transformer);
+        let down_blocks = plan
+            .down
+            .iter()
+            .enumerate()
+            .map(|(i, p)| DownBlock::new(&w.sub("down_blocks").sub(i), p, r, t, config.downsample_padding))
+            .collect::<Result<Vec<_>>>()?;
+        let mid_block = match &plan.mid {
+            Some(p) => Some(MidBlock::new(&w.sub("mid_block"), p, r, t, config.mid_block_scale_factor)?),
+            None => None,
+        };
+        Ok(DownPath { down_blocks, mid_block, resnet, transformer })
     }
 }
 
