@@ -57,6 +57,9 @@ pub struct ServerConfig {
     /// Synchronise the GPU around each stage so the per-stage timings in `frame`/`stats` are exact (costs a
     /// little speed); unset: on for the CPU, off for CUDA.
     pub measure_stages: Option<bool>,
+    /// Let clients change the scale of the daemon's LoRAs with a `lora` message. The LoRAs are fused into the
+    /// one model every stream shares, so a change shows in every client's output: off unless asked for.
+    pub lora_control: bool,
 }
 
 impl ServerConfig {
@@ -80,6 +83,7 @@ impl Default for ServerConfig {
             jpeg_quality: 85,
             allowed_origins: Vec::new(),
             measure_stages: None,
+            lora_control: false,
         }
     }
 }

@@ -70,6 +70,9 @@ struct DaemonArgs {
     max_fps: Option<f64>,
     #[arg(long)]
     jpeg_quality: Option<u8>,
+    /// Let clients change the LoRAs' scales (`lora` messages); every client shares them.
+    #[arg(long)]
+    lora_control: bool,
     #[command(flatten)]
     stream: StreamFlags,
 }
@@ -107,6 +110,9 @@ impl DaemonArgs {
         }
         if let Some(v) = &self.token {
             c.server.token = Some(v.clone());
+        }
+        if self.lora_control {
+            c.server.lora_control = true;
         }
         if let Some(v) = self.max_clients {
             c.server.max_clients = v;

@@ -1,7 +1,7 @@
 //! End to end: the real `sdstream serve` binary on the bundled tiny TEST model, its browser client driven in
 //! headless Chromium (Debian's chromium, fake camera, playwright-core; tests/e2e/browser.mjs): camera frames
 //! round-trip, a prompt change changes the output, and (with the tiny test ControlNet loaded) the page's Canny
-//! control changes it while a ControlNet scale of 0 restores it. Then SIGTERM must shut the daemon down cleanly (exit 0).
+//! control changes it while a ControlNet scale of 0 restores it, and the LoRA slider changes it. Then SIGTERM must shut the daemon down cleanly (exit 0).
 //! scripts/test.sh installs chromium and playwright-core; without them this test fails and says so.
 mod common;
 
@@ -34,6 +34,9 @@ fn browser_client_round_trips_frames_and_prompt_changes_the_output() {
             "configs/tiny.toml",
             "--controlnet",
             "tests/fixtures/models/controlnet-sd2-tiny",
+            "--lora",
+            "tests/fixtures/lora/tiny_sd_test_unet.safetensors",
+            "--lora-control",
             "--listen",
             &format!("127.0.0.1:{port}"),
         ])

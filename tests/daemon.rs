@@ -380,3 +380,64 @@ fn listening_beyond_loopback_needs_a_token() {
     assert!(sdstream::server::check_listen(&addr, &Some("t".into())).is_ok());
     assert!(sdstream::server::check_listen(&"127.0.0.1:1".parse().unwrap(), &None).is_ok());
 }
+
+/// A `lora` message changes a fused LoRA's scale for everyone, only where the server allows it; bad names or
+/// scales are refused without closing the connection. (That a scale change changes the pictures, exactly as
+/// diffusers' would, is tested in tests/lora.rs.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lora_scales_change_live_only_when_the_server_allows_it() {
+    let mut c = EngineConfig::new(
+        common::fixture("tests/fixtures/models/sd1-tiny").display().to_string(),
+        common::cpu_fp32(None),
+    );
+    c.loras = vec![sdstream::models::lora::LoraSpec {
+        path: common::fixture("tests/fixtures/lora/sd1_peft.safetensors").display().to_string(),
+        scale: 1.0,
+    }];
+    let engine = Engine::start(c).expect("sd1-tiny with its test LoRA loads");
+    let set = |scale: f64| format!(r#"{{"type":"lora","name":"sd1_peft","scale":{scale}}}"#);
+
+    // Off by default: refused, connection open.
+    let server = start(&engine, server_config()).await;
+    let mut ws = connect(&server).await;
+    let r = ready(&mut ws).await;
+    assert_eq!(r["limits"]["lora_control"], false, "{r}");
+    assert_eq!(r["loras"][0]["name"], "sd1_peft", "{r}");
+    assert_eq!(r["loras"][0]["scale"], 1.0, "{r}");
+    assert!(r["loras"][0].get("path").is_none(), "clients are not told server paths: {r}");
+    ws.send(Message::text(set(0.0))).await.unwrap();
+    let v = next_json(&mut ws).await.expect("still open");
+    assert_eq!(v["code"], "forbidden", "{v}");
+    assert_eq!(engine.handle().loras()[0].scale, 1.0);
+    round_trip(&mut ws).await;
+    drop(ws);
+    server.shutdown(Duration::from_secs(5)).await;
+
+    // Allowed: the scale changes for the engine (every stream) and is reported back.
+    let server = start(&engine, ServerConfig { lora_control: true, ..server_config() }).await;
+    let mut ws = connect(&server).await;
+    assert_eq!(ready(&mut ws).await["limits"]["lora_control"], true);
+    round_trip(&mut ws).await;
+    ws.send(Message::text(set(0.25))).await.unwrap();
+    let v = next_json(&mut ws).await.unwrap();
+    assert_eq!(v["type"], "loras", "{v}");
+    assert_eq!(v["loras"][0]["scale"], 0.25, "{v}");
+    assert_eq!(engine.handle().loras()[0].scale, 0.25);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    round_trip(&mut ws).await;
+    for (msg, code) in [
+        (r#"{"type":"lora","name":"nope","scale":1}"#, "bad_setting"),
+        (r#"{"type":"lora","name":"sd1_peft","scale":1e9}"#, "bad_setting"),
+        (r#"{"type":"lora","name":"sd1_peft"}"#, "bad_json"),
+    ] {
+        ws.send(Message::text(msg)).await.unwrap();
+        let v = next_json(&mut ws).await.expect("still open");
+        assert_eq!(v["code"], code, "{msg} -> {v}");
+    }
+    assert_eq!(engine.handle().loras()[0].scale, 0.25, "refused changes left the scale alone");
+    // A new client sees the scale in force.
+    let mut other = connect(&server).await;
+    assert_eq!(ready(&mut other).await["loras"][0]["scale"], 0.25);
+    drop((ws, other));
+    server.shutdown(Duration::from_secs(5)).await;
+}

@@ -23,6 +23,8 @@ LoRA files (every tensor drawn from a seeded generator, so the script is determi
 * `sdxl_peft.safetensors`: for the SDXL test model sdxl-tiny, PEFT naming on the UNet, the text encoder and the
   second text encoder (`text_encoder_2.`); `sdxl_kohya.safetensors` holds the same weights in the kohya naming
   (`lora_unet_`, `lora_te1_`, `lora_te2_`), which diffusers loads to the same images (checked here).
+* `tiny_sd_test_unet.safetensors`: a UNet LoRA for the bundled demo model models/tiny-sd-test, used by the browser
+  end-to-end test (LoRA slider); its diffusers parity is the same code path as sd1_peft's.
 * `lcm_kohya.safetensors`: an LCM-LoRA-like kohya LoRA on every linear and conv layer of lcm-tiny's UNet
   (rank 2, alpha 1). kohya and old-format files are stored in fp16.
 
@@ -226,6 +228,9 @@ def main():
     save("sdxl_peft.safetensors", {**peft("unet.", xu), **peft("text_encoder.", xt), **peft("text_encoder_2.", xt2)})
     save("sdxl_kohya.safetensors",
          {**kohya("lora_unet_", xu, 4), **kohya("lora_te1_", xt, 4), **kohya("lora_te2_", xt2, 4)})
+
+    demo = StableDiffusionPipeline.from_pretrained(str(ROOT / "models" / "tiny-sd-test"), torch_dtype=torch.float32)
+    save("tiny_sd_test_unet.safetensors", peft("unet.", make_lora(targets(demo.unet, UNET_ATTN), 2, 10, amp=1.0)))
 
     cases = [
         dict(name="peft_ddim_g7.5", model="sd1-tiny", loras=[["sd1_peft.safetensors", 1.0]], scheduler="ddim",

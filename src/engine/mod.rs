@@ -163,6 +163,8 @@ enum Command {
 struct Shared {
     pending: Mutex<HashMap<u64, Frame>>,
     counters: EngineCounters,
+    /// The fused LoRAs and their scales, as the inference thread last set them.
+    loras: Mutex<Vec<crate::models::lora::LoraInfo>>,
 }
 
 /// The running engine; dropping it shuts the thread down and joins it.
@@ -185,8 +187,11 @@ impl Engine {
     pub fn start(config: EngineConfig) -> Result<Engine> {
         let (commands, command_rx) = bounded::<Command>(256);
         let (wake, wake_rx) = bounded::<()>(1);
-        let shared =
-            Arc::new(Shared { pending: Mutex::new(HashMap::new()), counters: EngineCounters::default() });
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(HashMap::new()),
+            counters: EngineCounters::default(),
+            loras: Mutex::new(Vec::new()),
+        });
         let (ready_tx, ready_rx) = bounded::<Result<ModelInfo>>(1);
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
@@ -203,6 +208,7 @@ impl Engine {
                     let _ = ready_tx.send(Err(e));
                     return;
                 }
+                *thread_shared.loras.lock() = sd.loras.list();
                 let info = ModelInfo {
                     model: config.model.clone(),
                     device: format!("{:?}", sd.device),
@@ -307,6 +313,11 @@ impl EngineHandle {
         let _ = self.wake.try_send(());
         rx.recv_timeout(Duration::from_secs(120))
             .map_err(|_| Error::Model("the engine did not answer".into()))?
+    }
+
+    /// The fused LoRAs with their current scales.
+    pub fn loras(&self) -> Vec<crate::models::lora::LoraInfo> {
+        self.shared.loras.lock().clone()
     }
 
     /// Changes the scale of a fused LoRA (by name, its file stem, or index; 0 unfuses it) between ticks;
@@ -464,6 +475,7 @@ impl Worker {
             }
             Command::LoraScale { name, scale, reply } => {
                 let result = self.set_lora_scale(&name, scale);
+                *self.shared.loras.lock() = self.sd.loras.list();
                 let _ = reply.send(result);
             }
             Command::ControlImage { id, image, reply } => {

@@ -2,7 +2,7 @@
 //! and handed to the engine latest-frame-wins; outputs come back through a bounded channel, are JPEG-encoded
 //! off the async threads and sent with a `frame` message before each. Every error here is this client's
 //! alone: it is answered, and the connection closes only when the error is fatal.
-use super::protocol::{ClientMessage, LatencySummary, Limits, ServerMessage, PROTOCOL_VERSION};
+use super::protocol::{ClientLora, ClientMessage, LatencySummary, Limits, ServerMessage, PROTOCOL_VERSION};
 use super::ServerState;
 use crate::engine::{Output, OutputSink, StageTimes, StreamHandle};
 use bytes::Bytes;
@@ -126,6 +126,7 @@ pub async fn run_stream(stream: TcpStream, peer: SocketAddr, state: Arc<ServerSt
         max_fps: state.config.max_fps,
         idle_timeout_s: state.config.idle_timeout_s,
         max_image_side: crate::io::image::MAX_IMAGE_SIDE,
+        lora_control: state.config.lora_control,
     };
     let mut settings = state.stream_defaults.clone();
     let mut quality = state.config.jpeg_quality;
@@ -136,6 +137,7 @@ pub async fn run_stream(stream: TcpStream, peer: SocketAddr, state: Arc<ServerSt
         settings: &settings,
         limits: &limits,
         jpeg_quality: quality,
+        loras: ClientLora::list(&state.engine.loras()),
     };
     if !send_json(&mut tx, &ready).await {
         return;
@@ -244,7 +246,7 @@ pub async fn run_stream(stream: TcpStream, peer: SocketAddr, state: Arc<ServerSt
                         control_next = true;
                     }
                     Message::Text(text) => {
-                        let reply = handle_text(&text, &handle, &mut settings, &mut quality, &mut next_frame_id, &mut arrivals).await;
+                        let reply = handle_text(&text, &state, &handle, &mut settings, &mut quality, &mut next_frame_id, &mut arrivals).await;
                         if let Some((code, message)) = reply.error {
                             state.metrics.messages_bad.fetch_add(1, Ordering::Relaxed);
                             if !send_error(&mut tx, code, message, false).await { break; }
@@ -353,6 +355,7 @@ async fn apply_patch(
 
 async fn handle_text(
     text: &str,
+    state: &ServerState,
     handle: &Arc<StreamHandle>,
     settings: &mut crate::stream::settings::StreamSettings,
     quality: &mut u8,
@@ -403,6 +406,24 @@ async fn handle_text(
         }
         // Handled by the connection loop (it changes how the next binary message is read).
         ClientMessage::ControlImage {} => TextReply::none(),
+        ClientMessage::Lora { name, scale } => {
+            if !state.config.lora_control {
+                return TextReply::error(
+                    "forbidden",
+                    "changing LoRA scales is off on this server (it changes every client's output); start the \
+                     daemon with --lora-control or set server.lora_control",
+                );
+            }
+            let engine = state.engine.clone();
+            match tokio::task::spawn_blocking(move || engine.set_lora_scale(&name, scale)).await {
+                Ok(Ok(loras)) => TextReply {
+                    json: Some(ServerMessage::Loras { loras: ClientLora::list(&loras) }.to_json()),
+                    error: None,
+                },
+                Ok(Err(e)) => TextReply::error("bad_setting", e.to_string()),
+                Err(_) => TextReply::error("internal", "LoRA update failed"),
+            }
+        }
         ClientMessage::Ping { nonce } => {
             TextReply { json: Some(ServerMessage::Pong { nonce }.to_json()), error: None }
         }

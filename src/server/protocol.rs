@@ -32,6 +32,9 @@ pub enum ClientMessage {
     /// The next binary message is a control image for the stream's ControlNet (`control = "image"`), not a
     /// frame.
     ControlImage {},
+    /// Change the scale of one of the daemon's LoRAs (by name; 0 unfuses it). Shared by every stream: only
+    /// when the server allows it (`server.lora_control`).
+    Lora { name: String, scale: f64 },
     Ping {
         #[serde(default)]
         nonce: Option<serde_json::Value>,
@@ -39,8 +42,8 @@ pub enum ClientMessage {
 }
 
 /// The names of the client message types.
-pub const CLIENT_TYPES: [&str; 7] =
-    ["prompt", "settings", "quality", "generate", "frame_id", "control_image", "ping"];
+pub const CLIENT_TYPES: [&str; 8] =
+    ["prompt", "settings", "quality", "generate", "frame_id", "control_image", "lora", "ping"];
 
 /// Why a client text message was refused: an error code and a message for the client.
 pub type Refusal = (&'static str, String);
@@ -75,6 +78,21 @@ pub struct Limits {
     pub max_fps: f64,
     pub idle_timeout_s: u64,
     pub max_image_side: u32,
+    /// Whether `lora` messages are accepted.
+    pub lora_control: bool,
+}
+
+/// A LoRA as clients see it: its name and scale (not its file path).
+#[derive(Debug, Clone, Serialize)]
+pub struct ClientLora {
+    pub name: String,
+    pub scale: f64,
+}
+
+impl ClientLora {
+    pub fn list(loras: &[crate::models::lora::LoraInfo]) -> Vec<ClientLora> {
+        loras.iter().map(|l| ClientLora { name: l.name.clone(), scale: l.scale }).collect()
+    }
 }
 
 /// Server -> client text messages.
@@ -88,6 +106,12 @@ pub enum ServerMessage<'a> {
         settings: &'a StreamSettings,
         limits: &'a Limits,
         jpeg_quality: u8,
+        /// The daemon's fused LoRAs (shared by every stream).
+        loras: Vec<ClientLora>,
+    },
+    /// The LoRAs after a `lora` message changed one.
+    Loras {
+        loras: Vec<ClientLora>,
     },
     /// Sent right before each output frame's binary message.
     Frame {

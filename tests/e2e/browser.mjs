@@ -2,7 +2,8 @@
 // 1. frames from the (fake) camera round-trip through the daemon and show up on the output canvas;
 // 2. on a still test pattern the output settles, and a prompt typed into the prompt box changes it;
 // 3. when the daemon has a ControlNet: choosing Canny control in the page changes the output, and a
-//    ControlNet scale of 0 brings back the output without control.
+//    ControlNet scale of 0 brings back the output without control;
+// 4. the daemon's LoRA (allowed with --lora-control) has a slider; moving it to 0 changes the output.
 // Usage: node browser.mjs http://127.0.0.1:PORT/   (exit code 0 = pass)
 import { chromium } from "playwright-core";
 
@@ -93,6 +94,20 @@ try {
   const d = await snapshotAfter(5);
   if (d !== b) fail("ControlNet scale 0 did not give the output without control");
   log("controlnet_scale 0 gives the output without control");
+
+  // 4. LoRA slider.
+  const loras = await page.evaluate(() => window.sdstream.loras);
+  if (!loras || loras.length !== 1 || loras[0].scale !== 1) fail(`expected one LoRA at scale 1: ${JSON.stringify(loras)}`);
+  if (await page.isHidden("#lorabox")) fail("the LoRA slider is hidden although the daemon allows LoRA control");
+  await page.evaluate(() => {
+    const el = document.querySelector("#lorabox input[data-lora]");
+    el.value = "0";
+    el.dispatchEvent(new Event("change"));
+  });
+  await page.waitForFunction(() => window.sdstream.loras[0].scale === 0, null, { timeout: 30_000 });
+  const e = await snapshotAfter(5);
+  if (e === d) fail("LoRA scale 0 did not change the output");
+  log("the LoRA slider changed the output");
 
   const stats = await page.textContent("#stats");
   log("stats line:", stats.replace(/\n/g, " | "));
