@@ -237,6 +237,15 @@ struct GenArgs {
     /// Skip this many final CLIP layers.
     #[arg(long)]
     clip_skip: Option<usize>,
+    /// SDXL micro-conditioning: the original size to condition on, WIDTHxHEIGHT (default: the image's size).
+    #[arg(long, value_name = "WxH")]
+    original_size: Option<String>,
+    /// SDXL micro-conditioning: the crop's top-left corner, LEFT,TOP (default 0,0).
+    #[arg(long, value_name = "LEFT,TOP")]
+    crop: Option<String>,
+    /// SDXL micro-conditioning: the target size, WIDTHxHEIGHT (default: the image's size).
+    #[arg(long, value_name = "WxH")]
+    target_size: Option<String>,
     #[arg(long, default_value = "out.png")]
     output: PathBuf,
     /// The ControlNet's conditioning image (edges, depth, pose, ... as the ControlNet expects), resized to the
@@ -297,7 +306,35 @@ impl GenArgs {
             width: self.width.unwrap_or(width),
             height: self.height.unwrap_or(height),
             clip_skip: self.clip_skip,
+            micro: pipeline::MicroConditioning {
+                original_size: self
+                    .original_size
+                    .as_deref()
+                    .map(|v| parse_pair(v, 'x', "--original-size"))
+                    .transpose()?,
+                crops_coords_top_left: match self.crop.as_deref() {
+                    Some(v) => parse_pair(v, ',', "--crop")?,
+                    None => (0, 0),
+                },
+                target_size: self
+                    .target_size
+                    .as_deref()
+                    .map(|v| parse_pair(v, 'x', "--target-size"))
+                    .transpose()?,
+            },
         })
+    }
+}
+
+/// `AxB` (or `A,B`) as diffusers' (B, A): sizes are given as WIDTHxHEIGHT and a crop as LEFT,TOP on the command
+/// line, and diffusers takes (height, width) and (top, left).
+fn parse_pair(v: &str, sep: char, flag: &str) -> Result<(i64, i64)> {
+    let parsed = v
+        .split_once(sep)
+        .and_then(|(a, b)| Some((a.trim().parse::<i64>().ok()?, b.trim().parse::<i64>().ok()?)));
+    match parsed {
+        Some((a, b)) => Ok((b, a)),
+        None => anyhow::bail!("{flag} {v:?}: expected two integers separated by '{sep}'"),
     }
 }
 

@@ -196,6 +196,9 @@ def cases():
              strength=0.6),
         dict(mode="img2img", scheduler="ddim", guidance=1.0, steps=4, width=64, height=64, negative_prompt=None,
              strength=0.5),
+        # micro-conditioning: original size, crop and target size ((height, width), (top, left))
+        dict(mode="txt2img", scheduler="euler", guidance=5.0, steps=2, width=64, height=64, negative_prompt=None,
+             original_size=(96, 128), crops_coords_top_left=(8, 4), target_size=(64, 48)),
     ]
     for i, x in enumerate(c):
         x["seed"] = 500 + i
@@ -206,6 +209,8 @@ def cases():
             name += f"_{x['width']}x{x['height']}"
         if x.get("clip_skip"):
             name += f"_skip{x['clip_skip']}"
+        if x.get("original_size"):
+            name += "_micro"
         x["name"] = name
     return c
 
@@ -224,6 +229,9 @@ def pipeline_references(pipe, input_img: Image.Image, input_rel: str):
         p.scheduler = mf.SCHED_CLASSES[c["scheduler"]].from_config(base_cfg)
         kw = dict(prompt=mf.PIPE_PROMPT, negative_prompt=c["negative_prompt"], num_inference_steps=c["steps"],
                   guidance_scale=c["guidance"], clip_skip=c.get("clip_skip"))
+        for k in ("original_size", "crops_coords_top_left", "target_size"):
+            if c.get(k):
+                kw[k] = c[k]
         if c["mode"] == "txt2img":
             kw.update(width=c["width"], height=c["height"])
         else:
@@ -242,6 +250,9 @@ def pipeline_references(pipe, input_img: Image.Image, input_rel: str):
                     scheduler_config=mf.clean_config(p.scheduler.config))
         if c.get("clip_skip"):
             info["clip_skip"] = c["clip_skip"]
+        for k in ("original_size", "crops_coords_top_left", "target_size"):
+            if c.get(k):
+                info[k] = list(c[k])
         if c["mode"] == "img2img":
             info.update(strength=c["strength"], input_image=input_rel)
         mf.write_json(out / f"{c['name']}.json", info)

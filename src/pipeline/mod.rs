@@ -5,7 +5,7 @@
 use crate::device::{randn_cpu, seed_cpu};
 use crate::error::{Error, Result};
 use crate::models::controlnet::{ControlNetModel, ControlScale};
-use crate::models::stable_diffusion::{sdxl_time_ids, StableDiffusion, TextEmbedding};
+use crate::models::stable_diffusion::{StableDiffusion, TextEmbedding};
 use crate::models::unet::{AddedCond, ControlResiduals, UNetExtra};
 use crate::schedulers::{self, SchedulerKind};
 use tch::{Kind, Tensor};
@@ -92,6 +92,43 @@ pub struct GenerateParams {
     pub height: i64,
     /// Skips this many final CLIP layers (diffusers' clip_skip).
     pub clip_skip: Option<usize>,
+    /// SDXL only: the size and crop conditioning (ignored by other models).
+    pub micro: MicroConditioning,
+}
+
+/// SDXL's micro-conditioning, as diffusers' SDXL pipelines take it: `original_size` and `target_size` as
+/// (height, width), `crops_coords_top_left` as (top, left). Sizes left `None` are the generated image's size
+/// (diffusers' defaults); the negative side uses the same values (diffusers, when no negative ones are given).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MicroConditioning {
+    pub original_size: Option<(i64, i64)>,
+    pub crops_coords_top_left: (i64, i64),
+    pub target_size: Option<(i64, i64)>,
+}
+
+impl MicroConditioning {
+    /// `add_time_ids` for an image of `height` x `width`.
+    pub fn time_ids(&self, height: i64, width: i64) -> [f64; 6] {
+        let (oh, ow) = self.original_size.unwrap_or((height, width));
+        let (top, left) = self.crops_coords_top_left;
+        let (th, tw) = self.target_size.unwrap_or((height, width));
+        [oh as f64, ow as f64, top as f64, left as f64, th as f64, tw as f64]
+    }
+
+    fn validate(&self) -> Result<()> {
+        for (name, size) in [("original_size", self.original_size), ("target_size", self.target_size)] {
+            if let Some((h, w)) = size {
+                if !(1..=16384).contains(&h) || !(1..=16384).contains(&w) {
+                    return Err(Error::invalid(name, format!("{w}x{h} is not within 1..=16384 per side")));
+                }
+            }
+        }
+        let (top, left) = self.crops_coords_top_left;
+        if !(0..=16384).contains(&top) || !(0..=16384).contains(&left) {
+            return Err(Error::invalid("crop", format!("({top}, {left}) is not within 0..=16384")));
+        }
+        Ok(())
+    }
 }
 
 impl GenerateParams {
@@ -112,7 +149,7 @@ impl GenerateParams {
         if !self.guidance.is_finite() || self.guidance < 0.0 {
             return Err(Error::invalid("guidance", format!("{} is not a finite value >= 0", self.guidance)));
         }
-        Ok(())
+        self.micro.validate()
     }
 }
 
@@ -146,7 +183,7 @@ fn conditioning(sd: &StableDiffusion, p: &GenerateParams, height: i64, width: i6
     };
     let added_cond = match text.pooled {
         Some(pooled) => {
-            let ids = Tensor::f_from_slice(&sdxl_time_ids(height, width))?
+            let ids = Tensor::f_from_slice(&p.micro.time_ids(height, width))?
                 .f_to_kind(sd.kind)?
                 .f_to_device(sd.device)?
                 .f_unsqueeze(0)?

@@ -104,5 +104,16 @@ pub fn generate_params(
         width,
         height,
         clip_skip: case["clip_skip"].as_u64().map(|k| k as usize),
+        micro: sdstream::pipeline::MicroConditioning {
+            original_size: pair(&case["original_size"]),
+            crops_coords_top_left: pair(&case["crops_coords_top_left"]).unwrap_or((0, 0)),
+            target_size: pair(&case["target_size"]),
+        },
     }
+}
+
+/// A JSON `[a, b]` as a pair.
+fn pair(v: &serde_json::Value) -> Option<(i64, i64)> {
+    let a = v.as_array()?;
+    Some((a.first()?.as_i64()?, a.get(1)?.as_i64()?))
 }
