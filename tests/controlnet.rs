@@ -1,14 +1,15 @@
 //! ControlNet parity with diffusers (fixtures made by tools/make_controlnet_fixtures.py):
 //! - the model: raw residuals of the tiny test ControlNets for fixed inputs (per-item timesteps, scales, guess
 //!   mode, global pooling, an SD 2.x-style "bgr" ControlNet), max abs diff < 1e-5;
-//! - the pipelines: StableDiffusionControlNetPipeline / StableDiffusionControlNetImg2ImgPipeline on the tiny
-//!   models, same seed on CPU fp32: latents within 1e-4 (abs + rel), PNG within 2/255 per pixel;
+//! - the pipelines: StableDiffusion(XL)ControlNetPipeline / StableDiffusion(XL)ControlNetImg2ImgPipeline on
+//!   the tiny models (SDXL included, with an SDXL ControlNet), same seed on CPU fp32: latents within 1e-4 (abs + rel), PNG within 2/255 per pixel;
 //! - bad inputs give errors naming what is wrong.
 mod common;
 
 use common::*;
 use sdstream::models::controlnet::{ControlNetConfig, ControlNetModel, ControlScale};
 use sdstream::models::stable_diffusion::{LoadOptions, StableDiffusion};
+use sdstream::models::unet::AddedCond;
 use sdstream::models::Weights;
 use sdstream::pipeline::{self, Control};
 use tch::{Device, Kind, Tensor};
@@ -37,14 +38,21 @@ fn check_residuals(
 #[test]
 fn controlnet_residuals_match_diffusers() {
     let _g = tch::no_grad_guard();
-    for name in ["controlnet-tiny", "controlnet-sd2-tiny", "controlnet-lcm-tiny"] {
+    for name in ["controlnet-tiny", "controlnet-sd2-tiny", "controlnet-lcm-tiny", "controlnet-sdxl-tiny"] {
         let net = ControlNetModel::load(&model_dir(name), Device::Cpu, Kind::Float).unwrap();
         let refs = tensors(&format!("tests/fixtures/reference/controlnet/model_{name}.safetensors"));
+        // SDXL ControlNets take the pooled text and time ids, like the SDXL UNet.
+        let added = refs.get("text_embeds").map(|te| AddedCond {
+            text_embeds: te.shallow_clone(),
+            time_ids: refs["time_ids"].shallow_clone(),
+        });
+        assert_eq!(added.is_some(), name == "controlnet-sdxl-tiny");
         let run = |scale: ControlScale, guess: bool| {
             net.forward(
                 &refs["sample"],
                 &refs["timesteps"],
                 &refs["encoder_hidden_states"],
+                added.as_ref(),
                 &refs["cond"],
                 scale,
                 guess,
@@ -85,6 +93,7 @@ fn controlnet_residuals_match_diffusers() {
                     &refs["sample"],
                     &refs["timesteps"],
                     &refs["encoder_hidden_states"],
+                    None,
                     &refs["cond"],
                     ControlScale::One(0.7),
                     true,
@@ -169,6 +178,12 @@ fn lcm_tiny_controlnet_pipelines_match_diffusers() {
     check_pipeline("lcm-tiny", "controlnet-lcm-tiny");
 }
 
+/// StableDiffusionXLControlNetPipeline / StableDiffusionXLControlNetImg2ImgPipeline.
+#[test]
+fn sdxl_tiny_controlnet_pipelines_match_diffusers() {
+    check_pipeline("sdxl-tiny", "controlnet-sdxl-tiny");
+}
+
 #[test]
 fn bad_inputs_are_refused_clearly() {
     // A ControlNet made for another cross-attention width (SD 2.x-style for an SD 1.x model).
@@ -198,8 +213,15 @@ fn bad_inputs_are_refused_clearly() {
     let plain = StableDiffusion::load(&model_dir("sd1-tiny"), &cpu_fp32(None)).unwrap();
     let e = pipeline::txt2img_latents_with(&plain, &p, Some(&control_of(&case))).unwrap_err().to_string();
     assert!(e.contains("--controlnet"), "{e}");
+    // An SDXL ControlNet for an SD 1.x model, and an SD 1.x ControlNet for an SDXL model.
+    let opts = LoadOptions { controlnet: Some(model_dir("controlnet-sdxl-tiny")), ..cpu_fp32(None) };
+    let e = StableDiffusion::load(&model_dir("sd1-tiny"), &opts).err().unwrap().to_string();
+    assert!(e.contains("controlnet"), "{e}");
+    let opts = LoadOptions { controlnet: Some(model_dir("controlnet-tiny")), ..cpu_fp32(None) };
+    let e = StableDiffusion::load(&model_dir("sdxl-tiny"), &opts).err().unwrap().to_string();
+    assert!(e.contains("controlnet"), "{e}");
     // Unsupported configs are refused naming the field.
-    let config = ControlNetConfig { addition_embed_type: Some("text_time".into()), ..Default::default() };
+    let config = ControlNetConfig { addition_embed_type: Some("image".into()), ..Default::default() };
     let e = config.unet_config().unwrap_err().to_string();
     assert!(e.contains("addition_embed_type"), "{e}");
     let config =

@@ -198,10 +198,15 @@ fn batched_streams_keep_their_own_outputs() {
 
 /// ControlNet streams (tools/make_stream_fixtures.py's ControlNet cases, diffusers' ControlNetModel on the same
 /// per-slot inputs): each slot denoises with its own frame's control image (client-sent, none for frame 0),
-/// and `controlnet_scale` changes live between frames without a re-prime.
+/// and `controlnet_scale` changes live between frames without a re-prime. The SDXL case gives the ControlNet
+/// each row's pooled text and time ids too.
 #[test]
 fn controlnet_streams_match_the_reference() {
-    for name in ["sd1_img2img_n2_self_controlnet_image", "sd1_img2img_n3_full_controlnet_image"] {
+    for name in [
+        "sd1_img2img_n2_self_controlnet_image",
+        "sd1_img2img_n3_full_controlnet_image",
+        "sdxl_img2img_n2_full_controlnet_image",
+    ] {
         let case = json(&format!("tests/fixtures/stream/controlnet/{name}.json"));
         let reference = tensors(&format!("tests/fixtures/stream/controlnet/{name}.safetensors"));
         let controlnet = Some(fixture(case["controlnet"].as_str().unwrap()).display().to_string());

@@ -12,6 +12,8 @@ Outputs (deleted and rewritten, nothing else is touched):
 * tests/fixtures/models/controlnet-sd2-tiny/  from sd2-tiny's UNet (linear projections, per-block heads),
                                                cond embedding (8, 8, 16, 16), channel order "bgr"
 * tests/fixtures/models/controlnet-lcm-tiny/  the structure of lcm-tiny's encoder, random weights
+* tests/fixtures/models/controlnet-sdxl-tiny/ ControlNetModel.from_unet(sdxl-tiny's UNet): the text_time
+                                               added embedding copied from the UNet, zero convs randomised
 * tests/fixtures/reference/controlnet/        model-level residuals, control images, pipeline references of
                                                StableDiffusionControlNetPipeline / ...Img2ImgPipeline
 
@@ -33,6 +35,9 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from diffusers import (  # noqa: E402
     ControlNetModel,
+    StableDiffusionXLControlNetImg2ImgPipeline,
+    StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLPipeline,
     StableDiffusionControlNetImg2ImgPipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
@@ -79,10 +84,14 @@ def save_controlnet(cn: ControlNetModel, name: str, base: str) -> Path:
 
 
 def build_models():
+    # from_unet draws the layers it does not copy (the conditioning embedding) from torch's global generator:
+    # seed it before each, so that the files do not depend on what ran before.
     sd1 = UNet2DConditionModel.from_pretrained(str(MODELS_FIX / "sd1-tiny" / "unet"))
+    torch.manual_seed(11)
     cn1 = ControlNetModel.from_unet(sd1, conditioning_embedding_out_channels=(4, 8, 8, 16))
     randomise(cn1, 11, all_params=False)
     sd2 = UNet2DConditionModel.from_pretrained(str(MODELS_FIX / "sd2-tiny" / "unet"))
+    torch.manual_seed(12)
     cn2 = ControlNetModel.from_unet(sd2, conditioning_embedding_out_channels=(8, 8, 16, 16),
                                     controlnet_conditioning_channel_order="bgr")
     randomise(cn2, 12, all_params=False)
@@ -93,7 +102,12 @@ def build_models():
     cn3 = ControlNetModel.from_unet(lcm, conditioning_embedding_out_channels=(4, 8, 8, 16),
                                     load_weights_from_unet=False)
     randomise(cn3, 13, all_params=True)
+    xl = UNet2DConditionModel.from_pretrained(str(MODELS_FIX / "sdxl-tiny" / "unet"))
+    torch.manual_seed(14)
+    cn4 = ControlNetModel.from_unet(xl, conditioning_embedding_out_channels=(4, 8, 8, 16))
+    randomise(cn4, 14, all_params=False)
     return {
+        "controlnet-sdxl-tiny": save_controlnet(cn4, "controlnet-sdxl-tiny", "sdxl-tiny"),
         "controlnet-tiny": save_controlnet(cn1, "controlnet-tiny", "sd1-tiny"),
         "controlnet-sd2-tiny": save_controlnet(cn2, "controlnet-sd2-tiny", "sd2-tiny"),
         "controlnet-lcm-tiny": save_controlnet(cn3, "controlnet-lcm-tiny", "lcm-tiny"),
@@ -113,10 +127,18 @@ def model_references(dirs):
         cond = torch.rand(2, 3, 32, 32, generator=g)
         t = torch.tensor([999, 481], dtype=torch.int64)
         out = {"sample": sample, "encoder_hidden_states": ehs, "cond": cond, "timesteps": t}
+        extra = {}
+        if cn.config.addition_embed_type == "text_time":
+            width = cn.config.projection_class_embeddings_input_dim - 6 * cn.config.addition_time_embed_dim
+            text_embeds = torch.randn(2, width, generator=g)
+            time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0], [96.0, 32.0, 4.0, 8.0, 64.0, 64.0]])
+            out.update(text_embeds=text_embeds, time_ids=time_ids)
+            extra = dict(added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids})
         variants = [("plain", dict(conditioning_scale=1.0)), ("scaled", dict(conditioning_scale=0.7)),
                     ("guess", dict(conditioning_scale=0.7, guess_mode=True))]
         for v, kw in variants:
-            down, mid = cn(sample, t, encoder_hidden_states=ehs, controlnet_cond=cond, return_dict=False, **kw)
+            down, mid = cn(sample, t, encoder_hidden_states=ehs, controlnet_cond=cond, return_dict=False, **kw,
+                           **extra)
             for i, r in enumerate(down):
                 out[f"{v}.down.{i}"] = r
             out[f"{v}.mid"] = mid
@@ -144,7 +166,14 @@ def make_control_image(w: int, h: int) -> Image.Image:
 
 
 def pipeline_cases(model):
-    if model == "sd1-tiny":
+    if model == "sdxl-tiny":
+        cases = [
+            dict(mode="txt2img", scheduler="euler", guidance=5.0, steps=3, scale=0.8),
+            dict(mode="txt2img", scheduler="euler", guidance=5.0, steps=2, scale=1.0, guess_mode=True,
+                 negative_prompt=mf.PIPE_NEG),
+            dict(mode="img2img", scheduler="euler", guidance=5.0, steps=4, scale=1.0, strength=0.6),
+        ]
+    elif model == "sd1-tiny":
         cases = [
             dict(mode="txt2img", scheduler="ddim", guidance=1.0, steps=3, scale=1.0),
             dict(mode="txt2img", scheduler="euler", guidance=7.5, steps=3, scale=0.8, negative_prompt=mf.PIPE_NEG),
@@ -159,7 +188,7 @@ def pipeline_cases(model):
             dict(mode="txt2img", scheduler="lcm", guidance=1.0, steps=2, scale=1.0),
             dict(mode="img2img", scheduler="lcm", guidance=7.5, steps=4, scale=0.9, strength=0.6),
         ]
-    seed = 500 if model == "sd1-tiny" else 600
+    seed = {"sd1-tiny": 500, "lcm-tiny": 600, "sdxl-tiny": 700}[model]
     for c in cases:
         seed += 1
         c.setdefault("negative_prompt", None)
@@ -214,12 +243,21 @@ def pipeline_references(model, controlnet_dir: Path, input_img, input_rel, contr
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    base = StableDiffusionPipeline.from_pretrained(str(MODELS_FIX / model), torch_dtype=torch.float32)
     cn = ControlNetModel.from_pretrained(str(controlnet_dir))
-    comps = {k: v for k, v in base.components.items() if k != "image_encoder"}
-    t2i = StableDiffusionControlNetPipeline(**comps, controlnet=cn)
-    lcm = base.unet.config.time_cond_proj_dim is not None
-    i2i = (GuidanceEmbeddingImg2Img if lcm else StableDiffusionControlNetImg2ImgPipeline)(**comps, controlnet=cn)
+    if model == "sdxl-tiny":
+        base = StableDiffusionXLPipeline.from_pretrained(str(MODELS_FIX / model), torch_dtype=torch.float32,
+                                                         add_watermarker=False)
+        comps = {k: v for k, v in base.components.items() if k not in ("image_encoder", "feature_extractor")}
+        t2i = StableDiffusionXLControlNetPipeline(**comps, controlnet=cn, add_watermarker=False)
+        i2i = StableDiffusionXLControlNetImg2ImgPipeline(**comps, controlnet=cn, add_watermarker=False,
+                                                         requires_aesthetics_score=False)
+        lcm = False
+    else:
+        base = StableDiffusionPipeline.from_pretrained(str(MODELS_FIX / model), torch_dtype=torch.float32)
+        comps = {k: v for k, v in base.components.items() if k != "image_encoder"}
+        t2i = StableDiffusionControlNetPipeline(**comps, controlnet=cn)
+        lcm = base.unet.config.time_cond_proj_dim is not None
+        i2i = (GuidanceEmbeddingImg2Img if lcm else StableDiffusionControlNetImg2ImgPipeline)(**comps, controlnet=cn)
     for p in (t2i, i2i):
         p.set_progress_bar_config(disable=True)
     base_cfg = base.scheduler.config
@@ -293,7 +331,8 @@ def main():
         p = OUT / f"control_{w}x{h}.png"
         make_control_image(w, h).save(p)
         controls[(w, h)] = (p.relative_to(ROOT).as_posix(), Image.open(p).convert("RGB"))
-    for model, cn in (("sd1-tiny", "controlnet-tiny"), ("lcm-tiny", "controlnet-lcm-tiny")):
+    for model, cn in (("sd1-tiny", "controlnet-tiny"), ("lcm-tiny", "controlnet-lcm-tiny"),
+                      ("sdxl-tiny", "controlnet-sdxl-tiny")):
         n = pipeline_references(model, dirs[cn], input_img, input_rel, controls)
         mf.log(f"pipeline references {model}: {len(n)} cases")
     total = sum(mf.dir_size(d) for d in dirs.values()) + mf.dir_size(OUT)

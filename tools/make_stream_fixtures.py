@@ -276,7 +276,7 @@ class RefStream:
         if control is not None:
             cimg, cscale = dup(control[0]), dup(control[1]).view(-1, 1, 1, 1)
             down, mid = self.controlnet(xin, tin, encoder_hidden_states=self.embeds, controlnet_cond=cimg,
-                                        conditioning_scale=1.0, return_dict=False)
+                                        conditioning_scale=1.0, added_cond_kwargs=self.added, return_dict=False)
             extra = dict(down_block_additional_residuals=[d * cscale for d in down],
                          mid_block_additional_residual=mid * cscale)
         out = self.unet(xin, tin, encoder_hidden_states=self.embeds, added_cond_kwargs=self.added,
@@ -661,9 +661,14 @@ def controlnet_cases():
              guidance_scale=1.2, delta=0.8),
         dict(name="sd1_img2img_n3_full_controlnet_image", t_index_list=[20, 32, 45], cfg_type="full",
              guidance_scale=1.4, delta=0.8),
+        # SDXL with an SDXL ControlNet: the ControlNet gets each row's pooled text and time ids too.
+        dict(name="sdxl_img2img_n2_full_controlnet_image", t_index_list=[32, 45], cfg_type="full",
+             guidance_scale=1.4, delta=0.8, model="sdxl-tiny", controlnet="controlnet-sdxl-tiny"),
     ]
     for c in cases:
-        c.update(model="sd1-tiny", vae=None, controlnet="controlnet-tiny", control="image", mode="img2img",
+        c.setdefault("model", "sd1-tiny")
+        c.setdefault("controlnet", "controlnet-tiny")
+        c.update(vae=None, control="image", mode="img2img",
                  do_add_noise=True, use_denoising_batch=True, seed=SEED, prompt=PROMPT,
                  negative_prompt=NEGATIVE_PROMPT, width=W, height=H, controlnet_scales=scales)
     return cases

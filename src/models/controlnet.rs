@@ -1,5 +1,6 @@
-//! diffusers' `ControlNetModel` (diffusers/models/controlnets/controlnet.py) for SD 1.x / 2.x UNets: a copy of
-//! the UNet's encoder (conv_in, time embedding, down blocks, mid block) that also reads a conditioning image
+//! diffusers' `ControlNetModel` (diffusers/models/controlnets/controlnet.py) for SD 1.x / 2.x and SDXL UNets: a
+//! copy of the UNet's encoder (conv_in, time embedding and SDXL's added embedding, down blocks, mid block) that
+//! also reads a conditioning image
 //! through `controlnet_cond_embedding`, and returns one residual per UNet skip connection plus one for the mid
 //! block, each through a 1x1 "zero convolution" (`controlnet_down_blocks.*`, `controlnet_mid_block`).
 //!
@@ -9,8 +10,8 @@ use super::loader::ModelSource;
 use super::unet::blocks::{DownBlock, MidBlock};
 use super::unet::config::TransformerLayers;
 use super::unet::embeddings::{batch_time_features, TimestepEmbedding};
-use super::unet::model::DownPath;
-use super::unet::{ControlResiduals, UNetConfig};
+use super::unet::model::{AddedTimeEmbedding, DownPath};
+use super::unet::{AddedCond, ControlResiduals, UNetConfig};
 use super::{read_config, OneOrMany, Weights};
 use crate::error::{Error, Result};
 use crate::models::nn::{Activation, Conv2d};
@@ -121,10 +122,10 @@ impl ControlNetConfig {
     /// The up path is the mirror of the down path; it is only planned, never built. Refuses what is not
     /// supported, naming the ControlNet config's field.
     pub fn unet_config(&self) -> Result<UNetConfig> {
-        if let Some(t) = &self.addition_embed_type {
+        if let Some(t) = self.addition_embed_type.as_deref().filter(|t| *t != "text_time") {
             return Err(unsupported(
                 "addition_embed_type",
-                format!("{t:?}: SDXL (text_time) and other added-embedding ControlNets are not supported"),
+                format!("{t:?}: only SDXL's \"text_time\" added embedding is supported"),
             ));
         }
         if self.mid_block_type.as_deref() != Some("UNetMidBlock2DCrossAttn") {
@@ -193,6 +194,7 @@ impl ControlNetConfig {
             num_attention_heads: None,
             use_linear_projection: self.use_linear_projection,
             class_embed_type: self.class_embed_type.clone(),
+            addition_embed_type: self.addition_embed_type.clone(),
             addition_time_embed_dim: self.addition_time_embed_dim,
             num_class_embeds: self.num_class_embeds,
             upcast_attention: self.upcast_attention,
@@ -223,6 +225,21 @@ impl ControlNetConfig {
                     "its cross_attention_dim is {}, the model's UNet (and text encoder) use {cross}: the \
                      ControlNet was made for another model family (e.g. SD 1.5 vs SD 2.1)",
                     self.cross_attention_dim
+                ),
+            ));
+        }
+        if self.addition_embed_type != unet.addition_embed_type
+            || self.projection_class_embeddings_input_dim != unet.projection_class_embeddings_input_dim
+        {
+            return Err(Error::invalid(
+                "controlnet",
+                format!(
+                    "its added embedding ({:?}, input width {:?}) differs from the UNet's ({:?}, {:?}): an SDXL \
+                     ControlNet needs an SDXL model and the other way round",
+                    self.addition_embed_type,
+                    self.projection_class_embeddings_input_dim,
+                    unet.addition_embed_type,
+                    unet.projection_class_embeddings_input_dim
                 ),
             ));
         }
@@ -301,6 +318,8 @@ pub struct ControlNetModel {
     unet_config: UNetConfig,
     conv_in: Conv2d,
     time_embedding: TimestepEmbedding,
+    /// SDXL ControlNets: the `text_time` added embedding, as in the UNet.
+    add_embedding: Option<AddedTimeEmbedding>,
     cond_embedding: ConditioningEmbedding,
     down_blocks: Vec<DownBlock>,
     mid_block: MidBlock,
@@ -318,6 +337,7 @@ impl ControlNetModel {
         let conv_in = Conv2d::new(&w.sub("conv_in"), config.in_channels, ch[0], 3, 1, 1, true)?;
         let time_embedding =
             TimestepEmbedding::new(&w.sub("time_embedding"), ch[0], plan.time_embed_dim, act, None, None)?;
+        let add_embedding = AddedTimeEmbedding::new(w, &unet_config, plan.time_embed_dim)?;
         let cond_embedding = ConditioningEmbedding::new(
             &w.sub("controlnet_cond_embedding"),
             config.conditioning_channels,
@@ -347,6 +367,7 @@ impl ControlNetModel {
             unet_config,
             conv_in,
             time_embedding,
+            add_embedding,
             cond_embedding,
             down_blocks,
             mid_block,
@@ -421,12 +442,14 @@ impl ControlNetModel {
 
     /// The residuals for `sample` (B, in_channels, h, w) at `timesteps` ((B,) or one for all), with text
     /// embeddings `encoder_hidden_states` (B, tokens, cross_attention_dim) and the conditioning image
-    /// `cond` (B, conditioning_channels, h * 8, w * 8), RGB in [0, 1] (flipped to BGR here for "bgr" models).
+    /// `cond` (B, conditioning_channels, h * 8, w * 8), RGB in [0, 1] (flipped to BGR here for "bgr" models);
+    /// `added`: SDXL's pooled text and time ids, for SDXL ControlNets only.
     pub fn forward(
         &self,
         sample: &Tensor,
         timesteps: &Tensor,
         encoder_hidden_states: &Tensor,
+        added: Option<&AddedCond>,
         cond: &Tensor,
         scale: ControlScale,
         guess_mode: bool,
@@ -463,6 +486,7 @@ impl ControlNetModel {
         )?
         .f_to_kind(kind)?;
         let emb = self.time_embedding.forward(&emb, None)?;
+        let emb = AddedTimeEmbedding::apply(self.add_embedding.as_ref(), emb, added, "ControlNet")?;
 
         let mut h = self.conv_in.forward(sample)?;
         h = h.f_add(&self.cond_embedding.forward(&cond)?)?;

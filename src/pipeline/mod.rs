@@ -289,10 +289,18 @@ impl ControlRun<'_> {
     ) -> Result<ControlResiduals> {
         let scale = ControlScale::One(self.control.scale * keep);
         if self.guess_mode && cond.guided {
+            // diffusers: in guess mode only the conditional half goes through the ControlNet.
             let x = scheduler.scale_model_input(latents, step)?;
-            let text = cond.embeddings.f_chunk(2, 0)?.remove(1);
+            let second = |t: &Tensor| -> Result<Tensor> { Ok(t.f_chunk(2, 0)?.remove(1)) };
+            let text = second(&cond.embeddings)?;
+            let added = match &cond.added_cond {
+                Some(a) => {
+                    Some(AddedCond { text_embeds: second(&a.text_embeds)?, time_ids: second(&a.time_ids)? })
+                }
+                None => None,
+            };
             let t1 = t.f_narrow(0, 0, 1)?;
-            let r = self.net.forward(&x, &t1, &text, &self.image, scale, true)?;
+            let r = self.net.forward(&x, &t1, &text, added.as_ref(), &self.image, scale, true)?;
             let zeros_first =
                 |d: &Tensor| -> Result<Tensor> { Ok(Tensor::f_cat(&[&d.f_zeros_like()?, d], 0)?) };
             Ok(ControlResiduals {
@@ -300,7 +308,8 @@ impl ControlRun<'_> {
                 mid: zeros_first(&r.mid)?,
             })
         } else {
-            self.net.forward(input, t, &cond.embeddings, &self.image, scale, self.guess_mode)
+            let added = cond.added_cond.as_ref();
+            self.net.forward(input, t, &cond.embeddings, added, &self.image, scale, self.guess_mode)
         }
     }
 }

@@ -205,7 +205,7 @@ impl UnetWork {
             }
             _ => None,
         };
-        let residuals = control_residuals(sd, works, &sample, &timesteps, &emb.hidden)?;
+        let residuals = control_residuals(sd, works, &sample, &timesteps, &emb.hidden, added.as_ref())?;
         let extra =
             UNetExtra { added_cond: added.as_ref(), control: residuals.as_ref(), ..Default::default() };
         sd.unet.forward_with(&sample, &timesteps, &emb.hidden, &extra)
@@ -219,6 +219,7 @@ fn control_residuals(
     sample: &Tensor,
     t: &Tensor,
     emb: &Tensor,
+    added: Option<&AddedCond>,
 ) -> Result<Option<ControlResiduals>> {
     if works.iter().all(|w| w.control.is_none()) {
         return Ok(None);
@@ -243,13 +244,29 @@ fn control_residuals(
     let total = offset;
     let images = Tensor::f_cat(&images, 0)?;
     if rows.len() as i64 == total {
-        return Ok(Some(net.forward(sample, t, emb, &images, ControlScale::PerItem(&scales), false)?));
+        return Ok(Some(net.forward(
+            sample,
+            t,
+            emb,
+            added,
+            &images,
+            ControlScale::PerItem(&scales),
+            false,
+        )?));
     }
     let index = Tensor::f_from_slice(&rows)?.f_to_device(sample.device())?;
+    let added = match added {
+        Some(a) => Some(AddedCond {
+            text_embeds: a.text_embeds.f_index_select(0, &index)?,
+            time_ids: a.time_ids.f_index_select(0, &index)?,
+        }),
+        None => None,
+    };
     let r = net.forward(
         &sample.f_index_select(0, &index)?,
         &t.f_index_select(0, &index)?,
         &emb.f_index_select(0, &index)?,
+        added.as_ref(),
         &images,
         ControlScale::PerItem(&scales),
         false,

@@ -54,26 +54,7 @@ impl UNet2DConditionModel {
             parse_opt(&config.timestep_post_act)?,
             config.time_cond_proj_dim,
         )?;
-        let add_embedding = match (
-            config.addition_embed_type.as_deref(),
-            config.addition_time_embed_dim,
-            config.projection_class_embeddings_input_dim,
-        ) {
-            (Some("text_time"), Some(time_dim), Some(in_dim)) => Some(AddedTimeEmbedding {
-                time_dim,
-                flip_sin_to_cos: config.flip_sin_to_cos,
-                freq_shift: config.freq_shift,
-                embedding: TimestepEmbedding::new(
-                    &w.sub("add_embedding"),
-                    in_dim,
-                    plan.time_embed_dim,
-                    Activation::Silu,
-                    None,
-                    None,
-                )?,
-            }),
-            _ => None,
-        };
+        let add_embedding = AddedTimeEmbedding::new(w, config, plan.time_embed_dim)?;
         let DownPath { down_blocks, mid_block, resnet: r, transformer: t } =
             DownPath::new(w, config, &plan, act)?;
         let up_blocks = plan
@@ -173,23 +154,8 @@ impl UNet2DConditionModel {
         let t = timesteps.f_to_device(sample.device())?;
         let emb = batch_time_features(&t, batch, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)?
             .f_to_kind(kind)?;
-        let mut emb = self.time_embedding.forward(&emb, extra.timestep_cond)?;
-        match (&self.add_embedding, &extra.added_cond) {
-            (Some(add), Some(c)) => emb = emb.f_add(&add.forward(c, emb.f_kind()?)?)?,
-            (Some(_), None) => {
-                return Err(Error::invalid(
-                    "added_cond",
-                    "this UNet (addition_embed_type \"text_time\", SDXL) needs pooled text embeddings and time ids",
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(Error::invalid(
-                    "added_cond",
-                    "given, but this UNet has no added embedding (its config has no addition_embed_type)",
-                ))
-            }
-            (None, None) => {}
-        }
+        let emb = self.time_embedding.forward(&emb, extra.timestep_cond)?;
+        let emb = AddedTimeEmbedding::apply(self.add_embedding.as_ref(), emb, extra.added_cond, "UNet")?;
         let emb = match self.time_embed_act {
             Some(a) => a.forward(&emb)?,
             None => emb,
@@ -269,10 +235,11 @@ pub struct UNetExtra<'a> {
     pub control: Option<&'a ControlResiduals>,
 }
 
-/// diffusers' `text_time` added embedding: `add_time_proj` turns every time id into `time_dim` sinusoidal
-/// features, which are concatenated after the pooled text embedding and fed to `add_embedding`.
+/// diffusers' `text_time` added embedding (SDXL's UNet and ControlNet): `add_time_proj` turns every time id
+/// into `time_dim` sinusoidal features, which are concatenated after the pooled text embedding and fed to
+/// `add_embedding`.
 #[derive(Debug)]
-struct AddedTimeEmbedding {
+pub(crate) struct AddedTimeEmbedding {
     time_dim: i64,
     flip_sin_to_cos: bool,
     freq_shift: f64,
@@ -280,6 +247,47 @@ struct AddedTimeEmbedding {
 }
 
 impl AddedTimeEmbedding {
+    /// Built when the config says `addition_embed_type = "text_time"` (already validated by its plan).
+    pub fn new(w: &Weights, config: &UNetConfig, time_embed_dim: i64) -> Result<Option<Self>> {
+        let (Some("text_time"), Some(time_dim), Some(in_dim)) = (
+            config.addition_embed_type.as_deref(),
+            config.addition_time_embed_dim,
+            config.projection_class_embeddings_input_dim,
+        ) else {
+            return Ok(None);
+        };
+        let embedding = TimestepEmbedding::new(
+            &w.sub("add_embedding"),
+            in_dim,
+            time_embed_dim,
+            Activation::Silu,
+            None,
+            None,
+        )?;
+        Ok(Some(AddedTimeEmbedding {
+            time_dim,
+            flip_sin_to_cos: config.flip_sin_to_cos,
+            freq_shift: config.freq_shift,
+            embedding,
+        }))
+    }
+
+    /// `emb` plus the added embedding of `added`; errors name what is missing or not expected.
+    pub fn apply(this: Option<&Self>, emb: Tensor, added: Option<&AddedCond>, what: &str) -> Result<Tensor> {
+        match (this, added) {
+            (Some(add), Some(c)) => Ok(emb.f_add(&add.forward(c, emb.f_kind()?)?)?),
+            (Some(_), None) => Err(Error::invalid(
+                "added_cond",
+                format!("this {what} (addition_embed_type \"text_time\", SDXL) needs pooled text embeddings and time ids"),
+            )),
+            (None, Some(_)) => Err(Error::invalid(
+                "added_cond",
+                format!("given, but this {what} has no added embedding (its config has no addition_embed_type)"),
+            )),
+            (None, None) => Ok(emb),
+        }
+    }
+
     fn forward(&self, c: &AddedCond, kind: Kind) -> Result<Tensor> {
         let batch = c.text_embeds.size().first().copied().unwrap_or(0);
         let ids = c.time_ids.f_flatten(0, -1)?;
