@@ -222,7 +222,7 @@ struct GenArgs {
     seed: u64,
     #[arg(long, default_value_t = 25)]
     steps: usize,
-    /// ddim, lcm or euler.
+    /// ddim, lcm, euler or euler_a (Euler ancestral: SD-Turbo's and SDXL-Turbo's own scheduler).
     #[arg(long, default_value = "ddim")]
     scheduler: String,
     #[arg(long, default_value_t = 7.5)]

@@ -39,6 +39,7 @@ fn check_case(dir: &Path, name: &str) -> f64 {
         "DDIMScheduler" => SchedulerKind::Ddim,
         "LCMScheduler" => SchedulerKind::Lcm,
         "EulerDiscreteScheduler" => SchedulerKind::Euler,
+        "EulerAncestralDiscreteScheduler" => SchedulerKind::EulerAncestral,
         other => panic!("{name}: unexpected class {other}"),
     };
     let config = SchedulerConfig::from_json_str(&json["config"].to_string()).unwrap();
@@ -60,7 +61,8 @@ fn check_case(dir: &Path, name: &str) -> f64 {
     let ac = Vec::<f64>::try_from(&t("alphas_cumprod").to_kind(Kind::Double)).unwrap();
     assert_eq!(sched.alphas_cumprod(), ac.as_slice(), "{name}: alphas_cumprod");
     assert_eq!(schedulers::alphas_cumprod(kind, &config).unwrap(), ac, "{name}: alphas_cumprod()");
-    if kind == SchedulerKind::Euler {
+    let euler = matches!(kind, SchedulerKind::Euler | SchedulerKind::EulerAncestral);
+    if euler {
         assert_eq!(as_f32(sched.sigmas().unwrap()), floats("sigmas"), "{name}: sigmas");
         let st = Vec::<f64>::try_from(&t("sigmas").to_kind(Kind::Double)).unwrap();
         assert_eq!(sched.sigmas().unwrap(), st.as_slice(), "{name}: sigmas tensor");
@@ -71,7 +73,8 @@ fn check_case(dir: &Path, name: &str) -> f64 {
     let sample0 = Tensor::randn([1, 4, 4, 4], (Kind::Float, Device::Cpu)) * sched.init_noise_sigma();
     let mut worst = max_abs_diff(&sample0, t("sample_0"));
 
-    // The denoising loop, on our own running sample; one generator (seed 0) for LCM's noise.
+    // The denoising loop, on our own running sample; one generator (seed 0) for LCM's and Euler ancestral's
+    // noise.
     tch::manual_seed(0);
     let mut sample = t("sample_0").shallow_clone();
     for i in 0..steps {
@@ -98,7 +101,7 @@ fn check_case(dir: &Path, name: &str) -> f64 {
         let ts = ts as f64;
         let (x, n) = (x0.narrow(0, row as i64, 1), noise.narrow(0, row as i64, 1));
         let got = match kind {
-            SchedulerKind::Euler => {
+            SchedulerKind::Euler | SchedulerKind::EulerAncestral => {
                 let idx = sched.timesteps().iter().position(|&v| v == ts).expect("timestep in schedule");
                 sched.add_noise(&x, &n, idx).unwrap()
             }
@@ -200,7 +203,8 @@ fn err_of(json: &str, kind: SchedulerKind) -> String {
 
 #[test]
 fn bad_configs_name_the_field() {
-    for kind in [SchedulerKind::Ddim, SchedulerKind::Lcm, SchedulerKind::Euler] {
+    for kind in [SchedulerKind::Ddim, SchedulerKind::Lcm, SchedulerKind::Euler, SchedulerKind::EulerAncestral]
+    {
         assert!(err_of(r#"{"beta_schedule": "cubic"}"#, kind).contains("beta_schedule"));
         assert!(err_of(r#"{"thresholding": true}"#, kind).contains("thresholding"));
         assert!(err_of(r#"{"prediction_type": "flow"}"#, kind).contains("prediction_type"));
@@ -210,6 +214,9 @@ fn bad_configs_name_the_field() {
     assert!(err_of(r#"{"interpolation_type": "log_linear"}"#, SchedulerKind::Euler)
         .contains("interpolation_type"));
     assert!(err_of(r#"{"final_sigmas_type": "one"}"#, SchedulerKind::Euler).contains("final_sigmas_type"));
+    // diffusers' Euler ancestral has no sample prediction either.
+    assert!(err_of(r#"{"prediction_type": "sample"}"#, SchedulerKind::EulerAncestral).contains("sample"));
+    assert_eq!("euler_a".parse::<SchedulerKind>().unwrap(), SchedulerKind::EulerAncestral);
     let e = "karras".parse::<SchedulerKind>().unwrap_err().to_string();
     assert!(e.contains("karras") && e.contains("ddim"), "{e}");
     assert_eq!("LCM".parse::<SchedulerKind>().unwrap(), SchedulerKind::Lcm);

@@ -39,6 +39,7 @@ from diffusers import (  # noqa: E402
     AutoencoderKL,
     AutoencoderTiny,
     DDIMScheduler,
+    EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     LCMScheduler,
     PNDMScheduler,
@@ -628,7 +629,8 @@ def taesd_references(model_dir: Path, input_img):
 # --------------------------------------------------------------------------------------
 # 4. Schedulers
 # --------------------------------------------------------------------------------------
-SCHED_CLASSES = {"ddim": DDIMScheduler, "lcm": LCMScheduler, "euler": EulerDiscreteScheduler}
+SCHED_CLASSES = {"ddim": DDIMScheduler, "lcm": LCMScheduler, "euler": EulerDiscreteScheduler,
+                 "euler_a": EulerAncestralDiscreteScheduler}
 SCHED_SHAPE = (1, 4, 4, 4)
 
 
@@ -684,7 +686,7 @@ def scheduler_case(name, cls_key, config, steps, out_dir: Path):
     # add_noise on a fresh scheduler (set_timesteps called, no step taken, begin_index None)
     s2 = cls.from_config(config)
     s2.set_timesteps(steps)
-    if cls_key == "euler":
+    if cls_key in ("euler", "euler_a"):
         n = len(s2.timesteps)
         idx = sorted({0, n // 2, n - 1})
         an_ts = s2.timesteps[idx].clone()
@@ -752,6 +754,15 @@ def pipeline_cases(model_name):
             seed += 1
             cases.append(dict(mode="img2img", scheduler=sch, guidance=guid, steps=4, width=64, height=64,
                               seed=seed, negative_prompt=None, strength=0.6))
+    # SD-Turbo's (and SDXL-Turbo's) own scheduler, EulerAncestralDiscreteScheduler: its steps draw noise from
+    # the pipeline's generator. Appended last so the seeds of the cases above stay as they were.
+    if model_name != "lcm-tiny":
+        seed += 1
+        cases.append(dict(mode="txt2img", scheduler="euler_a", guidance=1.0, steps=3, width=64, height=64,
+                          seed=seed, negative_prompt=None))
+        seed += 1
+        cases.append(dict(mode="img2img", scheduler="euler_a", guidance=7.5, steps=4, width=64, height=64,
+                          seed=seed, negative_prompt=None, strength=0.6))
     for c in cases:
         base = f"{c['mode']}_{c['scheduler']}_g{c['guidance']}"
         if c["negative_prompt"]:

@@ -199,6 +199,8 @@ def cases():
         # micro-conditioning: original size, crop and target size ((height, width), (top, left))
         dict(mode="txt2img", scheduler="euler", guidance=5.0, steps=2, width=64, height=64, negative_prompt=None,
              original_size=(96, 128), crops_coords_top_left=(8, 4), target_size=(64, 48)),
+        # SDXL-Turbo's own scheduler (noise drawn in every step)
+        dict(mode="txt2img", scheduler="euler_a", guidance=5.0, steps=3, width=64, height=64, negative_prompt=None),
     ]
     for i, x in enumerate(c):
         x["seed"] = 500 + i

@@ -13,7 +13,7 @@ pub fn alphas_cumprod(kind: SchedulerKind, config: &SchedulerConfig) -> Result<V
     let ac = match kind {
         SchedulerKind::Ddim => alphas_cumprod_f32(config, &super::ddim::DEFAULTS)?,
         SchedulerKind::Lcm => alphas_cumprod_f32(config, &super::lcm::DEFAULTS)?,
-        SchedulerKind::Euler => super::euler::euler_alphas_cumprod(config)?,
+        SchedulerKind::Euler | SchedulerKind::EulerAncestral => super::euler::euler_alphas_cumprod(config)?,
     };
     Ok(ac.into_iter().map(f64::from).collect())
 }

@@ -1,5 +1,7 @@
 //! diffusers' `EulerDiscreteScheduler` as the Stable Diffusion pipelines drive it (`s_churn` 0, so no noise
-//! is ever drawn in `step`).
+//! is ever drawn in `step`), and `EulerAncestralDiscreteScheduler` (SD-Turbo's and SDXL-Turbo's scheduler): the
+//! same schedule, with a step that goes down to `sigma_down` and adds fresh noise times `sigma_up`, drawn from
+//! the process's seeded CPU generator as diffusers draws it from the pipeline's generator.
 use super::{
     check_index, np_arange_f64, np_linspace, torch_pow, ClassDefaults, Common, PredictionType, Scheduler,
     SchedulerConfig, SchedulerKind, StepOutput, TimestepSpacing,
@@ -28,12 +30,36 @@ pub struct EulerScheduler {
     /// float32 sigmas (the training ones, flipped, plus 0 until `set_timesteps`).
     sigmas: Vec<f32>,
     sigmas_f64: Vec<f64>,
+    /// `EulerAncestralDiscreteScheduler`.
+    ancestral: bool,
 }
 
 impl EulerScheduler {
     pub fn new(config: &SchedulerConfig) -> Result<Self> {
+        Self::build(config, false)
+    }
+
+    /// diffusers' `EulerAncestralDiscreteScheduler` (it has no interpolation, final-sigma or timestep-type
+    /// options: a config naming them, from another class, is read without them).
+    pub fn ancestral(config: &SchedulerConfig) -> Result<Self> {
+        Self::build(config, true)
+    }
+
+    fn build(config: &SchedulerConfig, ancestral: bool) -> Result<Self> {
         let mut common = Common::resolve(config, &DEFAULTS, true)?;
         common.alphas_cumprod = euler_alphas_cumprod(config)?;
+        if ancestral {
+            if common.prediction_type == PredictionType::Sample {
+                return Err(Error::Unsupported(
+                    "EulerAncestralDiscreteScheduler with prediction_type `sample` (diffusers does not implement it \
+                     either)"
+                        .into(),
+                ));
+            }
+            let mut s = Self::with(common, false, false, true)?;
+            s.ancestral = true;
+            return Ok(s);
+        }
         match config.interpolation_type.as_deref().unwrap_or("linear") {
             "linear" => {}
             "log_linear" => {
@@ -66,6 +92,10 @@ impl EulerScheduler {
                 ))
             }
         };
+        Self::with(common, final_sigma_min, continuous, false)
+    }
+
+    fn with(common: Common, final_sigma_min: bool, continuous: bool, ancestral: bool) -> Result<Self> {
         let mut sigmas: Vec<f32> = training_sigmas(&common.alphas_cumprod)?.into_iter().rev().collect();
         sigmas.push(0.0);
         let mut s = EulerScheduler {
@@ -77,6 +107,7 @@ impl EulerScheduler {
             timesteps: Vec::new(),
             sigmas: Vec::new(),
             sigmas_f64: Vec::new(),
+            ancestral,
         };
         s.set_sigmas(sigmas);
         Ok(s)
@@ -160,7 +191,11 @@ fn interp_on_integer_grid(x: f64, fp: &[f64]) -> f64 {
 
 impl Scheduler for EulerScheduler {
     fn kind(&self) -> SchedulerKind {
-        SchedulerKind::Euler
+        if self.ancestral {
+            SchedulerKind::EulerAncestral
+        } else {
+            SchedulerKind::Euler
+        }
     }
 
     fn set_timesteps(&mut self, steps: usize) -> Result<()> {
@@ -241,9 +276,23 @@ impl Scheduler for EulerScheduler {
             }
         };
         let derivative = sample.f_sub(&pred_original)?.f_div_scalar(sigma_hat as f64)?;
-        let dt = self.sigmas[step_index + 1] - sigma_hat;
+        if !self.ancestral {
+            let dt = self.sigmas[step_index + 1] - sigma_hat;
+            let prev_sample =
+                sample.f_add(&derivative.f_mul_scalar(dt as f64)?)?.f_to_kind(model_output.kind())?;
+            return Ok(StepOutput { prev_sample, denoised: Some(pred_original) });
+        }
+        // Ancestral: down to sigma_down, then fresh noise times sigma_up (float32 0-dim tensor arithmetic).
+        let (from, to) = (sigma, self.sigmas[step_index + 1]);
+        let sq = |x: f32| torch_pow(x, 2.0);
+        let sigma_up = torch_pow(sq(to) * (sq(from) - sq(to)) / sq(from), 0.5);
+        let sigma_down = torch_pow(sq(to) - sq(sigma_up), 0.5);
+        let dt = sigma_down - sigma;
+        let prev = sample.f_add(&derivative.f_mul_scalar(dt as f64)?)?;
+        let noise =
+            crate::device::randn_cpu(&model_output.size(), model_output.device(), model_output.kind())?;
         let prev_sample =
-            sample.f_add(&derivative.f_mul_scalar(dt as f64)?)?.f_to_kind(model_output.kind())?;
+            prev.f_add(&noise.f_mul_scalar(sigma_up as f64)?)?.f_to_kind(model_output.kind())?;
         Ok(StepOutput { prev_sample, denoised: Some(pred_original) })
     }
 

@@ -132,6 +132,8 @@ pub enum SchedulerKind {
     Ddim,
     Lcm,
     Euler,
+    /// `EulerAncestralDiscreteScheduler` (`euler_a`).
+    EulerAncestral,
 }
 
 impl FromStr for SchedulerKind {
@@ -141,7 +143,12 @@ impl FromStr for SchedulerKind {
             "ddim" => Ok(SchedulerKind::Ddim),
             "lcm" => Ok(SchedulerKind::Lcm),
             "euler" => Ok(SchedulerKind::Euler),
-            other => Err(Error::invalid("scheduler", format!("`{other}`: expected ddim, lcm or euler"))),
+            "euler_a" | "euler-a" | "euler_ancestral" | "euler-ancestral" => {
+                Ok(SchedulerKind::EulerAncestral)
+            }
+            other => {
+                Err(Error::invalid("scheduler", format!("`{other}`: expected ddim, lcm, euler or euler_a")))
+            }
         }
     }
 }
@@ -153,6 +160,7 @@ impl SchedulerKind {
             SchedulerKind::Ddim => "DDIMScheduler",
             SchedulerKind::Lcm => "LCMScheduler",
             SchedulerKind::Euler => "EulerDiscreteScheduler",
+            SchedulerKind::EulerAncestral => "EulerAncestralDiscreteScheduler",
         }
     }
 }
@@ -217,6 +225,7 @@ pub fn build(kind: SchedulerKind, config: &SchedulerConfig) -> Result<Box<dyn Sc
         SchedulerKind::Ddim => Box::new(DdimScheduler::new(config)?),
         SchedulerKind::Lcm => Box::new(LcmScheduler::new(config)?),
         SchedulerKind::Euler => Box::new(EulerScheduler::new(config)?),
+        SchedulerKind::EulerAncestral => Box::new(EulerScheduler::ancestral(config)?),
     })
 }
 
