@@ -3,6 +3,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use sdstream::models::stable_diffusion::{LoadOptions, StableDiffusion};
 use sdstream::pipeline::{self, GenerateParams};
+use sdstream::schedulers::SchedulerKind;
 use sdstream::stream::settings::StreamSettings;
 use std::path::PathBuf;
 
@@ -222,8 +223,10 @@ struct GenArgs {
     seed: u64,
     #[arg(long, default_value_t = 25)]
     steps: usize,
-    /// ddim, lcm, euler or euler_a (Euler ancestral: SD-Turbo's and SDXL-Turbo's own scheduler).
-    #[arg(long, default_value = "ddim")]
+    /// ddim, lcm, euler or euler_a (Euler ancestral: SD-Turbo's and SDXL-Turbo's own scheduler); `auto`: the
+    /// model's own scheduler class, as diffusers uses it, or DDIM when that class is not one of these (SD 1.5's
+    /// PNDM).
+    #[arg(long, default_value = "auto")]
     scheduler: String,
     #[arg(long, default_value_t = 7.5)]
     guidance: f64,
@@ -294,14 +297,36 @@ impl GenArgs {
         }
     }
 
-    /// The parameters, with `(height, width)` where the flags give no size.
-    fn params(&self, (height, width): (i64, i64)) -> Result<GenerateParams> {
+    /// The scheduler the flag names; `auto` resolves to the model's own class (DDIM before the model is loaded,
+    /// when only the flags are being checked).
+    fn scheduler(&self, sd: Option<&StableDiffusion>) -> Result<SchedulerKind> {
+        if self.scheduler.trim() != "auto" {
+            return Ok(self.scheduler.parse()?);
+        }
+        let class = sd.and_then(|sd| sd.scheduler_config.class_name.clone());
+        Ok(match class.as_deref().and_then(SchedulerKind::from_class_name) {
+            Some(kind) => kind,
+            None => {
+                if let Some(c) = class {
+                    tracing::info!(
+                        "the model's scheduler {c} is not implemented here: using DDIM (--scheduler)"
+                    );
+                }
+                SchedulerKind::Ddim
+            }
+        })
+    }
+
+    /// The parameters for `sd` (its default size and scheduler where the flags give none), or checked against
+    /// the flags alone before the model is loaded.
+    fn params(&self, sd: Option<&StableDiffusion>) -> Result<GenerateParams> {
+        let (height, width) = sd.map(StableDiffusion::default_size).unwrap_or((512, 512));
         Ok(GenerateParams {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
             seed: self.seed,
             steps: self.steps,
-            scheduler: self.scheduler.parse()?,
+            scheduler: self.scheduler(sd)?,
             guidance: self.guidance,
             width: self.width.unwrap_or(width),
             height: self.height.unwrap_or(height),
@@ -460,15 +485,15 @@ fn save(image: &tch::Tensor, path: &std::path::Path) -> Result<()> {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Txt2img(a) => {
-            a.gen.params((512, 512))?; // flags checked before a large model is loaded
+            a.gen.params(None)?; // flags checked before a large model is loaded
             let sd = a.gen.model.load()?;
-            let params = a.gen.params(sd.default_size())?;
+            let params = a.gen.params(Some(&sd))?;
             let control = a.gen.control(params.width, params.height)?;
             let image = pipeline::txt2img_with(&sd, &params, control.as_ref())?;
             save(&image, &a.gen.output)
         }
         Command::Img2img(a) => {
-            let mut params = a.gen.params((512, 512))?;
+            a.gen.params(None)?; // flags checked before a large model is loaded
             let rgb = sdstream::io::image::read(&a.image)?;
             let (w, h) =
                 (a.gen.width.unwrap_or(rgb.width() as i64), a.gen.height.unwrap_or(rgb.height() as i64));
@@ -476,10 +501,11 @@ fn run(cli: Cli) -> Result<()> {
                 anyhow::bail!("invalid --width/--height {w}x{h}: expected 1..=4096");
             }
             let rgb = sdstream::io::image::resize(rgb, w as u32, h as u32);
+            let control = a.gen.control(rgb.width() as i64, rgb.height() as i64)?;
+            let sd = a.gen.model.load()?;
+            let mut params = a.gen.params(Some(&sd))?;
             params.width = rgb.width() as i64;
             params.height = rgb.height() as i64;
-            let control = a.gen.control(params.width, params.height)?;
-            let sd = a.gen.model.load()?;
             let input = sdstream::io::image::to_tensor(&rgb, sd.device, sd.kind)?;
             let image = pipeline::img2img_with(&sd, &params, &input, a.strength, control.as_ref())?;
             save(&image, &a.gen.output)

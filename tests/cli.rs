@@ -181,3 +181,28 @@ fn single_image_commands_write_pngs() {
     assert!(ok, "{text}");
     assert_eq!(image::open(&out2).unwrap().width(), 64);
 }
+
+/// `--scheduler auto` (the default) runs the model's own scheduler class, as diffusers does: LCM for the LCM
+/// test model, Euler ancestral where the config names it, DDIM for a class not implemented (SD 1.5's PNDM).
+#[test]
+fn the_default_scheduler_is_the_models_own() {
+    let dir = std::env::temp_dir().join(format!("sdstream-cli-auto-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |model: &str, scheduler: Option<&str>, out: &str| -> Vec<u8> {
+        let path = dir.join(out);
+        let mut args = txt2img(model, &["--output", path.to_str().unwrap()]);
+        if let Some(s) = scheduler {
+            args.extend(["--scheduler".to_string(), s.to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, text) = sdstream(&args);
+        assert!(ok, "{text}");
+        std::fs::read(&path).unwrap()
+    };
+    let lcm = "tests/fixtures/models/lcm-tiny";
+    assert_eq!(run(lcm, None, "lcm-auto.png"), run(lcm, Some("lcm"), "lcm-lcm.png"));
+    assert_ne!(run(lcm, None, "lcm-auto2.png"), run(lcm, Some("ddim"), "lcm-ddim.png"));
+    let sd1 = "tests/fixtures/models/sd1-tiny";
+    assert_eq!(run(sd1, None, "sd1-auto.png"), run(sd1, Some("ddim"), "sd1-ddim.png"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -154,6 +154,13 @@ impl FromStr for SchedulerKind {
 }
 
 impl SchedulerKind {
+    /// The kind that reproduces diffusers' class `name`, if any.
+    pub fn from_class_name(name: &str) -> Option<SchedulerKind> {
+        [SchedulerKind::Ddim, SchedulerKind::Lcm, SchedulerKind::Euler, SchedulerKind::EulerAncestral]
+            .into_iter()
+            .find(|k| k.class_name() == name)
+    }
+
     /// The diffusers class this kind reproduces.
     pub fn class_name(self) -> &'static str {
         match self {
