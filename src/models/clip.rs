@@ -229,6 +229,12 @@ impl ClipTextModel {
         let Some(projection) = &self.text_projection else {
             return Ok((self.hidden_state(input_ids, k)?, None));
         };
+        if input_ids.dim() != 2 {
+            return Err(Error::invalid(
+                "input_ids",
+                format!("shape {:?}, expected (batch, tokens)", input_ids.size()),
+            ));
+        }
         let n = self.layers.len();
         if k > n {
             return Err(Error::invalid(
