@@ -60,7 +60,10 @@ async fn main() -> anyhow::Result<()> {
         ws.send(Message::text(serde_json::json!({"type": "prompt", "prompt": p}).to_string())).await?;
     }
     let mut sent_at: HashMap<u64, Instant> = HashMap::new();
-    let (mut sent, mut received, mut in_flight) = (0usize, 0usize, 0usize);
+    // Frames awaiting an answer are the ids in `sent_at`: an output settles every frame up to the one that
+    // triggered it (older ones were answered or replaced on the daemon: latest-frame-wins), a refusal settles
+    // the last one sent, and silence for 10 s settles them all as lost.
+    let (mut sent, mut received) = (0usize, 0usize);
     let mut header: Option<serde_json::Value> = None;
     let mut latencies = Vec::new();
     // Stay under the server's frame-rate cap.
@@ -68,8 +71,8 @@ async fn main() -> anyhow::Result<()> {
     let interval = std::time::Duration::from_secs_f64(1.0 / (max_fps * 0.9));
     let mut last_send: Option<Instant> = None;
     let start = Instant::now();
-    while received < frames {
-        while in_flight < 2 && sent < frames {
+    while sent < frames || !sent_at.is_empty() {
+        while sent_at.len() < 2 && sent < frames {
             if let Some(t) = last_send {
                 tokio::time::sleep(interval.saturating_sub(t.elapsed())).await;
             }
@@ -84,9 +87,13 @@ async fn main() -> anyhow::Result<()> {
             sent_at.insert(sent as u64, Instant::now());
             ws.send(Message::binary(jpeg)).await?;
             sent += 1;
-            in_flight += 1;
         }
-        match ws.next().await {
+        let Ok(next) = tokio::time::timeout(std::time::Duration::from_secs(10), ws.next()).await else {
+            eprintln!("no answer for 10 s: counting {} frames in flight as lost", sent_at.len());
+            sent_at.clear();
+            continue;
+        };
+        match next {
             Some(Ok(Message::Text(t))) => {
                 let v: serde_json::Value = serde_json::from_str(&t)?;
                 match v["type"].as_str() {
@@ -94,19 +101,22 @@ async fn main() -> anyhow::Result<()> {
                     Some("error") => {
                         eprintln!("server error: {} {}", v["code"], v["message"]);
                         if v["code"] == "bad_frame" || v["code"] == "rate_limited" {
-                            in_flight = in_flight.saturating_sub(1); // that frame gets no answer
+                            // That frame gets no answer.
+                            if let Some(&last) = sent_at.keys().max() {
+                                sent_at.remove(&last);
+                            }
                         }
                     }
                     _ => {}
                 }
             }
             Some(Ok(Message::Binary(jpeg))) => {
-                in_flight = in_flight.saturating_sub(1);
                 received += 1;
                 let h = header.take().unwrap_or_default();
                 let trigger = h["trigger_frame_id"].as_u64().unwrap_or(0);
                 let ms =
                     sent_at.remove(&trigger).map(|t| t.elapsed().as_secs_f64() * 1e3).unwrap_or(f64::NAN);
+                sent_at.retain(|&id, _| id > trigger);
                 latencies.push(ms);
                 println!(
                     "frame {:>4} (answers {:>4}{}): {:7.1} ms round trip, unet {:.1} ms",
@@ -124,6 +134,9 @@ async fn main() -> anyhow::Result<()> {
             Some(Err(e)) => anyhow::bail!("connection error: {e}"),
             None => anyhow::bail!("the server closed the connection"),
         }
+    }
+    if latencies.is_empty() {
+        anyhow::bail!("no output came back for {sent} frames");
     }
     latencies.sort_by(|a, b| a.total_cmp(b));
     let p = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
