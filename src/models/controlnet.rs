@@ -444,6 +444,7 @@ impl ControlNetModel {
     /// embeddings `encoder_hidden_states` (B, tokens, cross_attention_dim) and the conditioning image
     /// `cond` (B, conditioning_channels, h * 8, w * 8), RGB in [0, 1] (flipped to BGR here for "bgr" models);
     /// `added`: SDXL's pooled text and time ids, for SDXL ControlNets only.
+    #[allow(clippy::too_many_arguments)] // diffusers' ControlNetModel.forward inputs, one by one
     pub fn forward(
         &self,
         sample: &Tensor,
