@@ -3,20 +3,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 fn sdstream(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_sdstream"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("HF_HUB_OFFLINE", "1")
-        .env("RUST_BACKTRACE", "0")
-        .args(args)
-        .output()
-        .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(!text.contains("panicked"), "sdstream {args:?} panicked:\n{text}");
+    let (ok, text) = common::run_sdstream(args, &[]);
     assert!(!text.contains("cannot be used multiple times"), "test bug: a flag given twice: {args:?}");
-    (out.status.success(), text)
+    (ok, text)
 }
 
 fn fails_naming(args: &[&str], needle: &str) {

@@ -233,19 +233,6 @@ fn bad_inputs_are_refused_clearly() {
     assert!(e.contains("controlnet config `class_embed_type`"), "{e}");
 }
 
-fn sdstream_cli(args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sdstream"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("HF_HUB_OFFLINE", "1")
-        .env("RUST_BACKTRACE", "0")
-        .args(args)
-        .output()
-        .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(!text.contains("panicked"), "sdstream {args:?} panicked:\n{text}");
-    (out.status.success(), text)
-}
-
 #[test]
 fn cli_runs_controlnet_and_refuses_bad_input() {
     let out = std::env::temp_dir().join(format!("sdstream-controlnet-{}.png", std::process::id()));
@@ -272,7 +259,7 @@ fn cli_runs_controlnet_and_refuses_bad_input() {
         v.extend(extra.iter().map(|s| s.to_string()));
         v
     };
-    let run = |args: Vec<String>| sdstream_cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let run = |args: Vec<String>| run_sdstream(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
     let control = "tests/fixtures/reference/controlnet/control_96x64.png";
     let (ok, text) = run(with(&[
         "--controlnet",

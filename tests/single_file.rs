@@ -12,7 +12,6 @@ use common::*;
 use sdstream::models::stable_diffusion::{LoadOptions, StableDiffusion};
 use sdstream::pipeline;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 const SD1_FILE: &str = "tests/fixtures/single_file/sd1-tiny.safetensors";
 const SD1_CONFIG: &str = "tests/fixtures/models/sd1-tiny";
@@ -220,18 +219,6 @@ fn config_mismatches_name_the_tensor() {
     );
 }
 
-fn sdstream(args: &[&str], envs: &[(&str, &Path)]) -> (bool, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sdstream"));
-    cmd.current_dir(env!("CARGO_MANIFEST_DIR")).env("HF_HUB_OFFLINE", "1").env("RUST_BACKTRACE", "0");
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    let out = cmd.args(args).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(!text.contains("panicked"), "sdstream {args:?} panicked:\n{text}");
-    (out.status.success(), text)
-}
-
 #[test]
 fn cli_txt2img_from_a_single_file_matches_diffusers() {
     let case = json("tests/fixtures/reference/sd1-tiny/pipeline/txt2img_ddim_g7.5.json");
@@ -262,7 +249,7 @@ fn cli_txt2img_from_a_single_file_matches_diffusers() {
         "--output",
         out.to_str().unwrap(),
     ];
-    let (ok, text) = sdstream(&args, &[]);
+    let (ok, text) = run_sdstream(&args, &[]);
     assert!(ok, "{text}");
     let got = sdstream::io::image::read(&out).unwrap();
     let want = sdstream::io::image::read(&fixture(
@@ -283,7 +270,7 @@ fn cli_refuses_bad_single_files() {
         let mut a: Vec<&str> = base.to_vec();
         a.extend(["--model", model, "--output", out.to_str().unwrap()]);
         a.extend(extra);
-        let (ok, text) = sdstream(&a, envs);
+        let (ok, text) = run_sdstream(&a, envs);
         assert!(!ok, "{a:?} should fail:\n{text}");
         assert!(text.contains("error:"), "{text}");
         text
@@ -396,7 +383,7 @@ fn builtin_sd15_configs_take_the_tokenizer_from_the_hub_cache() {
         "--steps",
         "1",
     ];
-    let (ok, text) = sdstream(&args, &[("HF_HOME", &hf_home)]);
+    let (ok, text) = run_sdstream(&args, &[("HF_HOME", &hf_home)]);
     assert!(!ok, "{text}");
     assert!(
         text.contains("is missing from the weights")

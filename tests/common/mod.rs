@@ -117,3 +117,17 @@ fn pair(v: &serde_json::Value) -> Option<(i64, i64)> {
     let a = v.as_array()?;
     Some((a.first()?.as_i64()?, a.get(1)?.as_i64()?))
 }
+
+/// Runs the `sdstream` binary from the repository root (offline, no backtraces) with `envs` added; gives whether
+/// it succeeded and its stdout + stderr. A panic fails the test: bad input must give a message, never a panic.
+pub fn run_sdstream(args: &[&str], envs: &[(&str, &Path)]) -> (bool, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sdstream"));
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR")).env("HF_HUB_OFFLINE", "1").env("RUST_BACKTRACE", "0");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.args(args).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!text.contains("panicked"), "sdstream {args:?} panicked:\n{text}");
+    (out.status.success(), text)
+}
