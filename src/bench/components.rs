@@ -2,8 +2,9 @@
 //! first, the device synchronised before every clock read.
 use super::stats::Summary;
 use crate::error::Result;
-use crate::models::stable_diffusion::{load_autoencoder, sdxl_time_ids, Autoencoder, StableDiffusion};
+use crate::models::stable_diffusion::{load_autoencoder, Autoencoder, StableDiffusion};
 use crate::models::unet::{AddedCond, UNetExtra};
+use crate::pipeline::MicroConditioning;
 use crate::stream::batch::{tick, TickInput};
 use crate::stream::settings::StreamSettings;
 use crate::stream::Stream;
@@ -127,11 +128,7 @@ pub fn run(
         let added = match &sd.text_encoder_2 {
             Some(te2) => Some(AddedCond {
                 text_embeds: Tensor::f_randn([b, te2.config().projection_dim], (kind, device))?,
-                time_ids: Tensor::f_from_slice(&sdxl_time_ids(h, w))?
-                    .f_to_kind(kind)?
-                    .f_to_device(device)?
-                    .f_unsqueeze(0)?
-                    .f_repeat([b, 1])?,
+                time_ids: MicroConditioning::default().time_ids_tensor(h, w, b, device, kind)?,
             }),
             None => None,
         };

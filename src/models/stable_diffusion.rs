@@ -131,12 +131,6 @@ impl TextEmbedding {
     }
 }
 
-/// SDXL's micro-conditioning `add_time_ids` for one image: original size, crop top-left, target size, as
-/// diffusers' SDXL pipelines build them by default ((h, w), (0, 0), (h, w)).
-pub fn sdxl_time_ids(height: i64, width: i64) -> [f64; 6] {
-    [height as f64, width as f64, 0.0, 0.0, height as f64, width as f64]
-}
-
 /// Every part of a Stable Diffusion pipeline, loaded.
 pub struct StableDiffusion {
     pub source: ModelSource,

@@ -107,12 +107,28 @@ pub struct MicroConditioning {
 }
 
 impl MicroConditioning {
-    /// `add_time_ids` for an image of `height` x `width`.
+    /// `add_time_ids` for an image of `height` x `width` (the default: (h, w), (0, 0), (h, w)).
     pub fn time_ids(&self, height: i64, width: i64) -> [f64; 6] {
         let (oh, ow) = self.original_size.unwrap_or((height, width));
         let (top, left) = self.crops_coords_top_left;
         let (th, tw) = self.target_size.unwrap_or((height, width));
         [oh as f64, ow as f64, top as f64, left as f64, th as f64, tw as f64]
+    }
+
+    /// [`Self::time_ids`] as the UNet takes them: one row per batch item, (rows, 6), in `kind` on `device`.
+    pub fn time_ids_tensor(
+        &self,
+        height: i64,
+        width: i64,
+        rows: i64,
+        device: tch::Device,
+        kind: Kind,
+    ) -> Result<Tensor> {
+        Ok(Tensor::f_from_slice(&self.time_ids(height, width))?
+            .f_to_kind(kind)?
+            .f_to_device(device)?
+            .f_unsqueeze(0)?
+            .f_repeat([rows, 1])?)
     }
 
     fn validate(&self) -> Result<()> {
@@ -183,12 +199,8 @@ fn conditioning(sd: &StableDiffusion, p: &GenerateParams, height: i64, width: i6
     };
     let added_cond = match text.pooled {
         Some(pooled) => {
-            let ids = Tensor::f_from_slice(&p.micro.time_ids(height, width))?
-                .f_to_kind(sd.kind)?
-                .f_to_device(sd.device)?
-                .f_unsqueeze(0)?
-                .f_repeat([batch, 1])?;
-            Some(AddedCond { text_embeds: pooled, time_ids: ids })
+            let time_ids = p.micro.time_ids_tensor(height, width, batch, sd.device, sd.kind)?;
+            Some(AddedCond { text_embeds: pooled, time_ids })
         }
         None => None,
     };

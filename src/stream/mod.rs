@@ -18,7 +18,7 @@ pub mod similarity;
 use crate::device::CpuGenerator;
 use crate::error::{Error, Result};
 use crate::models::controlnet::ControlScale;
-use crate::models::stable_diffusion::{sdxl_time_ids, StableDiffusion, TextEmbedding};
+use crate::models::stable_diffusion::{StableDiffusion, TextEmbedding};
 use crate::models::unet::{AddedCond, ControlResiduals, UNetExtra};
 use crate::schedulers::{self, SchedulerKind};
 use settings::{CfgType, ControlSource, Mode, StreamScheduler, StreamSettings, STREAM_SCHEDULE_STEPS};
@@ -372,8 +372,8 @@ impl Stream {
         if !sd.unet.takes_added_cond() {
             return Ok(None);
         }
-        let ids = Tensor::f_from_slice(&sdxl_time_ids(s.height, s.width))?;
-        Ok(Some(ids.f_unsqueeze(0)?.f_to_kind(sd.kind)?.f_to_device(sd.device)?))
+        let default = crate::pipeline::MicroConditioning::default();
+        Ok(Some(default.time_ids_tensor(s.height, s.width, 1, sd.device, sd.kind)?))
     }
 
     /// This stream's conditioning for `n` items: embeddings and, for SDXL, time ids.
