@@ -56,9 +56,7 @@ impl EulerScheduler {
                         .into(),
                 ));
             }
-            let mut s = Self::with(common, false, false, true)?;
-            s.ancestral = true;
-            return Ok(s);
+            return Self::with(common, false, false, true);
         }
         match config.interpolation_type.as_deref().unwrap_or("linear") {
             "linear" => {}
