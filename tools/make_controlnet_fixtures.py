@@ -275,13 +275,9 @@ def pipeline_references(model, controlnet_dir: Path, input_img, input_rel, contr
         else:
             kw.update(image=input_img, control_image=control_img, strength=c["strength"])
 
-        def run(output_type):
-            gen = torch.Generator("cpu").manual_seed(c["seed"])
-            return pipe(**kw, generator=gen, output_type=output_type).images
-
         orig = with_guidance_embedding(pipe, c["guidance"]) if lcm and c["mode"] == "img2img" else None
-        pil = run("pil")[0]
-        lat = run("latent")
+        pil, lat = mf.run_seeded(pipe, kw, c["seed"], ("pil", "latent"))
+        pil = pil[0]
         if orig is not None:
             del pipe.unet.forward
         info = {
@@ -305,9 +301,7 @@ def pipeline_references(model, controlnet_dir: Path, input_img, input_rel, contr
         if c["mode"] == "img2img":
             info["strength"] = c["strength"]
             info["input_image"] = input_rel
-        mf.write_json(out / f"{c['name']}.json", info)
-        pil.save(out / f"{c['name']}.png")
-        mf.save_st(out / f"{c['name']}.safetensors", {"latents": lat})
+        mf.write_case(out, c["name"], info, pil, {"latents": lat})
         names.append(c["name"])
     mf.write_json(out / "index.json", names)
     return names

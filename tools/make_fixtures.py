@@ -773,6 +773,22 @@ def pipeline_cases(model_name):
     return cases
 
 
+def run_seeded(pipe, kw, seed, output_types):
+    """The pipeline's images for each output type in turn, each run from a CPU generator seeded `seed`."""
+    results = []
+    for output_type in output_types:
+        gen = torch.Generator("cpu").manual_seed(seed)
+        results.append(pipe(**kw, generator=gen, output_type=output_type).images)
+    return results
+
+
+def write_case(out_dir: Path, name: str, info: dict, pil, tensors: dict) -> None:
+    """One reference case: `<name>.json` (its parameters), `<name>.png` and `<name>.safetensors`."""
+    write_json(out_dir / f"{name}.json", info)
+    pil.save(out_dir / f"{name}.png")
+    save_st(out_dir / f"{name}.safetensors", tensors)
+
+
 @torch.no_grad()
 def pipeline_references(model_name, model_dir: Path, input_img: Image.Image, input_rel: str):
     out = REF / model_name / "pipeline"
@@ -795,13 +811,8 @@ def pipeline_references(model_name, model_dir: Path, input_img: Image.Image, inp
         else:
             kw.update(image=input_img, strength=c["strength"])
 
-        def run(output_type):
-            gen = torch.Generator("cpu").manual_seed(c["seed"])
-            return pipe(**kw, generator=gen, output_type=output_type).images
-
-        pil = run("pil")[0]
-        pt = run("pt")
-        lat = run("latent")
+        pil, pt, lat = run_seeded(pipe, kw, c["seed"], ("pil", "pt", "latent"))
+        pil = pil[0]
         info = {
             "mode": c["mode"],
             "model": model_name,
@@ -819,9 +830,7 @@ def pipeline_references(model_name, model_dir: Path, input_img: Image.Image, inp
         if c["mode"] == "img2img":
             info["strength"] = c["strength"]
             info["input_image"] = input_rel
-        write_json(out / f"{c['name']}.json", info)
-        pil.save(out / f"{c['name']}.png")
-        save_st(out / f"{c['name']}.safetensors", {"latents": lat, "image": pt})
+        write_case(out, c["name"], info, pil, {"latents": lat, "image": pt})
         names.append(c["name"])
     write_json(out / "index.json", names)
     return names

@@ -239,13 +239,8 @@ def pipeline_references(pipe, input_img: Image.Image, input_rel: str):
         else:
             kw.update(image=input_img, strength=c["strength"])
 
-        def run(output_type):
-            gen = torch.Generator("cpu").manual_seed(c["seed"])
-            return p(**kw, generator=gen, output_type=output_type).images
-
-        pil = run("pil")[0]
-        pt = run("pt")
-        lat = run("latent")
+        pil, pt, lat = mf.run_seeded(p, kw, c["seed"], ("pil", "pt", "latent"))
+        pil = pil[0]
         info = {k: c[k] for k in ("mode", "seed", "steps", "scheduler", "guidance", "width", "height",
                                   "negative_prompt")}
         info.update(model=NAME, prompt=mf.PIPE_PROMPT, scheduler_class=type(p.scheduler).__name__,
@@ -257,9 +252,7 @@ def pipeline_references(pipe, input_img: Image.Image, input_rel: str):
                 info[k] = list(c[k])
         if c["mode"] == "img2img":
             info.update(strength=c["strength"], input_image=input_rel)
-        mf.write_json(out / f"{c['name']}.json", info)
-        pil.save(out / f"{c['name']}.png")
-        mf.save_st(out / f"{c['name']}.safetensors", {"latents": lat, "image": pt})
+        mf.write_case(out, c["name"], info, pil, {"latents": lat, "image": pt})
         names.append(c["name"])
     mf.write_json(out / "index.json", names)
     return names

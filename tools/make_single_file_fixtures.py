@@ -377,12 +377,8 @@ def references(t2i, input_img, input_rel):
         else:
             kw.update(image=input_img, strength=c["strength"])
 
-        def run(output_type):
-            gen = torch.Generator("cpu").manual_seed(c["seed"])
-            return pipe(**kw, generator=gen, output_type=output_type).images
-
-        pil = run("pil")[0]
-        lat = run("latent")
+        pil, lat = mf.run_seeded(pipe, kw, c["seed"], ("pil", "latent"))
+        pil = pil[0]
         name = f"variant_{c['mode']}_{c['scheduler']}_g{c['guidance']}"
         info = {
             "mode": c["mode"],
@@ -400,9 +396,7 @@ def references(t2i, input_img, input_rel):
         if c["mode"] == "img2img":
             info["strength"] = c["strength"]
             info["input_image"] = input_rel
-        mf.write_json(out / f"{name}.json", info)
-        pil.save(out / f"{name}.png")
-        mf.save_st(out / f"{name}.safetensors", {"latents": lat})
+        mf.write_case(out, name, info, pil, {"latents": lat})
         names.append(name)
     mf.write_json(out / "index.json", names)
     mf.log(f"variant-tiny: {len(names)} reference cases")
