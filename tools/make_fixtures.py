@@ -349,6 +349,23 @@ def text_encoder(seed, vocab_size, pad_id, **kw):
     return CLIPTextModel(cfg).eval()
 
 
+def tiny_vae(block_out_channels, layers_per_block, norm_num_groups, scaling_factor=0.18215, **kw):
+    """A tiny 4-level AutoencoderKL (factor 8, 4 latent channels), drawn from torch's global generator."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=block_out_channels,
+        layers_per_block=layers_per_block,
+        norm_num_groups=norm_num_groups,
+        latent_channels=4,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+        **kw,
+    ).eval()
+
+
 def sd1_components(seed, vocab, merges):
     tok_dir = None  # tokenizer object created by caller
     te = text_encoder(seed, len(vocab), vocab[EOS], hidden_size=32, intermediate_size=37,
@@ -369,18 +386,7 @@ def sd1_components(seed, vocab, merges):
         use_linear_projection=False,
     ).eval()
     torch.manual_seed(seed + 2)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        latent_channels=4,
-        sample_size=64,
-        scaling_factor=0.18215,
-    ).eval()
+    vae = tiny_vae((8, 8, 16, 16), layers_per_block=1, norm_num_groups=4)
     sched = PNDMScheduler.from_config(SD15_PNDM_CONFIG)
     return te, unet, vae, sched
 
@@ -405,18 +411,7 @@ def sd2_components(seed, vocab, merges):
         upcast_attention=True,
     ).eval()
     torch.manual_seed(seed + 2)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=2,
-        norm_num_groups=8,
-        latent_channels=4,
-        sample_size=64,
-        scaling_factor=0.18215,
-    ).eval()
+    vae = tiny_vae((8, 8, 16, 16), layers_per_block=2, norm_num_groups=8)
     sched = EulerDiscreteScheduler.from_config(SD_TURBO_EULER_CONFIG)
     return te, unet, vae, sched
 
@@ -442,18 +437,7 @@ def lcm_components(seed, vocab, merges):
         time_cond_proj_dim=8,
     ).eval()
     torch.manual_seed(seed + 2)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        latent_channels=4,
-        sample_size=64,
-        scaling_factor=0.18215,
-    ).eval()
+    vae = tiny_vae((8, 16, 16, 16), layers_per_block=1, norm_num_groups=4)
     sched = LCMScheduler.from_config(LCM_CONFIG)
     return te, unet, vae, sched
 

@@ -22,7 +22,6 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from diffusers import (  # noqa: E402
-    AutoencoderKL,
     EulerDiscreteScheduler,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
@@ -92,19 +91,8 @@ def components(seed, vocab):
         projection_class_embeddings_input_dim=8 * 6 + 24,
     ).eval()
     torch.manual_seed(seed + 3)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        latent_channels=4,
-        sample_size=64,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    ).eval()
+    vae = mf.tiny_vae((8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, scaling_factor=0.13025,
+                      force_upcast=True)
     sched = EulerDiscreteScheduler.from_config(SDXL_EULER_CONFIG)
     return te, te2, unet, vae, sched
 
