@@ -301,7 +301,12 @@ impl GenArgs {
     /// when only the flags are being checked).
     fn scheduler(&self, sd: Option<&StableDiffusion>) -> Result<SchedulerKind> {
         if self.scheduler.trim() != "auto" {
-            return Ok(self.scheduler.parse()?);
+            return self.scheduler.parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "--scheduler `{}`: expected auto (the model's own), ddim, lcm, euler or euler_a",
+                    self.scheduler
+                )
+            });
         }
         let class = sd.and_then(|sd| sd.scheduler_config.class_name.clone());
         Ok(match class.as_deref().and_then(SchedulerKind::from_class_name) {
