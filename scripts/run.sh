@@ -13,10 +13,8 @@ features=()
 case "$1" in
   webcam|cameras)
     # Camera support (nokhwa's V4L2 bindings) needs libclang to build.
-    if [ -z "$(ls /usr/lib/llvm-*/lib/libclang*.so* 2>/dev/null)" ]; then
-      SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-      $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libclang-dev >/dev/null
-    fi
+    . scripts/deps.sh
+    sdstream_ensure libclang
     features=(--features camera) ;;
 esac
 cargo build --release --quiet "${features[@]}"

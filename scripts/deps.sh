@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# What the scripts install from Debian, decided by asking dpkg about the exact packages (or by testing for the
+# exact file or command the build needs), never by a loose glob: a machine image that ships libclang-cpp14
+# has /usr/lib/llvm-14/lib/libclang-cpp.so.14, which is not the libclang that bindgen loads.
+# Source it, then call `sdstream_apt_ensure PKG...` with what the caller needs.
+
+# True when Debian package $1 is installed (not merely known, half-installed or removed with configs left).
+sdstream_deb_installed() {
+  [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]
+}
+
+# True when bindgen (clang-sys) will find libclang: LIBCLANG_PATH names a folder with libclang.so, or
+# Debian's libclang-dev is installed (it provides /usr/lib/llvm-N/lib/libclang.so).
+sdstream_have_libclang() {
+  if [ -n "${LIBCLANG_PATH:-}" ] && [ -e "$LIBCLANG_PATH/libclang.so" ]; then return 0; fi
+  sdstream_deb_installed libclang-dev
+}
+
+# Installs the Debian packages named (those not installed yet), once, quietly.
+sdstream_apt_install() {
+  [ "$#" -gt 0 ] || return 0
+  echo "sdstream: installing $* (Debian packages)" >&2
+  local sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+}
+
+# The packages still missing for the camera build (libclang), the browser test (chromium) and npm tools
+# (node and npm: a machine may have Node.js from another source, so the commands themselves are checked).
+sdstream_missing_for() {
+  local want
+  for want in "$@"; do
+    case "$want" in
+      libclang) sdstream_have_libclang || echo libclang-dev ;;
+      chromium) sdstream_deb_installed chromium && [ -x /usr/bin/chromium ] || echo chromium ;;
+      node) command -v node >/dev/null 2>&1 || echo nodejs ;;
+      npm) command -v npm >/dev/null 2>&1 || echo npm ;;
+      *) echo "sdstream_missing_for: unknown need '$want'" >&2; return 2 ;;
+    esac
+  done
+}
+
+# Installs whatever of the named needs (libclang, chromium, node, npm) is missing.
+sdstream_ensure() {
+  local missing
+  missing=$(sdstream_missing_for "$@") || return
+  # shellcheck disable=SC2086
+  [ -z "$missing" ] || sdstream_apt_install $missing
+}
