@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Proves the README's two commands on a fresh machine, the hard way: removes what scripts/test.sh and
 # scripts/run.sh install (Debian's libclang-dev, chromium, nodejs and npm, with the packages they pulled in;
-# the per-user torch cache ~/.cache/sdstream), clones this repository's HEAD into a scratch folder, and runs
+# the per-user cache ~/.cache/sdstream with the torch venv and any npm-installed Node.js; the browser test's
+# node_modules), clones this repository's HEAD into a scratch folder, and runs
 # `scripts/test.sh` there with CI=true, then `scripts/run.sh` until the daemon's /health answers. Times both.
 #
 #   scripts/check-fresh.sh --purge [SCRATCH_DIR]
@@ -30,9 +31,14 @@ if [ ${#to_purge[@]} -gt 0 ]; then
 fi
 DEBIAN_FRONTEND=noninteractive $sudo apt-get autoremove --purge -y -qq >/dev/null
 rm -rf "${SDSTREAM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sdstream}"
+rm -rf tests/e2e/node_modules
 for need in libclang chromium node npm; do
   missing=$(sdstream_missing_for "$need")
-  echo "   $need: ${missing:+missing (the scripts will install $missing)}${missing:-still present}" >&2
+  if [ -n "$missing" ]; then
+    echo "   $need: missing (the scripts will install $missing)" >&2
+  else
+    echo "   $need: still present" >&2
+  fi
 done
 
 echo "== fresh clone of HEAD into $scratch" >&2

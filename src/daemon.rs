@@ -34,6 +34,7 @@ fn engine_config(config: &DaemonConfig) -> Result<EngineConfig> {
         e.measure_stages = m;
     }
     e.loras = m.loras.clone();
+    e.cuda_graphs = m.cuda_graphs;
     Ok(e)
 }
 

@@ -13,11 +13,13 @@ pub mod daemon;
 pub mod device;
 pub mod engine;
 pub mod error;
+pub mod graph;
 pub mod io;
 pub mod models;
 pub mod pipeline;
 pub mod schedulers;
 pub mod server;
 pub mod stream;
+pub mod transfer;
 
 pub use error::{Error, Result};

@@ -59,6 +59,10 @@ struct DaemonArgs {
     /// A ControlNet folder or id loaded next to the model (overrides the config's `[model] controlnet`).
     #[arg(long)]
     controlnet: Option<String>,
+    /// Capture each tick once and replay it (CUDA graphs): auto = on with CUDA, off on the CPU; `on` on the
+    /// CPU runs the graph runner's CPU stand-in.
+    #[arg(long, value_enum)]
+    cuda_graphs: Option<sdstream::graph::GraphMode>,
     /// IP:PORT to listen on (default 127.0.0.1:8765). Anything but loopback needs --token.
     #[arg(long)]
     listen: Option<String>,
@@ -105,6 +109,9 @@ impl DaemonArgs {
         }
         for l in &self.lora {
             c.model.loras.push(l.parse()?);
+        }
+        if let Some(v) = self.cuda_graphs {
+            c.model.cuda_graphs = v;
         }
         if let Some(v) = &self.listen {
             c.server.listen = v.clone();

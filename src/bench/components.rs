@@ -29,13 +29,15 @@ pub struct ComponentPlan {
     pub warmup: usize,
     pub iters: usize,
     pub jpeg_quality: u8,
+    /// Also time the captured tick on this backend.
+    pub graphs: Option<crate::graph::Backend>,
 }
 
 impl ComponentPlan {
     /// Timed pieces in a run (for the progress bar): UNet per batch, text encoder, up to two autoencoders
     /// (encode and decode), the engine tick, JPEG encode and decode.
     pub fn count(&self) -> usize {
-        self.batch_sizes.len() + 1 + 4 + 1 + 2
+        self.batch_sizes.len() + 1 + 4 + 1 + 2 + usize::from(self.graphs.is_some())
     }
 }
 
@@ -164,6 +166,23 @@ pub fn run(
         tick(sd, vec![input], false)?;
         Ok(())
     })?;
+    if let Some(backend) = plan.graphs {
+        // The same frame through the captured tick (one replay, the uint8 output read back), beside the eager
+        // tick above (which stops at the decoded tensor).
+        let cond = sd.encode_text(&settings.prompt, None)?;
+        let uncond = sd.encode_text(&settings.negative_prompt, None)?;
+        let mut stream = Stream::new(2, sd, settings.clone(), cond, uncond)?;
+        let rgb = super::pattern::frame(w as u32, h as u32, 0, 0);
+        let mut graphs = crate::stream::resident::ResidentTick::new(backend);
+        let mut frame_id = 0u64;
+        timer.time(&format!("captured tick (1 stream, {})", backend.name()), || {
+            let input =
+                crate::stream::resident::ResidentInput { stream: &mut stream, frame_id, image: Some(&rgb) };
+            frame_id += 1;
+            graphs.run(sd, vec![input])?;
+            Ok(())
+        })?;
+    }
 
     let rgb = super::pattern::frame(w as u32, h as u32, 3, 0);
     let jpeg = crate::io::image::encode_jpeg(&rgb, plan.jpeg_quality)?;

@@ -5,6 +5,7 @@
 //! [`random_model`]): speed does not depend on weight values, so speed runs need no real weights.
 pub mod components;
 pub mod e2e;
+pub mod graph_check;
 pub mod pattern;
 pub mod random_model;
 pub mod report;
@@ -95,6 +96,11 @@ pub struct BenchArgs {
     /// stage). Default: the engine's (on for CPU, off for CUDA, where stage times then show enqueue time).
     #[arg(long)]
     pub stage_sync: Option<bool>,
+    /// Capture the engine's tick once and replay it: auto = CUDA graphs on a GPU, eager on the CPU; `on` on
+    /// the CPU runs the graph runner's CPU stand-in. The components then time the captured tick beside the
+    /// eager one.
+    #[arg(long, value_enum, default_value_t = crate::graph::GraphMode::Auto)]
+    pub cuda_graphs: crate::graph::GraphMode,
     /// The report as JSON.
     #[arg(long)]
     pub json: PathBuf,
@@ -248,6 +254,7 @@ pub fn run(a: &BenchArgs) -> Result<report::BenchReport> {
         warmup: a.warmup,
         iters: a.iters,
         jpeg_quality: a.jpeg_quality,
+        graphs: a.cuda_graphs.backend(load.device),
     };
     let scenarios: Vec<usize> = if a.streams > 1 { vec![1, a.streams] } else { vec![1] };
     let warmup_frames = a.warmup.max(settings.t_index_list.len());
@@ -257,10 +264,18 @@ pub fn run(a: &BenchArgs) -> Result<report::BenchReport> {
     );
 
     let components = if run_components { components::run(&sd, &settings, &plan, &bar)? } else { Vec::new() };
+    let graph_check = match (run_components, plan.graphs) {
+        (true, Some(backend)) => {
+            let streams: Vec<usize> = [1, 2, 4].into_iter().filter(|&k| k <= a.streams.max(1)).collect();
+            graph_check::run(&sd, &settings, backend, &streams, warmup_frames + 3)?
+        }
+        _ => Vec::new(),
+    };
     drop(sd);
     let e2e = if run_e2e {
         let mut config = EngineConfig::new(choice.spec.clone(), load.clone());
         config.max_streams = a.streams.max(1) + 1;
+        config.cuda_graphs = a.cuda_graphs;
         if let Some(v) = a.stage_sync {
             config.measure_stages = v;
         }
@@ -278,7 +293,7 @@ pub fn run(a: &BenchArgs) -> Result<report::BenchReport> {
     };
     bar.finish_and_clear();
 
-    let report = report::BenchReport { schema: report::SCHEMA.into(), meta, components, e2e };
+    let report = report::BenchReport { schema: report::SCHEMA.into(), meta, components, e2e, graph_check };
     report.write_json(&a.json)?;
     print!("{}", report.table());
     if let Some(p) = &a.plot {

@@ -40,6 +40,9 @@ pub struct BenchReport {
     pub meta: Meta,
     pub components: Vec<ComponentResult>,
     pub e2e: Vec<E2eResult>,
+    /// The captured tick against the eager one (with `--cuda-graphs` giving a backend).
+    #[serde(default)]
+    pub graph_check: Vec<super::graph_check::GraphCheck>,
 }
 
 impl BenchReport {
@@ -83,6 +86,26 @@ impl BenchReport {
                     s,
                     "{:<26} {:>10.3} {:>10.3} {:>10.3} {:>6}",
                     c.name, c.ms.median, c.ms.p95, c.ms.mean, c.ms.n
+                );
+            }
+        }
+        if !self.graph_check.is_empty() {
+            let _ = writeln!(
+                s,
+                "\ncaptured tick vs eager tick (8-bit outputs, tolerance {} levels)",
+                super::graph_check::TOLERANCE_LEVELS
+            );
+            for g in &self.graph_check {
+                let _ = writeln!(
+                    s,
+                    "  {} stream(s), {}: {} outputs, {} capture(s), max diff {} levels: {}{}",
+                    g.streams,
+                    g.backend,
+                    g.outputs,
+                    g.captures,
+                    g.max_level_diff,
+                    if g.ok() { "ok" } else { "FAILED" },
+                    g.error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default()
                 );
             }
         }

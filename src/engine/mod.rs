@@ -3,9 +3,11 @@
 //! the engine falls behind, a stream's older waiting frame is replaced (and counted as dropped), never queued.
 //! Each tick batches every stream that has a frame waiting into one UNet call per latent size.
 use crate::error::{Error, Result};
+use crate::graph::GraphMode;
 use crate::models::stable_diffusion::{LoadOptions, StableDiffusion, TextEmbedding};
 use crate::stream::batch::{self, TickInput};
 use crate::stream::prompts::{PromptCache, PromptKey};
+use crate::stream::resident::{self, OutputMeta, ResidentInput, ResidentTick};
 use crate::stream::settings::{Mode, StreamSettings};
 use crate::stream::Stream;
 use crossbeam_channel::{bounded, select, Receiver, Sender, TrySendError};
@@ -35,6 +37,8 @@ pub struct EngineConfig {
     pub output_queue: usize,
     /// LoRAs fused right after the model loads.
     pub loras: Vec<crate::models::lora::LoraSpec>,
+    /// Whether ticks are captured and replayed (CUDA graphs; the CPU stand-in with `on` on the CPU).
+    pub cuda_graphs: GraphMode,
 }
 
 impl EngineConfig {
@@ -48,6 +52,7 @@ impl EngineConfig {
             measure_stages: !on_gpu,
             output_queue: 4,
             loras: Vec::new(),
+            cuda_graphs: GraphMode::Auto,
         }
     }
 }
@@ -65,6 +70,10 @@ pub struct ModelInfo {
     pub controlnet: Option<String>,
     /// An SDXL model (two text encoders).
     pub sdxl: bool,
+    /// How ticks run: `eager`, `cuda-graph` or `cpu-stand-in` (the `--cuda-graphs` setting as applied).
+    pub tick: String,
+    /// The `--cuda-graphs` setting asked for.
+    pub cuda_graphs: GraphMode,
 }
 
 /// One frame handed to a stream.
@@ -130,7 +139,7 @@ pub struct EngineCounters {
 
 /// Where a stream's outputs go: called on the inference thread, it must not block; it returns whether the
 /// output was taken (false: the consumer is full or gone, and the output is counted as dropped).
-pub type OutputSink = Box<dyn Fn(Output) -> bool + Send>;
+pub type OutputSink = Box<dyn Fn(Output) -> bool + Send + Sync>;
 
 enum Command {
     Open {
@@ -218,10 +227,17 @@ impl Engine {
                     vae_scale_factor: sd.vae_scale_factor(),
                     controlnet: sd.controlnet.as_ref().and(config.load.controlnet.clone()),
                     sdxl: sd.is_sdxl(),
+                    tick: config.cuda_graphs.backend(sd.device).map_or("eager", |b| b.name()).into(),
+                    cuda_graphs: config.cuda_graphs,
                 };
                 let _ = ready_tx.send(Ok(info));
+                let resident = config.cuda_graphs.backend(sd.device).map(ResidentTick::new);
                 let mut worker = Worker {
                     sd,
+                    resident,
+                    eager_noted: std::collections::HashSet::new(),
+                    delivery: None,
+                    delivery_thread: None,
                     config,
                     streams: HashMap::new(),
                     cache: None,
@@ -400,12 +416,22 @@ impl Drop for StreamHandle {
 
 struct OpenStream {
     stream: Stream,
-    outputs: OutputSink,
+    outputs: Arc<OutputSink>,
     counters: Arc<StreamCounters>,
+    /// The captured tick has produced an output for this stream (which a skipped frame repeats).
+    has_output: bool,
 }
 
 struct Worker {
     sd: StableDiffusion,
+    /// The captured tick, when `cuda_graphs` gives a backend on this device.
+    resident: Option<ResidentTick>,
+    /// Streams already reported as taking the eager tick (one log line each).
+    eager_noted: std::collections::HashSet<u64>,
+    /// The captured tick's outputs go to this thread, which waits for their pixels (off the inference
+    /// thread) and hands them to the streams' sinks; started with the first captured tick.
+    delivery: Option<Sender<Delivery>>,
+    delivery_thread: Option<JoinHandle<()>>,
     config: EngineConfig,
     streams: HashMap<u64, OpenStream>,
     cache: Option<PromptCache>,
@@ -468,6 +494,10 @@ impl Worker {
                 if self.streams.remove(&id).is_some() {
                     self.shared.counters.streams_open.fetch_sub(1, Ordering::Relaxed);
                 }
+                self.eager_noted.remove(&id);
+                if let Some(d) = &self.delivery {
+                    let _ = d.send(Delivery::Forget(id));
+                }
             }
             Command::Settings { id, patch, reply } => {
                 let result = self.update(id, &patch);
@@ -506,7 +536,8 @@ impl Worker {
         let id = self.next_id;
         self.next_id += 1;
         let stream = Stream::new(id, &self.sd, settings, cond, uncond)?;
-        self.streams.insert(id, OpenStream { stream, outputs, counters });
+        self.streams
+            .insert(id, OpenStream { stream, outputs: Arc::new(outputs), counters, has_output: false });
         self.shared.counters.streams_open.fetch_add(1, Ordering::Relaxed);
         Ok(id)
     }
@@ -561,12 +592,185 @@ impl Worker {
 
     fn tick(&mut self, frames: Vec<(u64, Frame)>) {
         let tick_start = Instant::now();
+        let mut frames: HashMap<u64, Frame> = frames.into_iter().collect();
+        if self.resident.is_some() {
+            let mut ids: Vec<u64> = frames.keys().copied().collect();
+            ids.sort_unstable();
+            let captured: Vec<(u64, Frame)> = ids
+                .into_iter()
+                .filter(|id| self.capturable(*id))
+                .filter_map(|id| frames.remove_entry(&id))
+                .collect();
+            if !captured.is_empty() {
+                self.tick_captured(captured, tick_start);
+            }
+        }
+        if !frames.is_empty() {
+            self.tick_eager(frames, tick_start);
+        }
+    }
+
+    /// Whether stream `id` takes the captured tick; a stream that cannot is named once in the log.
+    fn capturable(&mut self, id: u64) -> bool {
+        let Some(open) = self.streams.get(&id) else { return false };
+        match resident::uncapturable(&self.sd, &open.stream) {
+            None => true,
+            Some(why) => {
+                if self.eager_noted.insert(id) {
+                    tracing::info!("stream {id} takes the eager tick: {why}");
+                }
+                false
+            }
+        }
+    }
+
+    /// The captured tick ([`ResidentTick`]): the similarity filter decides on the host, the device part is one
+    /// replay per bucket, and the outputs come back as 8-bit images.
+    fn tick_captured(&mut self, frames: Vec<(u64, Frame)>, tick_start: Instant) {
+        struct Prepared {
+            frame_id: u64,
+            image: Option<RgbImage>,
+            received: Instant,
+            queue_ms: f64,
+            preprocess_ms: f64,
+        }
+        let mut ready: HashMap<u64, Prepared> = HashMap::new();
+        let mut skipped: Vec<Pending> = Vec::new();
+        for (id, frame) in frames {
+            let Some(open) = self.streams.get_mut(&id) else { continue };
+            let t0 = Instant::now();
+            let s = open.stream.settings();
+            let image = match (s.mode, frame.image) {
+                // Resized on the device by the captured tick when not at the stream's size.
+                (Mode::Img2img, Some(img)) => Some(img),
+                (Mode::Img2img, None) => {
+                    open.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                (Mode::Txt2img, _) => None,
+            };
+            let queue_ms = tick_start.duration_since(frame.received).as_secs_f64() * 1e3;
+            let skip = image.as_ref().is_some_and(|img| open.stream.should_skip_rgb(img));
+            if skip && open.has_output {
+                open.counters.skipped.fetch_add(1, Ordering::Relaxed);
+                skipped.push(Pending {
+                    sink: open.outputs.clone(),
+                    counters: open.counters.clone(),
+                    meta: OutputMeta { stream_id: id, answers: frame.id, frame_id: frame.id, warmup: false },
+                    received: frame.received,
+                    queue_ms,
+                    preprocess_ms: t0.elapsed().as_secs_f64() * 1e3,
+                    batched: 0,
+                    row: None,
+                });
+                continue;
+            }
+            let preprocess_ms = t0.elapsed().as_secs_f64() * 1e3;
+            ready.insert(
+                id,
+                Prepared { frame_id: frame.id, image, received: frame.received, queue_ms, preprocess_ms },
+            );
+        }
+        if ready.is_empty() {
+            self.send_delivery(Delivery::Tick { buckets: Vec::new(), skipped, started: tick_start });
+            return;
+        }
+        self.shared.counters.ticks.fetch_add(1, Ordering::Relaxed);
+        let mut streams: Vec<(&u64, &mut OpenStream)> =
+            self.streams.iter_mut().filter(|(id, _)| ready.contains_key(id)).collect();
+        streams.sort_by_key(|(id, _)| **id);
+        let inputs: Vec<ResidentInput<'_>> = streams
+            .into_iter()
+            .map(|(id, open)| {
+                let p = &ready[id];
+                ResidentInput { stream: &mut open.stream, frame_id: p.frame_id, image: p.image.as_ref() }
+            })
+            .collect();
+        let batched = inputs.len();
+        let (sd, resident) = (&self.sd, self.resident.as_mut().expect("checked by the caller"));
+        let started = Instant::now();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| resident.start(sd, inputs)))
+            .unwrap_or_else(|_| {
+                Err(Error::Model("the captured tick panicked (a bug; the engine carries on)".into()))
+            });
+        let in_flight = match result {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!("captured tick failed: {e}; every stream takes the eager tick from now on");
+                self.resident = None;
+                for id in ready.keys() {
+                    if let Some(open) = self.streams.get(id) {
+                        open.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                self.send_delivery(Delivery::Tick { buckets: Vec::new(), skipped, started });
+                return;
+            }
+        };
+        let mut buckets = Vec::with_capacity(in_flight.len());
+        for bucket in in_flight {
+            let pending = bucket
+                .outputs
+                .iter()
+                .enumerate()
+                .filter_map(|(row, meta)| {
+                    let open = self.streams.get_mut(&meta.stream_id)?;
+                    open.has_output = true;
+                    let p = &ready[&meta.stream_id];
+                    Some(Pending {
+                        sink: open.outputs.clone(),
+                        counters: open.counters.clone(),
+                        meta: *meta,
+                        received: p.received,
+                        queue_ms: p.queue_ms,
+                        preprocess_ms: p.preprocess_ms,
+                        batched,
+                        row: Some(row),
+                    })
+                })
+                .collect();
+            buckets.push((bucket.readback, pending));
+        }
+        self.send_delivery(Delivery::Tick { buckets, skipped, started });
+    }
+
+    /// Hands a captured tick's outputs to the delivery thread. The hand-over waits until that thread has
+    /// finished the previous tick, so at most two ticks are on the device at once and the host buffers of the
+    /// tick before are free again.
+    fn send_delivery(&mut self, d: Delivery) {
+        if let Delivery::Tick { buckets, skipped, .. } = &d {
+            if buckets.is_empty() && skipped.is_empty() {
+                return;
+            }
+        }
+        if self.delivery.is_none() {
+            let (tx, rx) = bounded::<Delivery>(0);
+            match std::thread::Builder::new()
+                .name("sdstream-delivery".into())
+                .spawn(move || delivery_loop(rx))
+            {
+                Ok(handle) => {
+                    self.delivery = Some(tx);
+                    self.delivery_thread = Some(handle);
+                }
+                Err(e) => {
+                    tracing::error!("cannot start the delivery thread: {e}");
+                    return;
+                }
+            }
+        }
+        if let Some(tx) = &self.delivery {
+            let _ = tx.send(d);
+        }
+    }
+
+    /// The eager tick ([`batch::tick`]) for the streams the captured one does not take.
+    fn tick_eager(&mut self, mut frames: HashMap<u64, Frame>, tick_start: Instant) {
         let (device, kind) = (self.sd.device, self.sd.kind);
         let mut inputs = Vec::new();
         let mut meta = HashMap::new();
         let mut streams: Vec<(&u64, &mut OpenStream)> = self.streams.iter_mut().collect();
         streams.sort_by_key(|(id, _)| **id);
-        let mut frames: HashMap<u64, Frame> = frames.into_iter().collect();
         for (id, open) in streams {
             let Some(frame) = frames.remove(id) else { continue };
             let t0 = Instant::now();
@@ -650,10 +854,112 @@ impl Worker {
                 batched_streams: timings.streams,
                 unet_batch: timings.unet_batch,
             };
-            if (open.outputs)(output) {
-                open.counters.frames_out.fetch_add(1, Ordering::Relaxed);
-            } else {
-                open.counters.dropped_output.fetch_add(1, Ordering::Relaxed);
+            deliver(open, output);
+        }
+    }
+}
+
+/// Hands an output to its stream's consumer, counting it as sent or dropped.
+fn deliver(open: &OpenStream, output: Output) {
+    if (open.outputs)(output) {
+        open.counters.frames_out.fetch_add(1, Ordering::Relaxed);
+    } else {
+        open.counters.dropped_output.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // Outputs still on their way are delivered before the engine is gone.
+        self.delivery = None;
+        if let Some(t) = self.delivery_thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One output of the captured tick on its way to its stream.
+struct Pending {
+    sink: Arc<OutputSink>,
+    counters: Arc<StreamCounters>,
+    meta: OutputMeta,
+    received: Instant,
+    queue_ms: f64,
+    preprocess_ms: f64,
+    batched: usize,
+    /// Its row in the bucket's readback; `None` for a frame the similarity filter skipped (the stream's last
+    /// output is repeated).
+    row: Option<usize>,
+}
+
+enum Delivery {
+    Tick {
+        buckets: Vec<(crate::transfer::Readback, Vec<Pending>)>,
+        skipped: Vec<Pending>,
+        /// When the device part of the tick was started (its time is counted to the pixels' arrival).
+        started: Instant,
+    },
+    /// A stream closed: forget its last output.
+    Forget(u64),
+}
+
+fn delivery_loop(rx: Receiver<Delivery>) {
+    let mut last: HashMap<u64, RgbImage> = HashMap::new();
+    let send = |p: Pending, image: RgbImage, device_ms: f64| {
+        let times = StageTimes {
+            queue_ms: p.queue_ms,
+            preprocess_ms: p.preprocess_ms,
+            unet_ms: device_ms,
+            total_ms: p.received.elapsed().as_secs_f64() * 1e3,
+            ..Default::default()
+        };
+        let output = Output {
+            stream_id: p.meta.stream_id,
+            answers: p.meta.answers,
+            frame_id: p.meta.frame_id,
+            image,
+            warmup: p.meta.warmup,
+            skipped: p.row.is_none(),
+            times,
+            batched_streams: p.batched,
+            unet_batch: 0,
+        };
+        if (p.sink)(output) {
+            p.counters.frames_out.fetch_add(1, Ordering::Relaxed);
+        } else {
+            p.counters.dropped_output.fetch_add(1, Ordering::Relaxed);
+        }
+    };
+    for d in rx {
+        match d {
+            Delivery::Forget(id) => {
+                last.remove(&id);
+            }
+            Delivery::Tick { buckets, skipped, started } => {
+                for p in skipped {
+                    if let Some(image) = last.get(&p.meta.stream_id).cloned() {
+                        send(p, image, 0.0);
+                    }
+                }
+                for (readback, pending) in buckets {
+                    let images = match readback.wait() {
+                        Ok(images) => images,
+                        Err(e) => {
+                            tracing::error!("reading the captured tick's outputs back failed: {e}");
+                            for p in &pending {
+                                p.counters.errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                            continue;
+                        }
+                    };
+                    let device_ms = started.elapsed().as_secs_f64() * 1e3;
+                    let mut images: Vec<Option<RgbImage>> = images.into_iter().map(Some).collect();
+                    for p in pending {
+                        let Some(image) = p.row.and_then(|r| images.get_mut(r)?.take()) else { continue };
+                        last.insert(p.meta.stream_id, image.clone());
+                        send(p, image, device_ms);
+                    }
+                }
             }
         }
     }

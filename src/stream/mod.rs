@@ -12,6 +12,7 @@ pub mod batch;
 pub mod control;
 pub mod offline;
 pub mod prompts;
+pub mod resident;
 pub mod settings;
 pub mod similarity;
 
@@ -456,6 +457,20 @@ impl Stream {
             self.frames_skipped += 1;
         }
         Ok(skip)
+    }
+
+    /// [`Stream::should_skip`] decided on the host from the 8-bit frame (the captured tick's filter: no device
+    /// read).
+    pub fn should_skip_rgb(&mut self, image: &image::RgbImage) -> bool {
+        if !self.settings.similarity_filter || self.settings.mode == Mode::Txt2img {
+            return false;
+        }
+        let s = &self.settings;
+        let skip = self.filter.should_skip_rgb(image, s.similarity_threshold, s.max_skip_frames);
+        if skip {
+            self.frames_skipped += 1;
+        }
+        skip
     }
 
     /// Noise for the VAE's latent sample of this stream's next frame (drawn from the stream's generator, as

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 pub const STREAM_SCHEDULE_STEPS: usize = 50;
 
 /// Image to image (each frame enters slot 0 noised to its timestep) or text to image (pure noise enters).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     Img2img,
