@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod device;
 pub mod engine;
 pub mod error;
+pub mod graph;
 pub mod io;
 pub mod models;
 pub mod pipeline;
