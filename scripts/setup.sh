@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Idempotent setup: a Python virtual environment with PyPI's torch==2.11.0 (which carries libtorch 2.11.0)
-# in a per-user cache folder, reused by every clone and CI run on this machine.
+# Idempotent setup: a Python virtual environment with PyPI's torch==2.11.0 (which carries libtorch 2.11.0) and
+# the nvidia-cuda-crt headers the CUDA graph shim needs, in a per-user cache folder, reused by every clone and
+# CI run on this machine.
 # Source it (`. scripts/setup.sh`) to get the environment torch-sys needs, or run it to just install.
 # SDSTREAM_TOOLS=1 also installs the Python reference libraries used by tools/ (diffusers, transformers).
 set -euo pipefail
@@ -23,8 +24,17 @@ if [ "${SDSTREAM_TOOLS:-0}" = "1" ] && ! _sdstream_py -c "import diffusers, tran
   _sdstream_py -m pip install --quiet "diffusers==0.42.1" "transformers" "safetensors" "pillow" "accelerate" "peft"
 fi
 
+SDSTREAM_TORCH_LIB="$(_sdstream_py -c 'import torch,os;print(os.path.join(os.path.dirname(torch.__file__),"lib"))')"
+
+# The CUDA graph shim (csrc/cuda_graph.cpp, built by build.rs on every machine) includes cuda_runtime.h, which
+# needs crt/host_config.h: torch's nvidia wheels lack it, the small nvidia-cuda-crt wheel (CUDA 13.0, as
+# torch 2.11.0's) puts it into site-packages/nvidia/cu13/include/crt/, beside the other CUDA headers.
+if ! [ -f "$SDSTREAM_TORCH_LIB/../../nvidia/cu13/include/crt/host_config.h" ]; then
+  echo "sdstream setup: installing nvidia-cuda-crt==13.0.* (CUDA headers for the CUDA graph shim) into $SDSTREAM_VENV" >&2
+  _sdstream_py -m pip install --quiet "nvidia-cuda-crt==13.0.*"
+fi
+
 export PATH="$SDSTREAM_VENV/bin:$PATH"
 export LIBTORCH_USE_PYTORCH=1
 export LIBTORCH_BYPASS_VERSION_CHECK="${LIBTORCH_BYPASS_VERSION_CHECK:-0}"
-SDSTREAM_TORCH_LIB="$(_sdstream_py -c 'import torch,os;print(os.path.join(os.path.dirname(torch.__file__),"lib"))')"
 export SDSTREAM_TORCH_LIB

@@ -1,7 +1,9 @@
 //! Device and dtype choice, CUDA library loading and seeding.
 //!
 //! rustc links with `--as-needed`, which drops `libtorch_cuda.so` from a binary that names none of its symbols;
-//! CUDA would then never be seen. [`init`] dlopens it before the first CUDA query of the process.
+//! CUDA would then never be seen. [`init`] dlopens it before the first CUDA query of the process. A binary that
+//! uses the CUDA graph shim ([`crate::graph::cuda`]) links it directly and has it loaded at start-up; the dlopen
+//! then only finds it already there.
 use crate::error::{Error, Result};
 use std::sync::Once;
 use tch::{Device, Kind};

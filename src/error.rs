@@ -31,6 +31,10 @@ pub enum Error {
     #[error("model {0}")]
     Model(String),
 
+    /// CUDA is not usable here, or a CUDA graph, event, pinned allocation or copy failed (src/graph/cuda.rs).
+    #[error("CUDA: {0}")]
+    Cuda(String),
+
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
 }
