@@ -2,6 +2,7 @@
 //! safetensors load unchanged, and reads its shapes from the model's own config.json.
 pub mod clip;
 pub mod controlnet;
+pub mod hub;
 pub mod loader;
 pub mod lora;
 pub mod nn;
