@@ -41,8 +41,12 @@ fn engine_config(config: &DaemonConfig) -> Result<EngineConfig> {
 /// Runs until SIGINT or SIGTERM. Returns after a clean shutdown.
 pub fn run(config: DaemonConfig, camera: Option<CameraOptions>) -> Result<()> {
     config.validate()?;
-    // Refuse a non-loopback address without a token before loading anything.
-    crate::server::check_listen(&config.server.listen_addr()?, &config.server.token)?;
+    // Bind the port before loading anything: a port in use, or a non-loopback address without a token, is
+    // reported at once rather than after a long load (or download). Connections wait in the backlog meanwhile.
+    let listener = crate::server::bind(&config.server)?;
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!("bound {addr}; loading model {}", config.model.model);
+    }
     let t0 = std::time::Instant::now();
     let engine = Engine::start(engine_config(&config)?)?;
     let info = engine.info.clone();
@@ -64,7 +68,8 @@ pub fn run(config: DaemonConfig, camera: Option<CameraOptions>) -> Result<()> {
         .map_err(|e| Error::Model(format!("cannot start the async runtime: {e}")))?;
     let result = runtime.block_on(async {
         let server =
-            Server::start(engine.handle(), info, config.server.clone(), config.stream.clone()).await?;
+            Server::start_on(listener, engine.handle(), info, config.server.clone(), config.stream.clone())
+                .await?;
         let capture = match &camera {
             Some(cam) => Some(start_camera(&engine, &server, &config, cam)?),
             None => None,

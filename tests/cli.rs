@@ -91,6 +91,22 @@ fn bad_flags_are_named() {
 }
 
 #[test]
+fn serve_reports_a_port_in_use_before_loading_the_model() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    // A hub id that no cache has (run_sdstream sets HF_HUB_OFFLINE): loading it would fail with its own
+    // message, so getting the port's message instead shows the port is bound before the model is looked at.
+    let t0 = std::time::Instant::now();
+    let (ok, text) = sdstream(&["serve", "--model", "test-org/in-no-cache", "--listen", &addr]);
+    assert!(!ok, "serve on a port in use should fail:\n{text}");
+    assert!(text.contains(&format!("cannot listen on {addr}")), "the message names the address:\n{text}");
+    assert!(text.contains("in use") && text.contains("--listen"), "it says why and what to do:\n{text}");
+    assert!(!text.contains("in-no-cache"), "the model is not loaded first:\n{text}");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(30), "reported at once");
+    drop(taken);
+}
+
+#[test]
 fn broken_model_files_are_named() {
     // A truncated weights file.
     let dir = model_copy("truncated");

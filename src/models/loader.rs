@@ -1,5 +1,6 @@
 //! Finding and loading a diffusers-layout model: a local folder or a Hugging Face model id resolved through
-//! hf-hub's cache (downloading when online). Prefers `*.fp16.safetensors` variants when loading in fp16.
+//! the Hugging Face cache (downloading when online, with progress: see `models::hub`). Prefers
+//! `*.fp16.safetensors` variants when loading in fp16.
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
 use tch::Kind;
@@ -140,26 +141,9 @@ impl ModelSource {
     }
 }
 
-/// A file of a hub model: from hf-hub's cache, else downloaded (unless HF_HUB_OFFLINE is set).
+/// A file of a hub model: from the Hugging Face cache, else downloaded with progress (see [`super::hub`]).
 pub(crate) fn hub_file(id: &str, rel: &str) -> Result<PathBuf> {
-    let cache = hf_hub::Cache::from_env();
-    if let Some(p) = cache.model(id.to_string()).get(rel) {
-        return Ok(p);
-    }
-    let offline = std::env::var("HF_HUB_OFFLINE").map(|v| v == "1" || v == "true").unwrap_or(false);
-    let hint = format!(
-        "model `{id}`: `{rel}` is not in the Hugging Face cache ({}); download the model once with network \
-         access, or pass a local diffusers folder with --model /path/to/folder",
-        cache.path().display()
-    );
-    if offline {
-        return Err(Error::invalid("model", format!("{hint} (HF_HUB_OFFLINE is set)")));
-    }
-    let api = hf_hub::api::sync::ApiBuilder::from_env()
-        .with_progress(false)
-        .build()
-        .map_err(|e| Error::invalid("model", format!("{hint} ({e})")))?;
-    api.model(id.to_string()).get(rel).map_err(|e| Error::invalid("model", format!("{hint} ({e})")))
+    super::hub::file(id, rel)
 }
 
 /// The `_class_name` a config names.

@@ -2,6 +2,7 @@
 //! safetensors load unchanged, and reads its shapes from the model's own config.json.
 pub mod clip;
 pub mod controlnet;
+pub mod hub;
 pub mod loader;
 pub mod lora;
 pub mod nn;
@@ -18,6 +19,31 @@ pub use weights::Weights;
 
 use crate::error::{Error, Result};
 use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Times a component's load for the log, leaving out the time spent downloading its files from the hub (the
+/// download reports its own).
+pub(crate) struct LoadTimer {
+    t0: Instant,
+    fetched0: Duration,
+}
+
+impl LoadTimer {
+    pub(crate) fn start() -> Self {
+        LoadTimer { t0: Instant::now(), fetched0: hub::fetch_time() }
+    }
+
+    /// Logs `loaded WHAT in N s`.
+    pub(crate) fn done(self, what: &str) {
+        let fetched = hub::fetch_time().saturating_sub(self.fetched0);
+        let took = self.t0.elapsed().saturating_sub(fetched).as_secs_f64();
+        if fetched < Duration::from_millis(50) {
+            tracing::info!("loaded {what} in {took:.2} s");
+        } else {
+            tracing::info!("loaded {what} in {took:.2} s (after {:.1} s downloading)", fetched.as_secs_f64());
+        }
+    }
+}
 
 /// Reads a JSON config file (config.json, scheduler_config.json, ...) into `T`; a missing file, bad JSON or a
 /// wrong field is an error naming the file and the field.

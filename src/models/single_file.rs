@@ -48,7 +48,7 @@ use super::unet::config::{BlockKind, UNetPlan};
 use super::unet::{UNet2DConditionModel, UNetConfig};
 use super::vae::{AutoencoderKL, AutoencoderKLConfig};
 use super::weights::{stored_shapes, Renamed};
-use super::{read_config, Weights};
+use super::{read_config, LoadTimer, Weights};
 use crate::error::{Error, Result};
 use crate::schedulers::SchedulerConfig;
 use std::collections::HashMap;
@@ -825,16 +825,20 @@ pub fn load(spec: &str, opts: &LoadOptions) -> Result<StableDiffusion> {
     let mut source = cfg.source;
     source.spec = spec.to_string();
 
+    let timer = LoadTimer::start();
     let unet_map = NameMap::unet(&cfg.unet.plan()?);
     let unet_w = ck.unet_weights(&unet_map, opts)?;
     let unet = UNet2DConditionModel::new(&unet_w, &cfg.unet)
         .map_err(|e| ck.explain(e, |n| unet_map.to_ldm(n).map(|l| format!("{UNET_PREFIX}{l}"))))?;
     warn_unused(&unet_w, "unet");
+    timer.done("unet");
 
+    let timer = LoadTimer::start();
     let te_w = ck.text_encoder_weights(&cfg.text_encoder, opts)?;
     let text_encoder = ClipTextModel::new(&te_w, cfg.text_encoder)
         .map_err(|e| ck.explain(e, |n| ck.text_encoder_ldm_name(n)))?;
     warn_unused(&te_w, "text_encoder");
+    timer.done("text_encoder");
 
     let autoencoder = match &opts.vae {
         Some(v) => load_autoencoder(&ModelSource::resolve_component(v)?, "", device, kind, false)?,
@@ -845,11 +849,13 @@ pub fn load(spec: &str, opts: &LoadOptions) -> Result<StableDiffusion> {
                     format!("no VAE (`{VAE_PREFIX}*`) in the checkpoint: pass one with --vae"),
                 ));
             }
+            let timer = LoadTimer::start();
             let vae_map = NameMap::vae(&cfg.vae);
             let vae_w = ck.vae_weights(&vae_map, opts)?;
             let vae = AutoencoderKL::new(&vae_w, cfg.vae)
                 .map_err(|e| ck.explain(e, |n| vae_map.to_ldm(n).map(|l| format!("{VAE_PREFIX}{l}"))))?;
             warn_unused(&vae_w, "vae");
+            timer.done("vae (AutoencoderKL)");
             Autoencoder::Kl(vae)
         }
     };

@@ -7,7 +7,7 @@ use super::taesd::{AutoencoderTiny, AutoencoderTinyConfig};
 use super::tokenizer::ClipTokenizer;
 use super::unet::{UNet2DConditionModel, UNetConfig};
 use super::vae::{AutoencoderKL, AutoencoderKLConfig};
-use super::{read_config, Weights};
+use super::{read_config, LoadTimer, Weights};
 use crate::error::{Error, Result};
 use crate::schedulers::SchedulerConfig;
 use tch::{Device, Kind, Tensor};
@@ -175,6 +175,7 @@ pub fn load_autoencoder(
     kind: Kind,
     honour_upcast: bool,
 ) -> Result<Autoencoder> {
+    let timer = LoadTimer::start();
     let rel = |f: &str| if subdir.is_empty() { f.to_string() } else { format!("{subdir}/{f}") };
     let config_path = src.file(&rel("config.json"))?;
     let class = class_name(&config_path)?.unwrap_or_else(|| "AutoencoderKL".into());
@@ -199,6 +200,7 @@ pub fn load_autoencoder(
             return Err(Error::config(config_path, format!("autoencoder class `{other}` is not supported")));
         }
     };
+    timer.done(&format!("{} ({class})", if subdir.is_empty() { src.spec.as_str() } else { subdir }));
     Ok(ae)
 }
 
@@ -208,26 +210,32 @@ fn load_text_encoder(
     device: Device,
     kind: Kind,
 ) -> Result<(ClipTextModel, Weights)> {
+    let timer = LoadTimer::start();
     let config: ClipTextConfig = read_config(&src.file(&format!("{dir}/config.json"))?)?;
     let w = Weights::from_safetensors(&src.weights(dir, "model", kind)?, device, kind)?;
     let te = ClipTextModel::new(&w, config)?;
     warn_unused(&w, dir);
+    timer.done(dir);
     Ok((te, w))
 }
 
 /// The classic vocab.json + merges.txt, or the tokenizer.json alone that transformers 5 saves; for a hub id this
 /// fetches whichever exist. The tokenizer names what is missing.
 fn load_tokenizer(src: &ModelSource, dir: &str) -> Result<ClipTokenizer> {
+    let timer = LoadTimer::start();
     for f in
         ["vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
     {
         let _ = src.optional_file(&format!("{dir}/{f}"));
     }
-    ClipTokenizer::from_dir(&src.root.join(dir))
+    let tokenizer = ClipTokenizer::from_dir(&src.root.join(dir))?;
+    timer.done(dir);
+    Ok(tokenizer)
 }
 
 /// Loads a ControlNet and checks that it fits the model's UNet (cross-attention width, down blocks).
 pub fn load_controlnet(spec: &str, unet: &UNetConfig, device: Device, kind: Kind) -> Result<ControlNetModel> {
+    let timer = LoadTimer::start();
     let net = ControlNetModel::load(spec, device, kind)?;
     net.config().check_fits(unet).map_err(|e| match e {
         Error::InvalidArgument { what, msg } => {
@@ -235,6 +243,7 @@ pub fn load_controlnet(spec: &str, unet: &UNetConfig, device: Device, kind: Kind
         }
         e => e,
     })?;
+    timer.done(&format!("controlnet {spec}"));
     Ok(net)
 }
 
@@ -257,11 +266,13 @@ impl StableDiffusion {
             )));
         }
 
+        let timer = LoadTimer::start();
         let unet_config = UNetConfig::from_file(&src.file("unet/config.json")?)?;
         let unet_w =
             Weights::from_safetensors(&src.weights("unet", "diffusion_pytorch_model", kind)?, device, kind)?;
         let unet = UNet2DConditionModel::new(&unet_w, &unet_config)?;
         warn_unused(&unet_w, "unet");
+        timer.done("unet");
         if sdxl != unet.takes_added_cond() {
             return Err(Error::config(
                 index_path,

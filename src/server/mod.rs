@@ -50,6 +50,30 @@ pub fn check_listen(addr: &SocketAddr, token: &Option<String>) -> Result<()> {
     Ok(())
 }
 
+/// Binds the daemon's port (after checking that a non-loopback address has a token). The daemon does this
+/// before it loads the model, so a port in use is reported at once; [`Server::start_on`] then serves on it.
+pub fn bind(config: &ServerConfig) -> Result<std::net::TcpListener> {
+    let addr = config.listen_addr()?;
+    check_listen(&addr, &config.token)?;
+    let listener = std::net::TcpListener::bind(addr).map_err(|e| listen_error(addr, e))?;
+    listener.set_nonblocking(true).map_err(|e| listen_error(addr, e))?;
+    Ok(listener)
+}
+
+fn listen_error(addr: SocketAddr, e: std::io::Error) -> Error {
+    use std::io::ErrorKind as K;
+    let advice = match e.kind() {
+        K::AddrInUse => {
+            ": the port is in use (another sdstream or another program listens there); stop it, or pick \
+             another port with --listen"
+        }
+        K::PermissionDenied => ": not allowed (ports below 1024 need privileges); pick another with --listen",
+        K::AddrNotAvailable => ": this machine has no such address; pick one of its own with --listen",
+        _ => "",
+    };
+    Error::invalid("listen", format!("cannot listen on {addr}: {e}{advice}"))
+}
+
 /// A running server: the handle to stop it and the address it listens on.
 pub struct Server {
     pub local_addr: SocketAddr,
@@ -67,10 +91,20 @@ impl Server {
         config: ServerConfig,
         stream_defaults: StreamSettings,
     ) -> Result<Server> {
-        let addr = config.listen_addr()?;
-        check_listen(&addr, &config.token)?;
+        let listener = bind(&config)?;
+        Self::start_on(listener, engine, model, config, stream_defaults).await
+    }
+
+    /// Starts accepting on a listener from [`bind`] (on the current tokio runtime).
+    pub async fn start_on(
+        listener: std::net::TcpListener,
+        engine: EngineHandle,
+        model: ModelInfo,
+        config: ServerConfig,
+        stream_defaults: StreamSettings,
+    ) -> Result<Server> {
         let listener =
-            TcpListener::bind(addr).await.map_err(|e| Error::invalid("listen", format!("{addr}: {e}")))?;
+            TcpListener::from_std(listener).map_err(|e| Error::invalid("listen", e.to_string()))?;
         let local_addr = listener.local_addr().map_err(|e| Error::invalid("listen", e.to_string()))?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (alive, alive_rx) = tokio::sync::mpsc::channel(1);
