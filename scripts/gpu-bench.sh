@@ -8,6 +8,8 @@
 #      in the same call, on the same card;
 # writes everything under $OUT and prints a short comparison table last.
 #
+#   0. tests/graph.rs with SDSTREAM_TEST_DEVICE=cuda: the captured tick with real CUDA graphs, fp32, on the tiny
+#      TEST models, against the eager tick and the StreamDiffusion fixtures (.gpu/graph-tests);
 # SDSTREAM_GPU_BENCH_TINY=1 shrinks it to a CPU check (the bundled tiny configs as the random-weight model,
 # 64x64, a few frames; the anchor is replaced by an import check of its carried wheels): `OUT=/tmp/gb SDSTREAM_GPU_BENCH_TINY=1
 # scripts/gpu-bench.sh`. SDSTREAM_GPU_BENCH_ANCHOR=0 skips the anchor; COMPILE=0 skips its torch.compile part.
@@ -39,18 +41,29 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 "$BIN" --version || { echo "the binary does not run: stage it with scripts/gpu-prepare.sh"; exit 1; }
 
 status=0
+echo "== 0. the captured tick on $DEV: tests/graph.rs (real CUDA graphs on a GPU) against the eager tick and the fixtures"
+# Tolerance on the GPU: 2 levels of 8 bits between eager and captured outputs and against the CPU-made fixtures
+# (bit-identical on the CPU).
+GRAPH_TESTS="${SDSTREAM_GRAPH_TESTS:-.gpu/graph-tests}"
+if [ -x "$GRAPH_TESTS" ]; then
+  SDSTREAM_TEST_DEVICE="$DEV" SDSTREAM_FIXTURE_ROOT="$PWD" timeout 60 "$GRAPH_TESTS" --test-threads 1 2>&1 \
+    | tee "$OUT/graph-tests.txt" | grep -E '^test |test result' || true
+  grep -q 'test result: ok' "$OUT/graph-tests.txt" || { echo "!! the captured-tick tests failed (graph-tests.txt)"; status=1; }
+else
+  echo "!! no graph test binary at $GRAPH_TESTS (scripts/gpu-prepare.sh stages it)"; status=1
+fi
 common=(--random-model-dir "$MODELS" --device "$DEV" --dtype "$DT" --width "$SIZE" --height "$SIZE"
         --frames "$FRAMES" --iters "$ITERS" --warmup "$WARM")
 echo "== 1. $TURBO, TAESD, 1 stage, 1 and $STREAMS streams, captured tick (--cuda-graphs $GRAPHS)"
 # Components time the eager tick and the captured tick side by side, and check the captured tick against the
 # eager one for 1, 2 and 4 streams (capture must work; outputs within 2 levels); end to end through the daemon.
-timeout 200 "$BIN" bench --random-model "$TURBO" --vae taesd --stages 1 --streams "$STREAMS" --cuda-graphs "$GRAPHS" \
+timeout 140 "$BIN" bench --random-model "$TURBO" --vae taesd --stages 1 --streams "$STREAMS" --cuda-graphs "$GRAPHS" \
   "${common[@]}" --json "$OUT/sd-turbo.json" --plot "$OUT/sd-turbo.svg" || { echo "!! sd-turbo run failed ($?)"; status=1; }
 echo "== 1b. the same end to end with the eager tick (--cuda-graphs off), same call, same card"
-timeout 120 "$BIN" bench --random-model "$TURBO" --vae taesd --stages 1 --streams "$STREAMS" --cuda-graphs off --e2e \
+timeout 60 "$BIN" bench --random-model "$TURBO" --vae taesd --stages 1 --streams "$STREAMS" --cuda-graphs off --e2e \
   "${common[@]}" --json "$OUT/sd-turbo-eager.json" || { echo "!! sd-turbo eager run failed ($?)"; status=1; }
 echo "== 2. $SD15, TAESD, 4 stages (LCM), 1 stream, captured tick"
-timeout 150 "$BIN" bench --random-model "$SD15" --vae taesd --stages 4 --streams 1 --cuda-graphs "$GRAPHS" "${common[@]}" \
+timeout 80 "$BIN" bench --random-model "$SD15" --vae taesd --stages 4 --streams 1 --cuda-graphs "$GRAPHS" "${common[@]}" \
   --json "$OUT/sd15.json" --plot "$OUT/sd15.svg" || { echo "!! sd15 run failed ($?)"; status=1; }
 rm -rf "$MODELS"
 
@@ -59,7 +72,7 @@ site="$(mktemp -d)"
 if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .gpu/wheels/*.whl; then
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
   if [ "${SDSTREAM_GPU_BENCH_ANCHOR:-$((1 - TINY))}" = "1" ]; then
-    PYTHONUNBUFFERED=1 OUT="$OUT" timeout 220 "$PY" .gpu/diffusers_eager.py || { echo "!! anchor failed ($?)"; status=1; }
+    PYTHONUNBUFFERED=1 COMPILE="${COMPILE:-0}" OUT="$OUT" timeout 140 "$PY" .gpu/diffusers_eager.py || { echo "!! anchor failed ($?)"; status=1; }
   else
     # CPU check: the carried wheels import (the anchor itself takes many minutes on a CPU).
     "$PY" -c 'import diffusers, importlib_metadata; print("anchor skipped; diffusers", diffusers.__version__, "from", diffusers.__file__)' \

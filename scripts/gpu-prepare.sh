@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stages .gpu/ for scripts/gpu-bench.sh: the release binary, the commit it was built from, the diffusers eager
+# Stages .gpu/ for scripts/gpu-bench.sh: the release binary, the captured-tick test binary, the commit it was built from, the diffusers eager
 # anchor script, and the two wheels it needs on the GPU machine (diffusers, importlib_metadata; torch and
 # transformers are already there). .gpu/ is ignored by git (.git/info/exclude) and travels as `carry`.
 # The exact device call to make is in docs/BENCHMARKS.md.
@@ -9,6 +9,11 @@ cd "$(dirname "$0")/.."
 cargo build --release
 mkdir -p .gpu/wheels
 cp target/release/sdstream .gpu/sdstream
+# The captured-tick tests (tests/graph.rs), run on the GPU with real CUDA graphs against the eager tick and the
+# StreamDiffusion fixtures (the fixtures travel with the working tree).
+graph_tests=$(cargo test --release --test graph --no-run 2>&1 | sed -n 's/.*Executable.*(\(target\/release\/deps\/graph-[0-9a-f]*\)).*/\1/p' | tail -1)
+[ -n "$graph_tests" ] || { echo "could not build the graph tests" >&2; exit 1; }
+cp "$graph_tests" .gpu/graph-tests
 commit="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
 if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then commit="$commit-dirty"; fi
 echo "$commit" > .gpu/COMMIT

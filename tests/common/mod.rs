@@ -5,8 +5,11 @@ use std::path::{Path, PathBuf};
 use tch::Tensor;
 
 /// A path under the repository root; panics (fails the test) naming the fixture when it does not exist.
+/// The repository root is the one the tests were built in, or `SDSTREAM_FIXTURE_ROOT` (a test binary run on
+/// another machine, e.g. the GPU check in scripts/gpu-bench.sh).
 pub fn fixture(rel: &str) -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel);
+    let root = std::env::var("SDSTREAM_FIXTURE_ROOT").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into());
+    let p = PathBuf::from(root).join(rel);
     assert!(p.exists(), "missing fixture {} (regenerate with the scripts in tools/)", p.display());
     p
 }
@@ -48,6 +51,20 @@ pub fn cpu_fp32(vae: Option<String>) -> sdstream::models::stable_diffusion::Load
         controlnet: None,
         model_config: None,
     }
+}
+
+/// The device the device-aware tests run on: `SDSTREAM_TEST_DEVICE` (e.g. `cuda`, for the GPU check), else
+/// the CPU.
+pub fn test_device() -> tch::Device {
+    match std::env::var("SDSTREAM_TEST_DEVICE") {
+        Ok(d) => sdstream::device::parse_device(&d).expect("SDSTREAM_TEST_DEVICE names a device"),
+        Err(_) => tch::Device::Cpu,
+    }
+}
+
+/// [`cpu_fp32`] on [`test_device`].
+pub fn test_fp32(vae: Option<String>) -> sdstream::models::stable_diffusion::LoadOptions {
+    sdstream::models::stable_diffusion::LoadOptions { device: test_device(), ..cpu_fp32(vae) }
 }
 
 /// All tensors of a safetensors file (any path).
