@@ -834,6 +834,70 @@ def dir_size(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
+# --------------------------------------------------------------------------------------
+# 7. Text-encoder key layouts
+# --------------------------------------------------------------------------------------
+def flat_key(k: str) -> str:
+    """A text-encoder tensor name in transformers 5's CLIPTextModel layout: no `text_model.` level
+    (`text_projection.*` of CLIPTextModelWithProjection is at the top level in both layouts)."""
+    return k[len("text_model."):] if k.startswith("text_model.") else k
+
+
+def write_flat_layout_model(src: Path, dst: Path, classes: dict) -> None:
+    """`dst`: the model folder `src` (text encoders in the hub layout `text_model.*`) with its text encoders
+    (`classes`: folder -> transformers class) stored without the `text_model.` level, by renaming the keys of the
+    very same tensors; every other entry is a relative symlink to `src`'s (no weights duplicated).
+
+    Checked: transformers loads each renamed file to the same model (bit-equal outputs), transformers' own
+    `save_pretrained` writes CLIPTextModel in this layout, and diffusers' pipeline on `dst` gives the same image
+    as on `src`, bit for bit."""
+    if dst.exists() or dst.is_symlink():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    for entry in sorted(src.iterdir()):
+        if entry.name not in classes:
+            (dst / entry.name).symlink_to(os.path.relpath(entry, dst))
+    ids = torch.arange(MAX_LEN).unsqueeze(0) % 900
+    for folder, cls in classes.items():
+        (dst / folder).mkdir()
+        shutil.copyfile(src / folder / "config.json", dst / folder / "config.json")
+        nested = load_file(str(src / folder / "model.safetensors"))
+        assert all(k.startswith(("text_model.", "text_projection.")) for k in nested), "not the hub layout"
+        flat = {flat_key(k): v for k, v in nested.items()}
+        save_file(flat, str(dst / folder / "model.safetensors"), metadata={"format": "pt"})
+        a = cls.from_pretrained(str(src / folder)).eval()
+        b, info = cls.from_pretrained(str(dst / folder), output_loading_info=True)
+        assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+        with torch.no_grad():
+            oa, ob = a(ids, output_hidden_states=True), b.eval()(ids, output_hidden_states=True)
+        assert torch.equal(oa[0], ob[0]) and torch.equal(oa.hidden_states[-2], ob.hidden_states[-2])
+        # What this transformers writes for the class itself.
+        tmp = dst / folder / "saved.tmp"
+        b.save_pretrained(str(tmp), safe_serialization=True)
+        written = set(load_file(str(tmp / "model.safetensors")))
+        shutil.rmtree(tmp)
+        if cls.__name__ == "CLIPTextModel" and int(transformers.__version__.split(".")[0]) >= 5:
+            assert written == set(flat), f"transformers {transformers.__version__} writes another layout"
+        assert written in (set(flat), set(nested)), sorted(written ^ set(flat))[:5]
+        print(f"{dst.relative_to(ROOT)}/{folder}: {len(flat)} tensors without `text_model.`; transformers "
+            f"{transformers.__version__} saves {cls.__name__} "
+            f"{'the same way' if written == set(flat) else 'with `text_model.`'}", flush=True)
+
+
+@torch.no_grad()
+def same_image_both_layouts(src: Path, dst: Path, pipe_cls, **load_kw) -> None:
+    """diffusers' pipeline on the flat-layout copy gives the very image of the original."""
+    images = []
+    for d in (src, dst):
+        pipe = pipe_cls.from_pretrained(str(d), torch_dtype=torch.float32, **load_kw)
+        pipe.set_progress_bar_config(disable=True)
+        kw = dict(prompt=PIPE_PROMPT, negative_prompt=PIPE_NEG, num_inference_steps=2, guidance_scale=5.0,
+                  height=64, width=64)
+        images.append(run_seeded(pipe, kw, 11, ("pt",))[0])
+    assert torch.equal(images[0], images[1]), (images[0] - images[1]).abs().max()
+    print(f"{dst.relative_to(ROOT)}: diffusers gives the same image as {src.relative_to(ROOT)}", flush=True)
+
+
 def main():
     global T0
     T0 = time.perf_counter()
@@ -899,6 +963,12 @@ def main():
     for d in (MODELS_FIX / "taesd-tiny", BUNDLED / "tiny-taesd-test"):
         AutoencoderTiny.from_pretrained(str(d))
     log("reload verification ok")
+
+    # Appended last: the text encoders in transformers 5's key layout (no `text_model.`), the rest shared.
+    for name in ("sd1-tiny", "sd2-tiny"):
+        flat_dir = MODELS_FIX / f"{name}-flat"
+        write_flat_layout_model(MODELS_FIX / name, flat_dir, {"text_encoder": CLIPTextModel})
+        same_image_both_layouts(MODELS_FIX / name, flat_dir, StableDiffusionPipeline)
 
     total = dir_size(FIX) + dir_size(BUNDLED / "tiny-sd-test") + dir_size(BUNDLED / "tiny-taesd-test")
     log(f"total size of tests/fixtures + bundled test models: {total / 1e6:.2f} MB")

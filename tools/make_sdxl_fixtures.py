@@ -258,6 +258,11 @@ def main():
     names = pipeline_references(pipe, Image.open(input_path).convert("RGB"), input_path.relative_to(mf.ROOT).as_posix())
     print(f"{NAME}: {len(names)} pipeline cases; {mf.dir_size(MODEL_DIR) / 1e6:.2f} MB model, "
           f"{mf.dir_size(OUT) / 1e6:.2f} MB references")
+    # Appended last: the same model with both text encoders stored without `text_model.` (see make_fixtures).
+    flat_dir = mf.MODELS_FIX / f"{NAME}-flat"
+    mf.write_flat_layout_model(MODEL_DIR, flat_dir, {"text_encoder": CLIPTextModel,
+                                                     "text_encoder_2": CLIPTextModelWithProjection})
+    mf.same_image_both_layouts(MODEL_DIR, flat_dir, StableDiffusionXLPipeline, add_watermarker=False)
 
 
 if __name__ == "__main__":

@@ -209,8 +209,7 @@ fn load_text_encoder(
     kind: Kind,
 ) -> Result<(ClipTextModel, Weights)> {
     let config: ClipTextConfig = read_config(&src.file(&format!("{dir}/config.json"))?)?;
-    let w = Weights::from_safetensors(&src.weights(dir, "model", kind)?, device, kind)?;
-    let te = ClipTextModel::new(&w, config)?;
+    let (te, w) = ClipTextModel::load(&src.weights(dir, "model", kind)?, config, device, kind)?;
     warn_unused(&w, dir);
     Ok((te, w))
 }
