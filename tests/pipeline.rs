@@ -1,7 +1,7 @@
 //! End-to-end txt2img and img2img against diffusers' StableDiffusion(XL)Pipeline / (XL)Img2ImgPipeline:
 //! every case in tests/fixtures/reference/<model>/pipeline (made by tools/make_fixtures.py and
-//! tools/make_sdxl_fixtures.py: every scheduler,
-//! guidance 1 and > 1, negative prompts, non-square sizes). Same model, prompt and seed on CPU in fp32:
+//! tools/make_sdxl_fixtures.py: every scheduler, with and without a `timestep_spacing` override,
+//! guidance 1 and > 1, negative prompts, non-square sizes), and both text-encoder key layouts. Same model, prompt and seed on CPU in fp32:
 //! latents within 1e-4 (abs + rel), PNG within 2/255 per pixel.
 mod common;
 
@@ -40,6 +40,21 @@ fn check_model(model: &str) {
         };
         assert_close(&format!("{model}/{name}: latents"), &latents, &reference["latents"], 1e-4, 1e-4);
         assert_png_matches(&format!("{model}/{name}"), &sd, &latents, &format!("{base}.png"));
+        // A `timestep_spacing` override (diffusers' `from_config(config, timestep_spacing=...)`) must matter for
+        // every scheduler but LCM, which ignores it in diffusers too.
+        if let Some(spacing) = p.timestep_spacing {
+            assert_eq!(case["scheduler_config"]["timestep_spacing"], spacing.as_str(), "{name}");
+            if case["mode"] == "txt2img" {
+                let plain = GenerateParams { timestep_spacing: None, ..p.clone() };
+                let without = pipeline::txt2img_latents(&sd, &plain).unwrap();
+                let moved = max_abs_diff(&without, &latents);
+                if p.scheduler == sdstream::schedulers::SchedulerKind::Lcm {
+                    assert_eq!(moved, 0.0, "{model}/{name}: LCM's timesteps moved with the spacing");
+                } else {
+                    assert!(moved > 1e-3, "{model}/{name}: the override changed nothing");
+                }
+            }
+        }
     }
 }
 

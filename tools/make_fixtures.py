@@ -634,9 +634,11 @@ def custom_config(cls_key, spacing):
 
 
 @torch.no_grad()
-def scheduler_case(name, cls_key, config, steps, out_dir: Path):
+def scheduler_case(name, cls_key, config, steps, out_dir: Path, spacing_override=None):
     cls = SCHED_CLASSES[cls_key]
-    s = cls.from_config(config)
+    # `from_config(config, timestep_spacing=...)`: what sdstream's --timestep-spacing reproduces.
+    over = {} if spacing_override is None else {"timestep_spacing": spacing_override}
+    s = cls.from_config(config, **over)
     s.set_timesteps(steps)
     timesteps = s.timesteps.clone()
     info = {
@@ -668,7 +670,7 @@ def scheduler_case(name, cls_key, config, steps, out_dir: Path):
         sample = res.prev_sample
 
     # add_noise on a fresh scheduler (set_timesteps called, no step taken, begin_index None)
-    s2 = cls.from_config(config)
+    s2 = cls.from_config(config, **over)
     s2.set_timesteps(steps)
     if cls_key in ("euler", "euler_a"):
         n = len(s2.timesteps)
@@ -684,6 +686,9 @@ def scheduler_case(name, cls_key, config, steps, out_dir: Path):
     t["add_noise_timesteps"] = an_ts
     t["add_noise_noised"] = s2.add_noise(x0, noise, an_ts)
     info["add_noise_timesteps"] = an_ts.tolist()
+    if spacing_override is not None:
+        info["base_config"] = clean_config(config)
+        info["timestep_spacing_override"] = spacing_override
     write_json(out_dir / f"{name}.json", info)
     save_st(out_dir / f"{name}.safetensors", t)
 
@@ -706,6 +711,15 @@ def scheduler_references():
                 name = f"{cls_key}_custom-{spacing}_s{steps}"
                 scheduler_case(name, cls_key, custom_config(cls_key, spacing), steps, out)
                 names.append(name)
+    # Appended last: the config's spacing overridden, `Class.from_config(cfg, timestep_spacing=...)` (LCM takes the
+    # option and ignores it), and the stream's 50-step LCM schedule with an override.
+    for cls_key in SCHED_CLASSES:
+        for base_key, spacing in (("sd15", "trailing"), ("sd15", "linspace"), ("turbo", "leading")):
+            name = f"{cls_key}_{base_key}_s4_override-{spacing}"
+            scheduler_case(name, cls_key, bases[base_key], 4, out, spacing_override=spacing)
+            names.append(name)
+    scheduler_case("lcm_lcm_s50_override-trailing", "lcm", LCM_CONFIG, 50, out, spacing_override="trailing")
+    names.append("lcm_lcm_s50_override-trailing")
     write_json(out / "index.json", names)
     return names
 
@@ -747,12 +761,26 @@ def pipeline_cases(model_name):
         seed += 1
         cases.append(dict(mode="img2img", scheduler="euler_a", guidance=7.5, steps=4, width=64, height=64,
                           seed=seed, negative_prompt=None, strength=0.6))
+    # --timestep-spacing: the scheduler built `from_config(config, timestep_spacing=...)`, a spacing other than the
+    # model's own (sd1-tiny/lcm-tiny: leading; sd2-tiny: trailing). Appended last, as above.
+    spacing = "leading" if model_name == "sd2-tiny" else "trailing"
+    for sch in scheds + (["euler_a"] if model_name != "lcm-tiny" else []):
+        seed += 1
+        cases.append(dict(mode="txt2img", scheduler=sch, guidance=1.0 if sch in ("lcm", "euler_a") else 7.5,
+                          steps=2 if sch == "lcm" else 3, width=64, height=64, seed=seed, negative_prompt=None,
+                          timestep_spacing=spacing))
+    if model_name != "lcm-tiny":
+        seed += 1
+        cases.append(dict(mode="img2img", scheduler="euler", guidance=7.5, steps=4, width=64, height=64,
+                          seed=seed, negative_prompt=None, strength=0.6, timestep_spacing="linspace"))
     for c in cases:
         base = f"{c['mode']}_{c['scheduler']}_g{c['guidance']}"
         if c["negative_prompt"]:
             base += "_neg"
         if (c["width"], c["height"]) != (64, 64):
             base += f"_{c['width']}x{c['height']}"
+        if c.get("timestep_spacing"):
+            base += f"_{c['timestep_spacing']}"
         c["name"] = base
     return cases
 
@@ -787,7 +815,8 @@ def pipeline_references(model_name, model_dir: Path, input_img: Image.Image, inp
     names = []
     for c in pipeline_cases(model_name):
         pipe = t2i if c["mode"] == "txt2img" else i2i
-        pipe.scheduler = SCHED_CLASSES[c["scheduler"]].from_config(base_cfg)
+        over = {"timestep_spacing": c["timestep_spacing"]} if c.get("timestep_spacing") else {}
+        pipe.scheduler = SCHED_CLASSES[c["scheduler"]].from_config(base_cfg, **over)
         kw = dict(prompt=PIPE_PROMPT, negative_prompt=c["negative_prompt"], num_inference_steps=c["steps"],
                   guidance_scale=c["guidance"])
         if c["mode"] == "txt2img":
@@ -814,6 +843,8 @@ def pipeline_references(model_name, model_dir: Path, input_img: Image.Image, inp
         if c["mode"] == "img2img":
             info["strength"] = c["strength"]
             info["input_image"] = input_rel
+        if over:
+            info["timestep_spacing"] = c["timestep_spacing"]
         write_case(out, c["name"], info, pil, {"latents": lat, "image": pt})
         names.append(c["name"])
     write_json(out / "index.json", names)
