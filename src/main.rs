@@ -3,7 +3,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use sdstream::models::stable_diffusion::{LoadOptions, StableDiffusion};
 use sdstream::pipeline::{self, GenerateParams};
-use sdstream::schedulers::SchedulerKind;
+use sdstream::schedulers::{SchedulerKind, TimestepSpacing};
 use sdstream::stream::settings::StreamSettings;
 use std::path::PathBuf;
 
@@ -235,6 +235,10 @@ struct GenArgs {
     /// PNDM).
     #[arg(long, default_value = "auto")]
     scheduler: String,
+    /// leading, trailing or linspace: replaces the scheduler config's timestep_spacing, as diffusers'
+    /// `Scheduler.from_config(config, timestep_spacing=...)` (LCM, like diffusers', does not use it).
+    #[arg(long, value_name = "SPACING")]
+    timestep_spacing: Option<TimestepSpacing>,
     #[arg(long, default_value_t = 7.5)]
     guidance: f64,
     /// Image width in pixels (txt2img: the model's default when not given, as in diffusers: 512 for SD 1.5,
@@ -339,6 +343,7 @@ impl GenArgs {
             seed: self.seed,
             steps: self.steps,
             scheduler: self.scheduler(sd)?,
+            timestep_spacing: self.timestep_spacing,
             guidance: self.guidance,
             width: self.width.unwrap_or(width),
             height: self.height.unwrap_or(height),
@@ -415,6 +420,10 @@ pub struct StreamFlags {
     /// The stream's scheduler: lcm or ddim.
     #[arg(long)]
     scheduler: Option<String>,
+    /// leading, trailing or linspace: replaces the model's scheduler config's timestep_spacing when the stream
+    /// builds its 50-step LCM schedule (diffusers' LCMScheduler does not use it: no effect, as there).
+    #[arg(long, value_name = "SPACING")]
+    timestep_spacing: Option<TimestepSpacing>,
     /// none, full, self or initialize.
     #[arg(long)]
     cfg_type: Option<String>,

@@ -90,6 +90,55 @@ fn bad_flags_are_named() {
     );
 }
 
+/// `--timestep-spacing` takes diffusers' three values on txt2img, img2img and stream (and serve's stream
+/// settings); anything else is refused, naming the flag, the value and the choices, before a model is loaded.
+#[test]
+fn a_bad_timestep_spacing_names_the_choices() {
+    let m = "models/tiny-sd-test";
+    let bad = ["--timestep-spacing", "sideways"];
+    let img2img = ["img2img", "--model", m, "--prompt", "x", "--image", "/no/such.png", "--device", "cpu"];
+    let stream = ["stream", "--model", m, "--input", "models", "--output", "/tmp/x"];
+    let serve = ["serve", "--config", "configs/tiny.toml"];
+    let t2i = txt2img(m, &[]);
+    for base in [run(&t2i), img2img.to_vec(), stream.to_vec(), serve.to_vec()] {
+        let args: Vec<&str> = base.iter().copied().chain(bad).collect();
+        let (ok, text) = sdstream(&args);
+        assert!(!ok, "sdstream {args:?} should fail:\n{text}");
+        for needle in ["--timestep-spacing", "sideways", "leading, trailing, linspace"] {
+            assert!(text.contains(needle), "sdstream {args:?}: the message should name `{needle}`:\n{text}");
+        }
+    }
+    // A stream settings patch (a config, a client's `settings` message) names the field and the choices.
+    let e = sdstream::stream::settings::StreamSettings::default()
+        .patched(&serde_json::json!({"timestep_spacing": "sideways"}))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("timestep_spacing") && e.contains("leading") && e.contains("linspace"), "{e}");
+}
+
+/// A valid `--timestep-spacing` changes the image where the scheduler uses it (Euler), exactly as the same run
+/// through the library with the override does (tests/pipeline.rs checks that against diffusers).
+#[test]
+fn timestep_spacing_reaches_the_scheduler() {
+    let dir = std::env::temp_dir().join(format!("sdstream-cli-spacing-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run_with = |spacing: Option<&str>, out: &str| -> Vec<u8> {
+        let path = dir.join(out);
+        let mut args = txt2img("tests/fixtures/models/sd1-tiny", &["--output", path.to_str().unwrap()]);
+        args.extend(["--scheduler", "euler", "--guidance", "1.0"].map(String::from));
+        if let Some(s) = spacing {
+            args.extend(["--timestep-spacing".to_string(), s.to_string()]);
+        }
+        let (ok, text) = sdstream(&run(&args));
+        assert!(ok, "{text}");
+        std::fs::read(&path).unwrap()
+    };
+    let plain = run_with(None, "plain.png");
+    assert_eq!(plain, run_with(Some("leading"), "leading.png"), "sd1-tiny's config says leading");
+    assert_ne!(plain, run_with(Some("trailing"), "trailing.png"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn serve_reports_a_port_in_use_before_loading_the_model() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -137,6 +137,79 @@ fn sdxl_lora_on_both_text_encoders_matches_diffusers() {
     assert!(e.contains("sdxl_peft.safetensors"), "{e}");
 }
 
+/// A copy of LoRA fixture `file` in `dir` with its text-encoder keys named without `text_model.` (as a LoRA
+/// trained on transformers 5's `CLIPTextModel` names them: `text_encoder.encoder.layers.0...`,
+/// `lora_te_encoder_layers_0_...`, `lora_te1_encoder_...`).
+fn flat_named_copy(file: &str, dir: &std::path::Path) -> LoraSpec {
+    let src = fixture(&format!("tests/fixtures/lora/{file}"));
+    let renamed: Vec<(String, Tensor)> = Tensor::read_safetensors(&src)
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| {
+            let k = k
+                .replacen("text_encoder.text_model.", "text_encoder.", 1)
+                .replacen("text_encoder_2.text_model.", "text_encoder_2.", 1)
+                .replacen("_text_model_", "_", 1);
+            (k, t)
+        })
+        .collect();
+    assert!(renamed.iter().all(|(k, _)| !k.contains("text_model")));
+    let path = dir.join(format!("flat_{file}"));
+    Tensor::write_safetensors(&renamed, &path).unwrap();
+    LoraSpec { path: path.display().to_string(), scale: 1.0 }
+}
+
+/// LoRAs fuse the same into a model whose text encoder is stored without `text_model.` (sd1-tiny-flat,
+/// sdxl-tiny-flat) as into the hub layout, whichever way the LoRA names the text encoder's modules, and give
+/// diffusers' images.
+#[test]
+fn loras_fuse_the_same_on_both_text_encoder_layouts() {
+    let dir = std::env::temp_dir().join(format!("sdstream-lora-layouts-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut nested = load("sd1-tiny");
+    let mut flat = load("sd1-tiny-flat");
+    let base = snapshot(&nested);
+    assert_eq!(weight_diff(&flat, &base), (0.0, 0), "the two layouts load different weights");
+    sd_fuse(&mut nested, spec("sd1_peft.safetensors", 1.0));
+    let fused = snapshot(&nested);
+    let te_changed = fused.iter().filter(|(k, v)| k.starts_with("te:") && !v.equal(&base[*k])).count();
+    assert!(te_changed > 0, "the LoRA patched no text-encoder weight");
+    let mut specs: Vec<LoraSpec> =
+        ["sd1_peft.safetensors", "sd1_kohya.safetensors", "sd1_old.safetensors"].map(|f| spec(f, 1.0)).into();
+    specs.extend(["sd1_peft.safetensors", "sd1_kohya.safetensors"].map(|f| flat_named_copy(f, &dir)));
+    for s in specs {
+        for (tag, sd) in [("sd1-tiny", &mut nested), ("sd1-tiny-flat", &mut flat)] {
+            while !sd.loras.is_empty() {
+                sd.loras.remove(0).unwrap();
+            }
+            sd_fuse(sd, s.clone());
+            let (worst, n) = weight_diff(sd, &fused);
+            assert!(
+                worst <= 1e-6 && n == 0,
+                "{tag} + {}: {n} weights differ from sd1_peft's by {worst}",
+                s.path
+            );
+        }
+    }
+    check(&flat, "peft_ddim_g7.5");
+
+    let mut xl_flat = load("sdxl-tiny-flat");
+    for s in [spec("sdxl_peft.safetensors", 0.8), spec("sdxl_kohya.safetensors", 0.8), {
+        LoraSpec { scale: 0.8, ..flat_named_copy("sdxl_peft.safetensors", &dir) }
+    }] {
+        xl_flat.load_lora(&s).unwrap();
+        check(&xl_flat, "sdxl_peft_euler_g5.0_scale0.8");
+        xl_flat.loras.remove(0).unwrap();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn sd_fuse(sd: &mut StableDiffusion, s: LoraSpec) {
+    sd.load_lora(&s).unwrap_or_else(|e| panic!("{}: {e}", s.path));
+    let info = &sd.loras.list()[0];
+    assert!(info.text_encoder_layers > 0 && info.unet_layers > 0, "{info:?}");
+}
+
 #[test]
 fn alpha_from_diffusers_metadata_matches() {
     let mut sd = load("sd1-tiny");

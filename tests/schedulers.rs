@@ -1,6 +1,6 @@
 //! Schedulers against diffusers 0.42.1: every case in tests/fixtures/reference/schedulers (see tools/README.md,
 //! "Scheduler references"), plus config errors.
-use sdstream::schedulers::{self, build, SchedulerConfig, SchedulerKind};
+use sdstream::schedulers::{self, build, SchedulerConfig, SchedulerKind, TimestepSpacing};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
@@ -42,7 +42,19 @@ fn check_case(dir: &Path, name: &str) -> f64 {
         "EulerAncestralDiscreteScheduler" => SchedulerKind::EulerAncestral,
         other => panic!("{name}: unexpected class {other}"),
     };
-    let config = SchedulerConfig::from_json_str(&json["config"].to_string()).unwrap();
+    // Override cases: diffusers built the scheduler with `from_config(base_config, timestep_spacing=...)`; so does
+    // this, from the config as given (not the one diffusers resolved), through the same override the pipelines use.
+    let config = match json["timestep_spacing_override"].as_str() {
+        Some(spacing) => {
+            let spacing: TimestepSpacing = spacing.parse().unwrap();
+            let base = SchedulerConfig::from_json_str(&json["base_config"].to_string()).unwrap();
+            assert_ne!(base.timestep_spacing.as_deref(), Some(spacing.as_str()), "{name}: not an override");
+            let c = base.with_timestep_spacing(Some(spacing));
+            assert_eq!(c.timestep_spacing.as_deref(), json["config"]["timestep_spacing"].as_str(), "{name}");
+            c
+        }
+        None => SchedulerConfig::from_json_str(&json["config"].to_string()).unwrap(),
+    };
     let steps = json["steps"].as_u64().unwrap() as usize;
     let mut sched = build(kind, &config).unwrap();
     sched.set_timesteps(steps).unwrap();
@@ -168,6 +180,44 @@ fn config_defaults_are_per_class() {
     )
     .unwrap();
     assert_eq!(c.timestep_spacing, None);
+}
+
+/// `with_timestep_spacing` is diffusers' `from_config(config, timestep_spacing=...)`: it moves DDIM's and Euler's
+/// schedules and, as in diffusers, not LCM's (whose timesteps come from `original_inference_steps`), so the
+/// stream's 50-step LCM schedule is the same under every spacing (the stream does not re-prime on a change).
+#[test]
+fn timestep_spacing_override() {
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture_dir().join("lcm_lcm_s50_override-trailing.json")).unwrap(),
+    )
+    .unwrap();
+    let base = SchedulerConfig::from_json_str(&json["base_config"].to_string()).unwrap();
+    let want: Vec<i64> = json["timesteps"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect();
+    assert_eq!(schedulers::lcm_timesteps(&base, 50).unwrap(), want);
+    let sd15 = SchedulerConfig::from_json_str(
+        r#"{"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1,
+            "timestep_spacing": "leading"}"#,
+    )
+    .unwrap();
+    for spacing in [TimestepSpacing::Leading, TimestepSpacing::Trailing, TimestepSpacing::Linspace] {
+        let c = base.clone().with_timestep_spacing(Some(spacing));
+        assert_eq!(schedulers::lcm_timesteps(&c, 50).unwrap(), want, "{spacing}");
+        assert_eq!(spacing.as_str().parse::<TimestepSpacing>().unwrap(), spacing);
+        for kind in [SchedulerKind::Ddim, SchedulerKind::Euler, SchedulerKind::EulerAncestral] {
+            let mut s = build(kind, &sd15.clone().with_timestep_spacing(Some(spacing))).unwrap();
+            s.set_timesteps(4).unwrap();
+            let mut plain = build(kind, &sd15).unwrap();
+            plain.set_timesteps(4).unwrap();
+            assert_eq!(
+                s.timesteps() == plain.timesteps(),
+                spacing == TimestepSpacing::Leading,
+                "{kind:?} {spacing}"
+            );
+        }
+    }
+    assert_eq!(base.clone().with_timestep_spacing(None), base);
+    let e = "sideways".parse::<TimestepSpacing>().unwrap_err().to_string();
+    assert!(e.contains("sideways") && e.contains("leading, trailing, linspace"), "{e}");
 }
 
 #[test]

@@ -71,6 +71,29 @@ fn unet_with_added_conditions_matches_diffusers() {
     assert!(err.to_string().contains("added_cond"), "{err}");
 }
 
+/// `sdxl-tiny-flat` is `sdxl-tiny` with both text encoders stored without `text_model.` (`text_projection` at the
+/// top level): the same conditioning and images, bit for bit (diffusers' too: tools/make_sdxl_fixtures.py).
+#[test]
+fn both_text_encoder_layouts_give_the_same_images() {
+    let flat = StableDiffusion::load(
+        &fixture("tests/fixtures/models/sdxl-tiny-flat").display().to_string(),
+        &cpu_fp32(None),
+    )
+    .unwrap();
+    let nested = load();
+    let (a, b) = (nested.encode_text("a fox", Some(1)).unwrap(), flat.encode_text("a fox", Some(1)).unwrap());
+    assert!(a.hidden.equal(&b.hidden) && a.pooled.unwrap().equal(&b.pooled.unwrap()));
+    for name in ["txt2img_euler_g5.0_neg", "txt2img_euler_g1.0_skip1"] {
+        let base = format!("tests/fixtures/reference/sdxl-tiny/pipeline/{name}");
+        let case = json(&format!("{base}.json"));
+        let p = generate_params(&case, case["width"].as_i64().unwrap(), case["height"].as_i64().unwrap());
+        let la = sdstream::pipeline::txt2img_latents(&nested, &p).unwrap();
+        let lb = sdstream::pipeline::txt2img_latents(&flat, &p).unwrap();
+        assert!(la.equal(&lb), "{name}: the flat layout's latents differ by {}", max_abs_diff(&la, &lb));
+        assert_close(name, &lb, &tensors(&format!("{base}.safetensors"))["latents"], 1e-4, 1e-4);
+    }
+}
+
 #[test]
 fn default_size_follows_the_unet_sample_size() {
     let sd = load();

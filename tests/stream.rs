@@ -7,6 +7,7 @@ mod common;
 
 use common::*;
 use sdstream::models::stable_diffusion::StableDiffusion;
+use sdstream::schedulers::TimestepSpacing;
 use sdstream::stream::batch::{tick, TickInput};
 use sdstream::stream::settings::{CfgType, Mode, StreamSettings};
 use sdstream::stream::Stream;
@@ -51,10 +52,15 @@ fn frame_tensor(rel: &str) -> Tensor {
 }
 
 fn run_case(name: &str) {
+    run_case_with(name, None)
+}
+
+/// Runs stream case `name` with `timestep_spacing` set to `spacing`.
+fn run_case_with(name: &str, spacing: Option<TimestepSpacing>) {
     let case = json(&format!("tests/fixtures/stream/{name}.json"));
     let reference = tensors(&format!("tests/fixtures/stream/{name}.safetensors"));
     let sd = load(&case);
-    let s = settings(&case);
+    let s = StreamSettings { timestep_spacing: spacing, ..settings(&case) };
     let cond = sd.encode_text(&s.prompt, None).unwrap();
     assert_close(&format!("{name}: prompt_embeds"), &cond.hidden, &reference["prompt_embeds"], ATOL, RTOL);
     if let Some(want) = reference.get("pooled_prompt_embeds") {
@@ -108,6 +114,17 @@ fn every_streamdiffusion_case_matches() {
     for name in &names {
         run_case(name);
     }
+}
+
+/// The stream builds its 50-step LCM schedule as `LCMScheduler.from_config(config, timestep_spacing=...)` would:
+/// diffusers' LCMScheduler ignores the option, so with any override the stream still gives StreamDiffusion's
+/// frames (the schedule itself is checked against diffusers in tests/schedulers.rs).
+#[test]
+fn a_timestep_spacing_override_leaves_the_stream_as_diffusers_would() {
+    for spacing in [TimestepSpacing::Trailing, TimestepSpacing::Linspace, TimestepSpacing::Leading] {
+        run_case_with("sd1_img2img_n2_self", Some(spacing));
+    }
+    run_case_with("lcm_img2img_n2_self", Some(TimestepSpacing::Trailing));
 }
 
 #[test]

@@ -1,10 +1,11 @@
-//! Parity of the CLIP tokenizer and text encoder with transformers (fixtures from tools/make_fixtures.py),
-//! plus the errors a broken tokenizer folder or weights file gives.
+//! Parity of the CLIP tokenizer and text encoder with transformers (fixtures from tools/make_fixtures.py), both
+//! key layouts of the text encoder's weights, plus the errors a broken tokenizer folder or weights file gives.
 mod common;
 
 use common::{assert_max_abs, read_tensors, tensor};
-use sdstream::models::clip::{ClipTextConfig, ClipTextModel};
+use sdstream::models::clip::{ClipKeyLayout, ClipTextConfig, ClipTextModel};
 use sdstream::models::tokenizer::ClipTokenizer;
+use sdstream::models::weights::stored_shapes;
 use sdstream::models::{read_config, Weights};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
@@ -154,5 +155,133 @@ fn truncated_weights_are_an_error_naming_the_file() {
         };
         assert!(err.contains(&p.display().to_string()), "error does not name the file: {err}");
     }
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// The text encoder of `models/{model}/{dir}`, loaded as the pipelines load it (either key layout).
+fn load_any_layout(model: &str, dir: &str) -> (ClipTextModel, Weights) {
+    let d = fixture(&format!("models/{model}/{dir}"));
+    let cfg: ClipTextConfig = read_config(&d.join("config.json")).unwrap();
+    ClipTextModel::load(&[d.join("model.safetensors")], cfg, Device::Cpu, Kind::Float).unwrap()
+}
+
+fn layout_of(file: &Path) -> Option<ClipKeyLayout> {
+    let names = stored_shapes(file).unwrap();
+    ClipKeyLayout::detect(names.keys().map(String::as_str))
+}
+
+/// tests/fixtures/models/*-flat hold the tiny models' text encoders without the `text_model.` level, as
+/// transformers 5 saves `CLIPTextModel` (and with `text_projection` at the top level for SDXL's
+/// `CLIPTextModelWithProjection`): the same tensors under other names (tools/make_fixtures.py and
+/// make_sdxl_fixtures.py check transformers and diffusers give the same outputs for both). Both load to the very
+/// same model, under the same names.
+#[test]
+fn both_key_layouts_load_the_same_text_encoder() {
+    tch::set_num_threads(1);
+    let _guard = tch::no_grad_guard();
+    for (model, dir) in [
+        ("sd1-tiny", "text_encoder"),
+        ("sd2-tiny", "text_encoder"),
+        ("sdxl-tiny", "text_encoder"),
+        ("sdxl-tiny", "text_encoder_2"),
+    ] {
+        let flat_model = format!("{model}-flat");
+        let nested_file = fixture(&format!("models/{model}/{dir}/model.safetensors"));
+        let flat_file = fixture(&format!("models/{flat_model}/{dir}/model.safetensors"));
+        assert_eq!(layout_of(&nested_file), Some(ClipKeyLayout::Nested), "{model}/{dir}");
+        assert_eq!(layout_of(&flat_file), Some(ClipKeyLayout::Flat), "{flat_model}/{dir}");
+        assert!(
+            stored_shapes(&flat_file).unwrap().keys().all(|k| !k.starts_with("text_model.")),
+            "{flat_model}/{dir} is not in the flat layout"
+        );
+
+        let (a, wa) = load_any_layout(model, dir);
+        let (b, wb) = load_any_layout(&flat_model, dir);
+        assert_eq!(wb.unused(), Vec::<String>::new(), "{flat_model}/{dir}: unused tensors");
+        assert_eq!(wa.loaded_names(), wb.loaded_names(), "{dir}: the layouts load under other names");
+        assert!(wb
+            .loaded_names()
+            .iter()
+            .all(|n| n.starts_with("text_model.") || n.starts_with("text_projection.")));
+        for n in wa.loaded_names() {
+            assert!(
+                wa.loaded(&n).unwrap().equal(&wb.loaded(&n).unwrap()),
+                "{flat_model}/{dir}: `{n}` differs"
+            );
+        }
+        assert_eq!(a.has_projection(), dir == "text_encoder_2");
+
+        let ids = tch::Tensor::arange_start(0, 154, (Kind::Int64, Device::Cpu)).remainder(900).view([2, 77]);
+        assert!(a.forward(&ids).unwrap().equal(&b.forward(&ids).unwrap()), "{flat_model}/{dir}: last state");
+        let (ha, pa) = a.hidden_and_pooled(&ids, 1).unwrap();
+        let (hb, pb) = b.hidden_and_pooled(&ids, 1).unwrap();
+        assert!(ha.equal(&hb), "{flat_model}/{dir}: penultimate state");
+        assert_eq!(pa.is_some(), pb.is_some());
+        if let (Some(pa), Some(pb)) = (pa, pb) {
+            assert!(pa.equal(&pb), "{flat_model}/{dir}: pooled, projected output");
+        }
+    }
+}
+
+/// Writes `tensors` (renamed by `rename`; `None` drops one) as a safetensors file.
+fn write_renamed(src: &Path, dst: &Path, rename: impl Fn(&str) -> Option<String>) {
+    let tensors: Vec<(String, tch::Tensor)> = tch::Tensor::read_safetensors(src)
+        .unwrap()
+        .into_iter()
+        .filter_map(|(k, t)| rename(&k).map(|k| (k, t)))
+        .collect();
+    tch::Tensor::write_safetensors(&tensors, dst).unwrap();
+}
+
+#[test]
+fn text_encoder_files_in_neither_layout_or_incomplete_are_errors_naming_what_is_missing() {
+    let src = fixture("models/sd1-tiny/text_encoder/model.safetensors");
+    let cfg: ClipTextConfig = read_config(&fixture("models/sd1-tiny/text_encoder/config.json")).unwrap();
+    let d = scratch_dir("layouts");
+    let load = |p: &Path| match ClipTextModel::load(&[p], cfg.clone(), Device::Cpu, Kind::Float) {
+        Ok(_) => panic!("{} loaded", p.display()),
+        Err(e) => e.to_string(),
+    };
+
+    // Neither layout: the error names the file and both places the token embedding is looked for.
+    let other = d.join("other.safetensors");
+    write_renamed(&src, &other, |k| Some(format!("clip.{k}")));
+    let e = load(&other);
+    for needle in [
+        other.display().to_string().as_str(),
+        "`text_model.embeddings.token_embedding.weight`",
+        "`embeddings.token_embedding.weight`",
+    ] {
+        assert!(e.contains(needle), "the error does not name {needle}: {e}");
+    }
+
+    // The flat layout with a tensor missing: named as the modules ask for it, with the layout it was looked for in.
+    let gap = d.join("gap.safetensors");
+    write_renamed(&src, &gap, |k| {
+        let flat = k.strip_prefix("text_model.").unwrap_or(k);
+        (flat != "encoder.layers.1.mlp.fc2.weight").then(|| flat.to_string())
+    });
+    let e = load(&gap);
+    for needle in
+        ["text_model.encoder.layers.1.mlp.fc2.weight", "without the `text_model.` prefix", "gap.safetensors"]
+    {
+        assert!(e.contains(needle), "the error does not say {needle}: {e}");
+    }
+    // The nested layout with a tensor missing says what it always said.
+    let gap2 = d.join("gap2.safetensors");
+    write_renamed(&src, &gap2, |k| (k != "text_model.final_layer_norm.bias").then(|| k.to_string()));
+    let e = load(&gap2);
+    assert!(
+        e.contains("`text_model.final_layer_norm.bias` is missing") && e.contains("gap2.safetensors"),
+        "{e}"
+    );
+
+    // A renaming store refuses two stored tensors that would read as one.
+    let e = match Weights::from_safetensors_renamed(&[&src], Device::Cpu, Kind::Float, |_| "x".into(), "test")
+    {
+        Ok(_) => panic!("two tensors under one name"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("both stand for `x`"), "{e}");
     let _ = std::fs::remove_dir_all(&d);
 }

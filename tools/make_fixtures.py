@@ -634,9 +634,11 @@ def custom_config(cls_key, spacing):
 
 
 @torch.no_grad()
-def scheduler_case(name, cls_key, config, steps, out_dir: Path):
+def scheduler_case(name, cls_key, config, steps, out_dir: Path, spacing_override=None):
     cls = SCHED_CLASSES[cls_key]
-    s = cls.from_config(config)
+    # `from_config(config, timestep_spacing=...)`: what sdstream's --timestep-spacing reproduces.
+    over = {} if spacing_override is None else {"timestep_spacing": spacing_override}
+    s = cls.from_config(config, **over)
     s.set_timesteps(steps)
     timesteps = s.timesteps.clone()
     info = {
@@ -668,7 +670,7 @@ def scheduler_case(name, cls_key, config, steps, out_dir: Path):
         sample = res.prev_sample
 
     # add_noise on a fresh scheduler (set_timesteps called, no step taken, begin_index None)
-    s2 = cls.from_config(config)
+    s2 = cls.from_config(config, **over)
     s2.set_timesteps(steps)
     if cls_key in ("euler", "euler_a"):
         n = len(s2.timesteps)
@@ -684,6 +686,9 @@ def scheduler_case(name, cls_key, config, steps, out_dir: Path):
     t["add_noise_timesteps"] = an_ts
     t["add_noise_noised"] = s2.add_noise(x0, noise, an_ts)
     info["add_noise_timesteps"] = an_ts.tolist()
+    if spacing_override is not None:
+        info["base_config"] = clean_config(config)
+        info["timestep_spacing_override"] = spacing_override
     write_json(out_dir / f"{name}.json", info)
     save_st(out_dir / f"{name}.safetensors", t)
 
@@ -706,6 +711,15 @@ def scheduler_references():
                 name = f"{cls_key}_custom-{spacing}_s{steps}"
                 scheduler_case(name, cls_key, custom_config(cls_key, spacing), steps, out)
                 names.append(name)
+    # Appended last: the config's spacing overridden, `Class.from_config(cfg, timestep_spacing=...)` (LCM takes the
+    # option and ignores it), and the stream's 50-step LCM schedule with an override.
+    for cls_key in SCHED_CLASSES:
+        for base_key, spacing in (("sd15", "trailing"), ("sd15", "linspace"), ("turbo", "leading")):
+            name = f"{cls_key}_{base_key}_s4_override-{spacing}"
+            scheduler_case(name, cls_key, bases[base_key], 4, out, spacing_override=spacing)
+            names.append(name)
+    scheduler_case("lcm_lcm_s50_override-trailing", "lcm", LCM_CONFIG, 50, out, spacing_override="trailing")
+    names.append("lcm_lcm_s50_override-trailing")
     write_json(out / "index.json", names)
     return names
 
@@ -747,12 +761,26 @@ def pipeline_cases(model_name):
         seed += 1
         cases.append(dict(mode="img2img", scheduler="euler_a", guidance=7.5, steps=4, width=64, height=64,
                           seed=seed, negative_prompt=None, strength=0.6))
+    # --timestep-spacing: the scheduler built `from_config(config, timestep_spacing=...)`, a spacing other than the
+    # model's own (sd1-tiny/lcm-tiny: leading; sd2-tiny: trailing). Appended last, as above.
+    spacing = "leading" if model_name == "sd2-tiny" else "trailing"
+    for sch in scheds + (["euler_a"] if model_name != "lcm-tiny" else []):
+        seed += 1
+        cases.append(dict(mode="txt2img", scheduler=sch, guidance=1.0 if sch in ("lcm", "euler_a") else 7.5,
+                          steps=2 if sch == "lcm" else 3, width=64, height=64, seed=seed, negative_prompt=None,
+                          timestep_spacing=spacing))
+    if model_name != "lcm-tiny":
+        seed += 1
+        cases.append(dict(mode="img2img", scheduler="euler", guidance=7.5, steps=4, width=64, height=64,
+                          seed=seed, negative_prompt=None, strength=0.6, timestep_spacing="linspace"))
     for c in cases:
         base = f"{c['mode']}_{c['scheduler']}_g{c['guidance']}"
         if c["negative_prompt"]:
             base += "_neg"
         if (c["width"], c["height"]) != (64, 64):
             base += f"_{c['width']}x{c['height']}"
+        if c.get("timestep_spacing"):
+            base += f"_{c['timestep_spacing']}"
         c["name"] = base
     return cases
 
@@ -787,7 +815,8 @@ def pipeline_references(model_name, model_dir: Path, input_img: Image.Image, inp
     names = []
     for c in pipeline_cases(model_name):
         pipe = t2i if c["mode"] == "txt2img" else i2i
-        pipe.scheduler = SCHED_CLASSES[c["scheduler"]].from_config(base_cfg)
+        over = {"timestep_spacing": c["timestep_spacing"]} if c.get("timestep_spacing") else {}
+        pipe.scheduler = SCHED_CLASSES[c["scheduler"]].from_config(base_cfg, **over)
         kw = dict(prompt=PIPE_PROMPT, negative_prompt=c["negative_prompt"], num_inference_steps=c["steps"],
                   guidance_scale=c["guidance"])
         if c["mode"] == "txt2img":
@@ -814,6 +843,8 @@ def pipeline_references(model_name, model_dir: Path, input_img: Image.Image, inp
         if c["mode"] == "img2img":
             info["strength"] = c["strength"]
             info["input_image"] = input_rel
+        if over:
+            info["timestep_spacing"] = c["timestep_spacing"]
         write_case(out, c["name"], info, pil, {"latents": lat, "image": pt})
         names.append(c["name"])
     write_json(out / "index.json", names)
@@ -832,6 +863,70 @@ def verify_reload(dir_: Path):
 
 def dir_size(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+# --------------------------------------------------------------------------------------
+# 7. Text-encoder key layouts
+# --------------------------------------------------------------------------------------
+def flat_key(k: str) -> str:
+    """A text-encoder tensor name in transformers 5's CLIPTextModel layout: no `text_model.` level
+    (`text_projection.*` of CLIPTextModelWithProjection is at the top level in both layouts)."""
+    return k[len("text_model."):] if k.startswith("text_model.") else k
+
+
+def write_flat_layout_model(src: Path, dst: Path, classes: dict) -> None:
+    """`dst`: the model folder `src` (text encoders in the hub layout `text_model.*`) with its text encoders
+    (`classes`: folder -> transformers class) stored without the `text_model.` level, by renaming the keys of the
+    very same tensors; every other entry is a relative symlink to `src`'s (no weights duplicated).
+
+    Checked: transformers loads each renamed file to the same model (bit-equal outputs), transformers' own
+    `save_pretrained` writes CLIPTextModel in this layout, and diffusers' pipeline on `dst` gives the same image
+    as on `src`, bit for bit."""
+    if dst.exists() or dst.is_symlink():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    for entry in sorted(src.iterdir()):
+        if entry.name not in classes:
+            (dst / entry.name).symlink_to(os.path.relpath(entry, dst))
+    ids = torch.arange(MAX_LEN).unsqueeze(0) % 900
+    for folder, cls in classes.items():
+        (dst / folder).mkdir()
+        shutil.copyfile(src / folder / "config.json", dst / folder / "config.json")
+        nested = load_file(str(src / folder / "model.safetensors"))
+        assert all(k.startswith(("text_model.", "text_projection.")) for k in nested), "not the hub layout"
+        flat = {flat_key(k): v for k, v in nested.items()}
+        save_file(flat, str(dst / folder / "model.safetensors"), metadata={"format": "pt"})
+        a = cls.from_pretrained(str(src / folder)).eval()
+        b, info = cls.from_pretrained(str(dst / folder), output_loading_info=True)
+        assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+        with torch.no_grad():
+            oa, ob = a(ids, output_hidden_states=True), b.eval()(ids, output_hidden_states=True)
+        assert torch.equal(oa[0], ob[0]) and torch.equal(oa.hidden_states[-2], ob.hidden_states[-2])
+        # What this transformers writes for the class itself.
+        tmp = dst / folder / "saved.tmp"
+        b.save_pretrained(str(tmp), safe_serialization=True)
+        written = set(load_file(str(tmp / "model.safetensors")))
+        shutil.rmtree(tmp)
+        if cls.__name__ == "CLIPTextModel" and int(transformers.__version__.split(".")[0]) >= 5:
+            assert written == set(flat), f"transformers {transformers.__version__} writes another layout"
+        assert written in (set(flat), set(nested)), sorted(written ^ set(flat))[:5]
+        print(f"{dst.relative_to(ROOT)}/{folder}: {len(flat)} tensors without `text_model.`; transformers "
+            f"{transformers.__version__} saves {cls.__name__} "
+            f"{'the same way' if written == set(flat) else 'with `text_model.`'}", flush=True)
+
+
+@torch.no_grad()
+def same_image_both_layouts(src: Path, dst: Path, pipe_cls, **load_kw) -> None:
+    """diffusers' pipeline on the flat-layout copy gives the very image of the original."""
+    images = []
+    for d in (src, dst):
+        pipe = pipe_cls.from_pretrained(str(d), torch_dtype=torch.float32, **load_kw)
+        pipe.set_progress_bar_config(disable=True)
+        kw = dict(prompt=PIPE_PROMPT, negative_prompt=PIPE_NEG, num_inference_steps=2, guidance_scale=5.0,
+                  height=64, width=64)
+        images.append(run_seeded(pipe, kw, 11, ("pt",))[0])
+    assert torch.equal(images[0], images[1]), (images[0] - images[1]).abs().max()
+    print(f"{dst.relative_to(ROOT)}: diffusers gives the same image as {src.relative_to(ROOT)}", flush=True)
 
 
 def main():
@@ -899,6 +994,12 @@ def main():
     for d in (MODELS_FIX / "taesd-tiny", BUNDLED / "tiny-taesd-test"):
         AutoencoderTiny.from_pretrained(str(d))
     log("reload verification ok")
+
+    # Appended last: the text encoders in transformers 5's key layout (no `text_model.`), the rest shared.
+    for name in ("sd1-tiny", "sd2-tiny"):
+        flat_dir = MODELS_FIX / f"{name}-flat"
+        write_flat_layout_model(MODELS_FIX / name, flat_dir, {"text_encoder": CLIPTextModel})
+        same_image_both_layouts(MODELS_FIX / name, flat_dir, StableDiffusionPipeline)
 
     total = dir_size(FIX) + dir_size(BUNDLED / "tiny-sd-test") + dir_size(BUNDLED / "tiny-taesd-test")
     log(f"total size of tests/fixtures + bundled test models: {total / 1e6:.2f} MB")

@@ -189,6 +189,10 @@ def cases():
              original_size=(96, 128), crops_coords_top_left=(8, 4), target_size=(64, 48)),
         # SDXL-Turbo's own scheduler (noise drawn in every step)
         dict(mode="txt2img", scheduler="euler_a", guidance=5.0, steps=3, width=64, height=64, negative_prompt=None),
+        # --timestep-spacing: Euler built `from_config(config, timestep_spacing="trailing")`, as the
+        # SDXL-Lightning and Hyper-SD model cards do (the config says "leading")
+        dict(mode="txt2img", scheduler="euler", guidance=1.0, steps=2, width=64, height=64, negative_prompt=None,
+             timestep_spacing="trailing"),
     ]
     for i, x in enumerate(c):
         x["seed"] = 500 + i
@@ -201,6 +205,8 @@ def cases():
             name += f"_skip{x['clip_skip']}"
         if x.get("original_size"):
             name += "_micro"
+        if x.get("timestep_spacing"):
+            name += f"_{x['timestep_spacing']}"
         x["name"] = name
     return c
 
@@ -216,7 +222,8 @@ def pipeline_references(pipe, input_img: Image.Image, input_rel: str):
     names = []
     for c in cases():
         p = pipe if c["mode"] == "txt2img" else i2i
-        p.scheduler = mf.SCHED_CLASSES[c["scheduler"]].from_config(base_cfg)
+        over = {"timestep_spacing": c["timestep_spacing"]} if c.get("timestep_spacing") else {}
+        p.scheduler = mf.SCHED_CLASSES[c["scheduler"]].from_config(base_cfg, **over)
         kw = dict(prompt=mf.PIPE_PROMPT, negative_prompt=c["negative_prompt"], num_inference_steps=c["steps"],
                   guidance_scale=c["guidance"], clip_skip=c.get("clip_skip"))
         for k in ("original_size", "crops_coords_top_left", "target_size"):
@@ -240,6 +247,8 @@ def pipeline_references(pipe, input_img: Image.Image, input_rel: str):
                 info[k] = list(c[k])
         if c["mode"] == "img2img":
             info.update(strength=c["strength"], input_image=input_rel)
+        if over:
+            info["timestep_spacing"] = c["timestep_spacing"]
         mf.write_case(out, c["name"], info, pil, {"latents": lat, "image": pt})
         names.append(c["name"])
     mf.write_json(out / "index.json", names)
@@ -258,6 +267,11 @@ def main():
     names = pipeline_references(pipe, Image.open(input_path).convert("RGB"), input_path.relative_to(mf.ROOT).as_posix())
     print(f"{NAME}: {len(names)} pipeline cases; {mf.dir_size(MODEL_DIR) / 1e6:.2f} MB model, "
           f"{mf.dir_size(OUT) / 1e6:.2f} MB references")
+    # Appended last: the same model with both text encoders stored without `text_model.` (see make_fixtures).
+    flat_dir = mf.MODELS_FIX / f"{NAME}-flat"
+    mf.write_flat_layout_model(MODEL_DIR, flat_dir, {"text_encoder": CLIPTextModel,
+                                                     "text_encoder_2": CLIPTextModelWithProjection})
+    mf.same_image_both_layouts(MODEL_DIR, flat_dir, StableDiffusionXLPipeline, add_watermarker=False)
 
 
 if __name__ == "__main__":

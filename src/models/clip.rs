@@ -3,11 +3,66 @@
 //! parameter names, so `text_encoder/model.safetensors` loads unchanged.
 //!
 //! SD 2.x's "penultimate layer" needs nothing special: its text encoder config simply has 23 layers.
+//!
+//! Weights files come in two key layouts (see [`ClipKeyLayout`]): with transformers' `text_model.` level
+//! (transformers 4, the hub's checkpoints) or without it (transformers 5's `CLIPTextModel`). [`ClipTextModel::load`]
+//! decides the layout once from the file's keys and reads either under the `text_model.*` names, so everything
+//! downstream (LoRA targeting by name, unused-tensor reports) sees one layout.
 use super::nn::{Activation, Embedding, LayerNorm, Linear};
-use super::weights::Weights;
+use super::weights::{stored_shapes, Weights};
 use crate::error::{Error, Result};
 use serde::Deserialize;
-use tch::{Kind, Tensor};
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+/// The token embedding's name in the nested layout, which decides a file's layout.
+const NESTED_PROBE: &str = "text_model.embeddings.token_embedding.weight";
+/// The same tensor in the flat layout.
+const FLAT_PROBE: &str = "embeddings.token_embedding.weight";
+
+/// How a text encoder's weights file names its tensors. `text_projection.weight` (`CLIPTextModelWithProjection`)
+/// is at the top level in both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClipKeyLayout {
+    /// `text_model.embeddings.*`, `text_model.encoder.layers.N.*`, `text_model.final_layer_norm.*`: what
+    /// transformers 4 writes for both classes (every SD checkpoint on the hub), and the names the modules ask
+    /// for.
+    Nested,
+    /// `embeddings.*`, `encoder.layers.N.*`, `final_layer_norm.*`: what transformers 5 writes for
+    /// `CLIPTextModel` (which has no `text_model` submodule there).
+    Flat,
+}
+
+impl ClipKeyLayout {
+    /// The layout of a file holding the tensors `names`, decided by where the token embedding is (nested when
+    /// both are present); `None` when it is in neither place.
+    pub fn detect<'a>(names: impl IntoIterator<Item = &'a str>) -> Option<Self> {
+        let mut flat = false;
+        for n in names {
+            if n == NESTED_PROBE {
+                return Some(ClipKeyLayout::Nested);
+            }
+            flat |= n == FLAT_PROBE;
+        }
+        flat.then_some(ClipKeyLayout::Flat)
+    }
+
+    /// The name the modules ask for (the nested layout's) of the stored tensor `stored`.
+    pub fn canonical_name(self, stored: &str) -> String {
+        match self {
+            ClipKeyLayout::Flat if !stored.starts_with("text_projection.") => format!("text_model.{stored}"),
+            _ => stored.to_string(),
+        }
+    }
+
+    /// How errors describe the layout.
+    pub fn describe(self) -> &'static str {
+        match self {
+            ClipKeyLayout::Nested => "`text_model.*` key layout (transformers 4)",
+            ClipKeyLayout::Flat => "stored without the `text_model.` prefix (transformers 5)",
+        }
+    }
+}
 
 /// `text_encoder/config.json` (transformers' `CLIPTextConfig`); absent fields take transformers' defaults.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -188,7 +243,46 @@ pub struct ClipTextModel {
 }
 
 impl ClipTextModel {
-    /// Loads the weights under `text_model.` (the `position_ids` buffer some checkpoints carry is marked used).
+    /// Loads a text encoder's safetensors files (`text_encoder/model.safetensors`, or its shards) in either key
+    /// layout ([`ClipKeyLayout`], decided once from the files' keys), and gives the weight store with it, whose
+    /// names are the nested layout's either way. Files in neither layout are an error naming both probes.
+    pub fn load<P: AsRef<Path>>(
+        paths: &[P],
+        cfg: ClipTextConfig,
+        device: Device,
+        kind: Kind,
+    ) -> Result<(Self, Weights)> {
+        let mut names = Vec::new();
+        for p in paths {
+            names.extend(stored_shapes(p.as_ref())?.into_keys());
+        }
+        let files = paths.iter().map(|p| p.as_ref().display().to_string()).collect::<Vec<_>>().join(", ");
+        let layout = ClipKeyLayout::detect(names.iter().map(String::as_str)).ok_or_else(|| {
+            Error::config(
+                &files,
+                format!(
+                    "not a CLIP text encoder's weights: neither `{NESTED_PROBE}` (transformers 4 layout) nor \
+                     `{FLAT_PROBE}` (transformers 5 layout, without `text_model.`) is there ({} tensors{})",
+                    names.len(),
+                    names.iter().min().map(|n| format!(", e.g. `{n}`")).unwrap_or_default()
+                ),
+            )
+        })?;
+        let w = match layout {
+            ClipKeyLayout::Nested => Weights::from_safetensors(paths, device, kind)?,
+            ClipKeyLayout::Flat => Weights::from_safetensors_renamed(
+                paths,
+                device,
+                kind,
+                |n| layout.canonical_name(n),
+                layout.describe(),
+            )?,
+        };
+        Ok((Self::new(&w, cfg)?, w))
+    }
+
+    /// Loads the weights under `text_model.` (the `position_ids` buffer some checkpoints carry is marked used):
+    /// a store in the nested layout (a file in either layout: [`ClipTextModel::load`]).
     pub fn new(w: &Weights, cfg: ClipTextConfig) -> Result<Self> {
         if cfg.num_attention_heads <= 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
             return Err(Error::Model(format!(

@@ -389,12 +389,15 @@ fn read_tensor(path: &Path, st: &safetensors::SafeTensors<'_>, key: &str, device
     Ok(Tensor::f_from_data_size(view.data(), &shape, kind)?.f_to_kind(Kind::Float)?.f_to_device(device)?)
 }
 
-/// `kohya name -> dotted module` for every weight a model's modules hold. With `ldm`, the UNet's modules are
+/// `kohya name -> dotted module` for every weight a component's modules hold. The UNet's modules are
 /// also indexed under their original LDM names (`input_blocks_1_1_proj_in`, `middle_block_0_in_layers_2`,
-/// `output_blocks_2_1_conv`), the numbering derived from the loaded blocks (see `models::single_file`).
-fn kohya_index(w: &Weights, ldm: bool) -> HashMap<String, String> {
+/// `output_blocks_2_1_conv`), the numbering derived from the loaded blocks (see `models::single_file`). A text
+/// encoder's modules (always named `text_model.*` in the store, whatever the file's key layout) are also indexed
+/// without that level (`encoder_layers_0_mlp_fc1`), as a LoRA trained on transformers 5's `CLIPTextModel` names
+/// them.
+fn kohya_index(w: &Weights, comp: Component) -> HashMap<String, String> {
     let names = w.loaded_names();
-    let map = ldm.then(|| NameMap::unet_layout(&UNetLayout::from_names(&names)));
+    let map = (comp == Component::Unet).then(|| NameMap::unet_layout(&UNetLayout::from_names(&names)));
     let mut index = HashMap::new();
     for n in &names {
         let Some(m) = n.strip_suffix(".weight") else { continue };
@@ -402,6 +405,9 @@ fn kohya_index(w: &Weights, ldm: bool) -> HashMap<String, String> {
             if let Some(l) = l.strip_suffix(".weight") {
                 index.insert(l.replace('.', "_"), m.to_string());
             }
+        }
+        if let Some(flat) = m.strip_prefix("text_model.").filter(|_| comp.is_text_encoder()) {
+            index.insert(flat.replace('.', "_"), m.to_string());
         }
         index.insert(m.replace('.', "_"), m.to_string());
     }
@@ -430,7 +436,7 @@ impl Lora {
 
         let indexes: HashMap<Component, HashMap<String, String>> = Component::ALL
             .into_iter()
-            .filter_map(|c| targets.get(c).map(|w| (c, kohya_index(w, c == Component::Unet))))
+            .filter_map(|c| targets.get(c).map(|w| (c, kohya_index(w, c))))
             .collect();
 
         // (component, module) -> (down key, up key, alpha key)
@@ -457,6 +463,8 @@ impl Lora {
             })?;
             let module = match module {
                 Module::Dotted(m) => {
+                    // The store names a text encoder's modules `text_model.*` whatever the model file's layout;
+                    // LoRAs name them with that level (transformers 4) or without it (transformers 5).
                     let candidates = if comp.is_text_encoder() && !m.starts_with("text_model.") {
                         vec![m.clone(), format!("text_model.{m}")]
                     } else {

@@ -212,8 +212,7 @@ fn load_text_encoder(
 ) -> Result<(ClipTextModel, Weights)> {
     let timer = LoadTimer::start();
     let config: ClipTextConfig = read_config(&src.file(&format!("{dir}/config.json"))?)?;
-    let w = Weights::from_safetensors(&src.weights(dir, "model", kind)?, device, kind)?;
-    let te = ClipTextModel::new(&w, config)?;
+    let (te, w) = ClipTextModel::load(&src.weights(dir, "model", kind)?, config, device, kind)?;
     warn_unused(&w, dir);
     timer.done(dir);
     Ok((te, w))

@@ -39,6 +39,9 @@ struct Store {
     source: Source,
     device: Device,
     kind: Kind,
+    /// How the files name their tensors when that differs from the names modules ask for (see
+    /// [`Weights::from_safetensors_renamed`]); errors add it.
+    layout: Option<String>,
     used: RefCell<HashSet<String>>,
     requested: RefCell<BTreeMap<String, Vec<i64>>>,
     /// A shallow clone (same storage) of every tensor handed out, by full name: LoRAs patch weights in place
@@ -120,7 +123,40 @@ impl Weights {
             entries.extend(stored.into_iter().map(|(name, e)| (name, Entry { file: i, ..e })));
             files.push(file);
         }
-        Ok(Self::with_source(Source::Files { files, entries }, device, kind))
+        Ok(Self::with_source(Source::Files { files, entries }, device, kind, None))
+    }
+
+    /// Like [`Weights::from_safetensors`], with every stored tensor seen under `rename(stored name)`: files written
+    /// in another key layout, read by the names the modules ask for (nothing is copied). `layout` says how the
+    /// files name their tensors; missing-tensor and shape errors add it. Two stored tensors that would get the
+    /// same name are an error naming both.
+    pub fn from_safetensors_renamed<P: AsRef<Path>>(
+        paths: &[P],
+        device: Device,
+        kind: Kind,
+        rename: impl Fn(&str) -> String,
+        layout: &str,
+    ) -> Result<Self> {
+        let mut files = Vec::new();
+        let mut entries: HashMap<String, Entry> = HashMap::new();
+        let mut stored_as: HashMap<String, String> = HashMap::new();
+        for (i, p) in paths.iter().enumerate() {
+            let (file, stored) = map_file(p.as_ref())?;
+            let mut stored: Vec<(String, Entry)> = stored.into_iter().collect();
+            stored.sort_by(|a, b| a.0.cmp(&b.0));
+            for (name, e) in stored {
+                let seen = rename(&name);
+                if let Some(other) = stored_as.insert(seen.clone(), name.clone()) {
+                    return Err(Error::WeightFile {
+                        path: p.as_ref().to_path_buf(),
+                        msg: format!("tensors `{other}` and `{name}` both stand for `{seen}` ({layout})"),
+                    });
+                }
+                entries.insert(seen, Entry { file: i, ..e });
+            }
+            files.push(file);
+        }
+        Ok(Self::with_source(Source::Files { files, entries }, device, kind, Some(layout.to_string())))
     }
 
     /// Memory-maps one safetensors file and exposes its tensors under other names: each [`Renamed`] entry
@@ -165,24 +201,25 @@ impl Weights {
             }
             entries.insert(r.name.clone(), e);
         }
-        Ok(Self::with_source(Source::Files { files: vec![file], entries }, device, kind))
+        Ok(Self::with_source(Source::Files { files: vec![file], entries }, device, kind, None))
     }
 
     /// A random-weight model (test or benchmark model: its outputs mean nothing).
     pub fn random(device: Device, kind: Kind) -> Self {
-        Self::with_source(Source::Random, device, kind)
+        Self::with_source(Source::Random, device, kind, None)
     }
 
     /// A store that hands out broadcast zeros: builds a model's structure without memory, to count parameters.
     pub fn shapes_only(kind: Kind) -> Self {
-        Self::with_source(Source::ShapesOnly, Device::Cpu, kind)
+        Self::with_source(Source::ShapesOnly, Device::Cpu, kind, None)
     }
 
-    fn with_source(source: Source, device: Device, kind: Kind) -> Self {
+    fn with_source(source: Source, device: Device, kind: Kind, layout: Option<String>) -> Self {
         let store = Store {
             source,
             device,
             kind,
+            layout,
             used: RefCell::new(HashSet::new()),
             requested: RefCell::new(BTreeMap::new()),
             handed: RefCell::new(HashMap::new()),
@@ -220,11 +257,19 @@ impl Weights {
 
     fn origin(&self) -> String {
         match &self.store.source {
-            Source::Files { files, .. } => {
-                files.iter().map(|f| f.path.display().to_string()).collect::<Vec<_>>().join(", ")
-            }
+            Source::Files { files, .. } => self.with_layout(
+                files.iter().map(|f| f.path.display().to_string()).collect::<Vec<_>>().join(", "),
+            ),
             Source::Random => "random test weights".into(),
             Source::ShapesOnly => "shape-only weights".into(),
+        }
+    }
+
+    /// `files`, followed by the files' key layout when the store renames their tensors.
+    fn with_layout(&self, files: String) -> String {
+        match &self.store.layout {
+            Some(layout) => format!("{files}, {layout}"),
+            None => files,
         }
     }
 
@@ -265,7 +310,7 @@ impl Weights {
                         name: full,
                         expected: shape.to_vec(),
                         found: e.shape.clone(),
-                        origin: files[e.file].path.display().to_string(),
+                        origin: self.with_layout(files[e.file].path.display().to_string()),
                     });
                 }
                 let f = &files[e.file];

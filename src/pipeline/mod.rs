@@ -87,6 +87,9 @@ pub struct GenerateParams {
     pub seed: u64,
     pub steps: usize,
     pub scheduler: SchedulerKind,
+    /// Replaces the scheduler config's `timestep_spacing` (diffusers' `from_config(config,
+    /// timestep_spacing=...)`); `None` keeps the model's.
+    pub timestep_spacing: Option<schedulers::TimestepSpacing>,
     pub guidance: f64,
     pub width: i64,
     pub height: i64,
@@ -208,13 +211,15 @@ fn conditioning(sd: &StableDiffusion, p: &GenerateParams, height: i64, width: i6
 }
 
 /// The scheduler config a pipeline builds the chosen scheduler from: SD pipelines' load-time overrides
-/// ([`pipeline_scheduler_config`]); SDXL pipelines take the model's config as it is.
-fn scheduler_config(sd: &StableDiffusion) -> schedulers::SchedulerConfig {
-    if sd.is_sdxl() {
+/// ([`pipeline_scheduler_config`]); SDXL pipelines take the model's config as it is. A `timestep_spacing` in
+/// `p` then replaces the config's, as `Class.from_config(pipe.scheduler.config, timestep_spacing=...)` does.
+fn scheduler_config(sd: &StableDiffusion, p: &GenerateParams) -> schedulers::SchedulerConfig {
+    let config = if sd.is_sdxl() {
         sd.scheduler_config.clone()
     } else {
         pipeline_scheduler_config(&sd.scheduler_config)
-    }
+    };
+    config.with_timestep_spacing(p.timestep_spacing)
 }
 
 /// The sinusoidal guidance-scale embedding of guidance-distilled models (diffusers'
@@ -385,7 +390,7 @@ pub fn txt2img_latents_with(
     let _rng = crate::device::rng_lock();
     let _guard = tch::no_grad_guard();
     let cond = conditioning(sd, p, p.height, p.width)?;
-    let mut scheduler = schedulers::build(p.scheduler, &scheduler_config(sd))?;
+    let mut scheduler = schedulers::build(p.scheduler, &scheduler_config(sd, p))?;
     scheduler.set_timesteps(p.steps)?;
     let f = sd.vae_scale_factor();
     let channels = sd.unet_config.in_channels;
@@ -435,7 +440,7 @@ pub fn img2img_latents_with(
     let _guard = tch::no_grad_guard();
     let (_, _, height, width) = image.size4()?;
     let cond = conditioning(sd, p, height, width)?;
-    let mut scheduler = schedulers::build(p.scheduler, &scheduler_config(sd))?;
+    let mut scheduler = schedulers::build(p.scheduler, &scheduler_config(sd, p))?;
     scheduler.set_timesteps(p.steps)?;
     // diffusers' get_timesteps: keep the last int(steps * strength) timesteps.
     let total = scheduler.timesteps().len();

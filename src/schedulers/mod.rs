@@ -109,6 +109,18 @@ impl SchedulerConfig {
         self
     }
 
+    /// The config with `timestep_spacing` replaced by `spacing` when one is given: what diffusers'
+    /// `Scheduler.from_config(config, timestep_spacing=...)` builds from (a keyword argument wins over the config's
+    /// value, and over a class default the file's `_use_default_values` asked for). Every class here has the
+    /// option; `LCMScheduler` takes it and, like diffusers', never reads it (its timesteps come from
+    /// `original_inference_steps`), so for LCM the override changes nothing.
+    pub fn with_timestep_spacing(mut self, spacing: Option<TimestepSpacing>) -> Self {
+        if let Some(s) = spacing {
+            self.timestep_spacing = Some(s.as_str().to_string());
+        }
+        self
+    }
+
     /// Refuses options this crate does not implement, naming the option.
     fn refuse_unsupported(&self) -> Result<()> {
         let on = |v: Option<bool>| v.unwrap_or(false);
@@ -269,8 +281,9 @@ impl PredictionType {
     }
 }
 
-/// How inference timesteps are spread over the training range.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How inference timesteps are spread over the training range (diffusers' `timestep_spacing`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum TimestepSpacing {
     Leading,
     Trailing,
@@ -278,16 +291,42 @@ pub enum TimestepSpacing {
 }
 
 impl TimestepSpacing {
-    fn parse(s: &str) -> Result<Self> {
+    /// The three values, as diffusers spells them.
+    pub const CHOICES: &'static str = "leading, trailing, linspace";
+
+    pub fn parse(s: &str) -> Result<Self> {
         match s {
             "leading" => Ok(TimestepSpacing::Leading),
             "trailing" => Ok(TimestepSpacing::Trailing),
             "linspace" => Ok(TimestepSpacing::Linspace),
             other => Err(Error::invalid(
                 "timestep_spacing",
-                format!("`{other}`: expected leading, trailing or linspace"),
+                format!("`{other}`: expected one of {}", Self::CHOICES),
             )),
         }
+    }
+
+    /// diffusers' spelling (`"trailing"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TimestepSpacing::Leading => "leading",
+            TimestepSpacing::Trailing => "trailing",
+            TimestepSpacing::Linspace => "linspace",
+        }
+    }
+}
+
+impl FromStr for TimestepSpacing {
+    type Err = Error;
+    /// Accepts diffusers' spellings only (as its schedulers compare them).
+    fn from_str(s: &str) -> Result<Self> {
+        Self::parse(s.trim())
+    }
+}
+
+impl std::fmt::Display for TimestepSpacing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

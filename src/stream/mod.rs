@@ -58,7 +58,8 @@ impl Prepared {
         let stages = s.stages();
         let n = stages.len() as i64;
         let (device, kind) = (sd.device, sd.kind);
-        let config = &sd.scheduler_config;
+        // StreamDiffusion's `LCMScheduler.from_config(pipe.scheduler.config)`, with the stream's override.
+        let config = &sd.scheduler_config.clone().with_timestep_spacing(s.timestep_spacing);
         let all = schedulers::lcm_timesteps(config, STREAM_SCHEDULE_STEPS)?;
         let abar = schedulers::alphas_cumprod(SchedulerKind::Lcm, config)?;
         let timestep_scaling = config.timestep_scaling.unwrap_or(10.0);

@@ -1,6 +1,7 @@
 //! A stream's settings: what a client may change between frames, validated as a whole so that an invalid
 //! change is refused with a message naming the setting and the old settings stay.
 use crate::error::{Error, Result};
+use crate::schedulers::TimestepSpacing;
 use serde::{Deserialize, Serialize};
 
 /// Number of steps of the LCM schedule that `t_index_list` indexes into (as StreamDiffusion).
@@ -88,6 +89,12 @@ pub struct StreamSettings {
     /// Number of denoising stages used with `strength` (1 to 4).
     pub steps: usize,
     pub scheduler: StreamScheduler,
+    /// Replaces the model's scheduler config's `timestep_spacing` when the stream builds its 50-step LCM schedule,
+    /// as StreamDiffusion's `LCMScheduler.from_config(config, timestep_spacing=...)` would. diffusers' LCMScheduler
+    /// takes the option and never reads it, so the stages' timesteps stay the same: accepted (and validated) for
+    /// parity with the single-image commands' `--timestep-spacing`, with diffusers' effect, none. `None`: the
+    /// model's value.
+    pub timestep_spacing: Option<TimestepSpacing>,
     pub cfg_type: CfgType,
     pub guidance: f64,
     /// Residual CFG's scale of the stock noise (StreamDiffusion's delta).
@@ -127,6 +134,7 @@ impl Default for StreamSettings {
             strength: None,
             steps: 2,
             scheduler: StreamScheduler::Lcm,
+            timestep_spacing: None,
             cfg_type: CfgType::SelfNoise,
             guidance: 1.2,
             delta: 1.0,
@@ -275,7 +283,8 @@ impl StreamSettings {
     }
 
     /// Whether going from `self` to `next` needs the stream re-primed (new noise, empty buffer): only a change
-    /// of seed, size, stages, mode or stream scheduler does; prompts and guidance flow on.
+    /// of seed, size, stages, mode or stream scheduler does; prompts and guidance flow on. `timestep_spacing`
+    /// does not: the LCM schedule does not depend on it (checked by a test).
     pub fn needs_reprime(&self, next: &StreamSettings) -> bool {
         self.seed != next.seed
             || self.width != next.width
@@ -330,5 +339,22 @@ mod tests {
         assert_eq!(n.prompt, "a cat");
         assert!(!s.needs_reprime(&n));
         assert!(s.needs_reprime(&s.patched(&serde_json::json!({"seed": 7})).unwrap()));
+    }
+
+    #[test]
+    fn timestep_spacing_patches_validate_and_do_not_reprime() {
+        let s = StreamSettings::default();
+        let n = s.patched(&serde_json::json!({"timestep_spacing": "trailing"})).unwrap();
+        assert_eq!(n.timestep_spacing, Some(TimestepSpacing::Trailing));
+        assert!(!s.needs_reprime(&n), "the LCM schedule does not depend on the spacing");
+        assert_eq!(n.patched(&serde_json::json!({"timestep_spacing": null})).unwrap().timestep_spacing, None);
+        let e = s.patched(&serde_json::json!({"timestep_spacing": "Trailing"})).unwrap_err().to_string();
+        assert!(e.contains("timestep_spacing") && e.contains("leading") && e.contains("linspace"), "{e}");
+        let c: crate::config::DaemonConfig =
+            toml::from_str("[stream]\ntimestep_spacing = \"linspace\"").unwrap();
+        assert_eq!(c.stream.timestep_spacing, Some(TimestepSpacing::Linspace));
+        let e = toml::from_str::<crate::config::DaemonConfig>("[stream]\ntimestep_spacing = \"even\"")
+            .unwrap_err();
+        assert!(e.to_string().contains("leading"), "{e}");
     }
 }

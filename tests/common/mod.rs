@@ -104,8 +104,8 @@ pub fn assert_png_matches(
     assert!(worst <= 2, "{what}: PNG differs by {worst}/255");
 }
 
-/// The generation parameters a reference case's JSON names (prompt, negative prompt, seed, steps, scheduler,
-/// guidance), at the given size.
+/// The generation parameters a reference case's JSON names (prompt, negative prompt, seed, steps, scheduler, a
+/// `timestep_spacing` override, guidance), at the given size.
 pub fn generate_params(
     case: &serde_json::Value,
     width: i64,
@@ -117,6 +117,7 @@ pub fn generate_params(
         seed: case["seed"].as_u64().unwrap(),
         steps: case["steps"].as_u64().unwrap() as usize,
         scheduler: case["scheduler"].as_str().unwrap().parse().unwrap(),
+        timestep_spacing: case["timestep_spacing"].as_str().map(|s| s.parse().unwrap()),
         guidance: case["guidance"].as_f64().unwrap(),
         width,
         height,
