@@ -433,3 +433,31 @@ fn engine_in_graph_mode_gives_the_eager_engines_outputs() {
         }
     }
 }
+
+/// SDXL streams (pooled text and time ids per UNet row) take the captured tick too: img2img through TAESD and
+/// txt2img through the model's own VAE, with both guidance layouts that add unconditional rows.
+#[test]
+fn sdxl_streams_take_the_captured_tick() {
+    let model = fixture("tests/fixtures/models/sdxl-tiny").display().to_string();
+    let taesd = fixture("tests/fixtures/models/taesd-tiny").display().to_string();
+    for (vae, mode, cfg) in [
+        (Some(taesd.clone()), Mode::Img2img, CfgType::Full),
+        (Some(taesd), Mode::Img2img, CfgType::Initialize),
+        (None, Mode::Txt2img, CfgType::Full),
+    ] {
+        let sd = StableDiffusion::load(&model, &test_fp32(vae)).unwrap();
+        assert!(sd.is_sdxl());
+        let mut s = settings(&[32, 45], cfg, 1.4);
+        s.mode = mode;
+        let (mut a, mut b) = (open(&sd, 1, &s), open(&sd, 1, &s));
+        assert!(sdstream::stream::resident::uncapturable(&sd, &b).is_none());
+        let mut graphs = ResidentTick::new(backend());
+        for i in 0..4u32 {
+            let img = frame(i, 7);
+            let img = (mode == Mode::Img2img).then_some(&img);
+            let want = eager(&sd, vec![(&mut a, i as u64, img)]);
+            let got = captured(&sd, &mut graphs, vec![(&mut b, i as u64, img)]);
+            assert_same(&format!("sdxl {mode:?} {cfg:?} frame {i}"), &got, &want, levels(0));
+        }
+    }
+}
