@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs what the tests need (PyPI torch 2.11.0 for libtorch,
-# cached per user; Debian's chromium and libclang-dev; npm's playwright-core), builds, and runs every test.
+# cached per user; Debian's cmake, nasm, chromium and libclang-dev; npm's playwright-core), builds, and runs
+# every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 . scripts/deps.sh
-sdstream_ensure libclang chromium node npm
+sdstream_ensure cmake nasm libclang chromium node npm
 if [ ! -d tests/e2e/node_modules/playwright-core ]; then
   echo "sdstream tests: installing playwright-core (npm) for the browser test" >&2
   (cd tests/e2e && npm install --no-audit --no-fund --silent)
