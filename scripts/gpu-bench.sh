@@ -113,6 +113,12 @@ for label, r, k, target in [("SD-Turbo 1 stage, 1 stream", turbo, 1, ">=150 fps,
         continue
     print(f"{label:42s} {e['per_stream_fps']['median']:>9.1f} {e['latency_ms']['median']:>8.2f} "
           f"{e['stages_ms']['total_ms']['median']:>11.2f}  {target}")
+host, host_resized = comp(turbo, "host per frame"), comp(turbo, "host per frame + resize")
+if host is not None:
+    parts = ", ".join(f"{n} {fmt(comp(turbo, n))}" for n in
+                      ("jpeg decode", "host resize", "host frame buffer", "host readback", "jpeg encode"))
+    print(f"\nhost per frame, one thread: {host:.2f} ms, {fmt(host_resized)} ms with a 640x480 resize "
+          f"(target <= 2 ms: {'met' if host <= 2 else 'NOT met'}); {parts}")
 one = e2e(turbo, 1)
 if one and eager_fps:
     print(f"SD-Turbo 1 stream vs diffusers eager frame rate: {one['per_stream_fps']['median'] / eager_fps:.2f}x (target >= 3x)")
