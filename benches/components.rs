@@ -96,7 +96,7 @@ fn components(c: &mut Criterion) {
         })
     });
 
-    let rgb = sdstream::bench::pattern::frame(512, 512, 0, 0);
+    let rgb = sdstream::bench::pattern::textured(512, 512, 0);
     let jpeg = sdstream::io::image::encode_jpeg(&rgb, 85).unwrap();
     g.bench_function("jpeg encode 512", |b| b.iter(|| sdstream::io::image::encode_jpeg(&rgb, 85).unwrap()));
     g.bench_function("jpeg decode 512", |b| b.iter(|| sdstream::io::image::decode(&jpeg, "frame").unwrap()));

@@ -25,12 +25,16 @@ sdstream_apt_install() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
 }
 
-# The packages still missing for the camera build (libclang), the browser test (chromium) and npm tools
-# (node and npm: a machine may have Node.js from another source, so the commands themselves are checked).
+# The packages still missing for the build (cmake and nasm: the turbojpeg crate builds its bundled
+# libjpeg-turbo with cmake, and its SIMD code with nasm; a machine may have either from elsewhere, so the
+# commands are checked), the camera build (libclang), the browser test (chromium) and npm tools (node and
+# npm, checked by command for the same reason).
 sdstream_missing_for() {
   local want
   for want in "$@"; do
     case "$want" in
+      cmake) command -v cmake >/dev/null 2>&1 || echo cmake ;;
+      nasm) command -v nasm >/dev/null 2>&1 || echo nasm ;;
       libclang) sdstream_have_libclang || echo libclang-dev ;;
       chromium) sdstream_deb_installed chromium && [ -x /usr/bin/chromium ] || echo chromium ;;
       node) command -v node >/dev/null 2>&1 || echo nodejs ;;
@@ -40,7 +44,7 @@ sdstream_missing_for() {
   done
 }
 
-# Installs whatever of the named needs (libclang, chromium, node, npm) is missing.
+# Installs whatever of the named needs (cmake, nasm, libclang, chromium, node, npm) is missing.
 sdstream_ensure() {
   local missing
   missing=$(sdstream_missing_for "$@") || return

@@ -146,6 +146,12 @@ for r in (turbo, sd15):
         ok = g["error"] is None and g["max_level_diff"] <= 2 and g["outputs"] > 0
         print(f"  {g['streams']} stream(s) {g['backend']}: {g['outputs']} outputs, max diff {g['max_level_diff']} levels, "
               f"{g['captures']} capture(s): {'ok' if ok else 'FAILED ' + str(g['error'])}")
+host, host_resized = comp(turbo, "host per frame"), comp(turbo, "host per frame + resize")
+if host is not None:
+    parts = ", ".join(f"{n} {fmt(comp(turbo, n))}" for n in
+                      ("jpeg decode", "host resize", "host frame buffer", "host readback", "jpeg encode"))
+    print(f"\nhost per frame, one thread: {host:.2f} ms, {fmt(host_resized)} ms with a 640x480 resize "
+          f"(target <= 2 ms: {'met' if host <= 2 else 'NOT met'}); {parts}")
 one = e2e(turbo, 1)
 if one and eager_fps:
     print(f"SD-Turbo 1 stream vs diffusers eager frame rate: {one['per_stream_fps']['median'] / eager_fps:.2f}x (target >= 3x)")

@@ -6,6 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
+. scripts/deps.sh
+sdstream_ensure cmake nasm
 cargo build --release
 mkdir -p .gpu/wheels
 cp target/release/sdstream .gpu/sdstream

@@ -9,13 +9,16 @@ cd "$(dirname "$0")/.."
 if [ "$#" -eq 0 ]; then
   set -- serve --config configs/tiny.toml
 fi
+. scripts/deps.sh
+# The JPEG encoder (libjpeg-turbo, built from the turbojpeg crate's sources) needs cmake and nasm to build.
+needs=(cmake nasm)
 features=()
 case "$1" in
   webcam|cameras)
     # Camera support (nokhwa's V4L2 bindings) needs libclang to build.
-    . scripts/deps.sh
-    sdstream_ensure libclang
+    needs+=(libclang)
     features=(--features camera) ;;
 esac
+sdstream_ensure "${needs[@]}"
 cargo build --release --quiet "${features[@]}"
 exec target/release/sdstream "$@"

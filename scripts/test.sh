@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs what the tests need (PyPI torch 2.11.0 for libtorch,
-# cached per user; Debian's chromium and libclang-dev; npm's playwright-core), builds, and runs every test.
+# cached per user; Debian's cmake, nasm, chromium and libclang-dev; npm's playwright-core), builds, and runs
+# every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 . scripts/deps.sh
-sdstream_ensure libclang chromium node npm
+sdstream_ensure cmake nasm libclang chromium node npm
 # playwright-core (the browser test) needs Node.js 20 or newer.
 sdstream_ensure_node_major 20
 if [ ! -d tests/e2e/node_modules/playwright-core ]; then

@@ -88,11 +88,15 @@ fn bench_writes_a_report_a_plot_and_compares() {
         "vae encode",
         "vae decode",
         "engine tick (1 stream)",
-        "jpeg encode",
-        "jpeg decode",
-    ] {
+    ]
+    .into_iter()
+    .chain(sdstream::bench::components::HOST_ROWS)
+    {
         assert!(names.contains(&want), "component `{want}` missing from {names:?}");
     }
+    // The host rows come last, in their documented order, and the table checks their sum against the budget.
+    assert_eq!(names[names.len() - 7..], sdstream::bench::components::HOST_ROWS, "{names:?}");
+    assert!(table.contains("host per frame, one thread") && table.contains("budget is 2 ms"), "{table}");
     for c in r["components"].as_array().unwrap() {
         assert_eq!(c["ms"]["n"], 2, "{c}");
         assert!(c["ms"]["median"].as_f64().unwrap() >= 0.0);

@@ -1,17 +1,18 @@
 //! Component timings: each piece of the per-frame work timed alone on the loaded model, warm-up iterations
 //! first, the device synchronised before every clock read.
 use super::stats::Summary;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::models::stable_diffusion::{load_autoencoder, Autoencoder, StableDiffusion};
 use crate::models::unet::{AddedCond, UNetExtra};
 use crate::pipeline::MicroConditioning;
 use crate::stream::batch::{tick, TickInput};
 use crate::stream::settings::StreamSettings;
 use crate::stream::Stream;
+use image::RgbImage;
 use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// The timings of one component.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -21,6 +22,17 @@ pub struct ComponentResult {
     pub warmup: usize,
     pub ms: Summary,
 }
+
+/// The host's per-frame rows, in the order they are reported (names are stable: scripts read them).
+pub const HOST_ROWS: [&str; 7] = [
+    "jpeg decode",
+    "host resize",
+    "host frame buffer",
+    "host readback",
+    "jpeg encode",
+    "host per frame",
+    "host per frame + resize",
+];
 
 /// What to time and how often.
 #[derive(Debug, Clone)]
@@ -35,9 +47,9 @@ pub struct ComponentPlan {
 
 impl ComponentPlan {
     /// Timed pieces in a run (for the progress bar): UNet per batch, text encoder, up to two autoencoders
-    /// (encode and decode), the engine tick, JPEG encode and decode.
+    /// (encode and decode), the engine tick, and the host's per-frame rows (see [`HOST_ROWS`]).
     pub fn count(&self) -> usize {
-        self.batch_sizes.len() + 1 + 4 + 1 + 2 + usize::from(self.graphs.is_some())
+        self.batch_sizes.len() + 1 + 4 + 1 + HOST_ROWS.len() + usize::from(self.graphs.is_some())
     }
 }
 
@@ -184,15 +196,82 @@ pub fn run(
         })?;
     }
 
-    let rgb = super::pattern::frame(w as u32, h as u32, 3, 0);
-    let jpeg = crate::io::image::encode_jpeg(&rgb, plan.jpeg_quality)?;
-    timer.time("jpeg encode", || {
-        crate::io::image::encode_jpeg(&rgb, plan.jpeg_quality)?;
-        Ok(())
-    })?;
-    timer.time("jpeg decode", || {
-        crate::io::image::decode(&jpeg, "benchmark frame")?;
-        Ok(())
-    })?;
+    host(&mut timer, device, w as u32, h as u32, plan.jpeg_quality)?;
     Ok(timer.results)
+}
+
+/// The size of the camera-like frame that `host resize` scales to the stream's size.
+pub const RESIZE_FROM: (u32, u32) = (640, 480);
+
+/// The host's work per frame per stream at the stream's size, each piece alone on one thread, then chained:
+/// `jpeg decode` (a client's frame), `host resize` (a 640x480 frame to the stream's size, the daemon's Lanczos3),
+/// `host frame buffer` (the uint8 frame into a host buffer for the upload: pinned memory with CUDA),
+/// `host readback` (a uint8 output from the device into host memory, through pinned memory with CUDA, and into
+/// the image the encoder takes; on CPU one copy), `jpeg encode` (the daemon's output encoding), then
+/// `host per frame` (decode, frame buffer, readback, encode in a row: a frame at the stream's size) and
+/// `host per frame + resize` (the same from a 640x480 frame). The pictures are photo-like stills
+/// (`pattern::textured`), which cost JPEG about what camera frames and diffusion outputs do.
+fn host(timer: &mut Timer<'_>, device: Device, w: u32, h: u32, quality: u8) -> Result<()> {
+    use crate::io::image::{decode, encode_jpeg, resize};
+    let still = super::pattern::textured(w, h, 0);
+    let jpeg = encode_jpeg(&still, quality)?;
+    let camera = encode_jpeg(&super::pattern::textured(RESIZE_FROM.0, RESIZE_FROM.1, 0), quality)?;
+    let camera_rgb = decode(&camera, "benchmark frame")?;
+    let len = (w * h * 3) as usize;
+    let shape = [h as i64, w as i64, 3];
+    let pinned =
+        |t: Tensor| -> Result<Tensor> { Ok(if device.is_cuda() { t.f_pin_memory(device)? } else { t }) };
+    let upload = pinned(Tensor::f_empty(shape, (Kind::Uint8, Device::Cpu))?)?;
+    let download = pinned(Tensor::f_empty(shape, (Kind::Uint8, Device::Cpu))?)?;
+    // A uint8 output on the device (what the tick's last step leaves for readback).
+    let output = Tensor::f_from_data_size(still.as_raw(), &shape, Kind::Uint8)?.f_to_device(device)?;
+
+    let to_buffer = |img: &RgbImage| -> Result<()> {
+        if img.as_raw().len() != len {
+            return Err(Error::invalid("benchmark frame", "not at the stream's size"));
+        }
+        // SAFETY: `upload` is a contiguous uint8 CPU tensor of exactly `len` elements that nothing else
+        // references, and `img` holds `len` bytes; the regions cannot overlap.
+        unsafe { std::ptr::copy_nonoverlapping(img.as_raw().as_ptr(), upload.data_ptr() as *mut u8, len) };
+        Ok(())
+    };
+    let mut download = download;
+    let mut readback = || -> Result<RgbImage> {
+        let mut data = vec![0u8; len];
+        if device.is_cuda() {
+            download.f_copy_(&output)?;
+            download.f_copy_data_u8(&mut data, len)?;
+        } else {
+            output.f_copy_data_u8(&mut data, len)?;
+        }
+        RgbImage::from_raw(w, h, data).ok_or_else(|| Error::Model("readback of the wrong size".into()))
+    };
+
+    timer.time("jpeg decode", || {
+        decode(&jpeg, "benchmark frame")?;
+        Ok(())
+    })?;
+    timer.time("host resize", || {
+        drop(resize(camera_rgb.clone(), w, h));
+        Ok(())
+    })?;
+    timer.time("host frame buffer", || to_buffer(&still))?;
+    timer.time("host readback", || {
+        readback()?;
+        Ok(())
+    })?;
+    timer.time("jpeg encode", || {
+        encode_jpeg(&still, quality)?;
+        Ok(())
+    })?;
+    timer.time("host per frame", || {
+        to_buffer(&decode(&jpeg, "benchmark frame")?)?;
+        encode_jpeg(&readback()?, quality)?;
+        Ok(())
+    })?;
+    timer.time("host per frame + resize", || {
+        to_buffer(&resize(decode(&camera, "benchmark frame")?, w, h))?;
+        encode_jpeg(&readback()?, quality)?;
+        Ok(())
+    })
 }

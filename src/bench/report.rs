@@ -9,6 +9,9 @@ use std::path::Path;
 
 pub const SCHEMA: &str = "sdstream-bench/1";
 
+/// The host's budget per frame per stream on one core (issue 11): decode, resize, buffers, readback, encode.
+pub const HOST_BUDGET_MS: f64 = 2.0;
+
 /// Where and on what a run was made.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Meta {
@@ -86,6 +89,18 @@ impl BenchReport {
                     s,
                     "{:<26} {:>10.3} {:>10.3} {:>10.3} {:>6}",
                     c.name, c.ms.median, c.ms.p95, c.ms.mean, c.ms.n
+                );
+            }
+            let median = |name: &str| self.components.iter().find(|c| c.name == name).map(|c| c.ms.median);
+            if let (Some(plain), Some(resized)) =
+                (median("host per frame"), median("host per frame + resize"))
+            {
+                let _ = writeln!(
+                    s,
+                    "(host per frame, one thread: {plain:.3} ms median, {resized:.3} ms from a {}x{} frame; \
+                     the budget is {HOST_BUDGET_MS} ms per frame per stream)",
+                    super::components::RESIZE_FROM.0,
+                    super::components::RESIZE_FROM.1
                 );
             }
         }
