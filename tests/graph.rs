@@ -296,26 +296,7 @@ fn captured_tick_matches_the_streamdiffusion_fixtures() {
             &test_fp32(vae),
         )
         .unwrap();
-        let s = StreamSettings {
-            prompt: case["prompt"].as_str().unwrap().into(),
-            negative_prompt: case["negative_prompt"].as_str().unwrap_or("").into(),
-            mode: if case["mode"] == "txt2img" { Mode::Txt2img } else { Mode::Img2img },
-            t_index_list: case["t_index_list"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as usize)
-                .collect(),
-            cfg_type: case["cfg_type"].as_str().unwrap().parse::<CfgType>().unwrap(),
-            guidance: case["guidance_scale"].as_f64().unwrap(),
-            delta: case["delta"].as_f64().unwrap(),
-            add_noise: case["do_add_noise"].as_bool().unwrap(),
-            denoising_batch: case["use_denoising_batch"].as_bool().unwrap(),
-            seed: case["seed"].as_u64().unwrap(),
-            width: case["width"].as_i64().unwrap(),
-            height: case["height"].as_i64().unwrap(),
-            ..StreamSettings::default()
-        };
+        let s = stream_case_settings(&case);
         if case.get("controlnet").is_some_and(|c| !c.is_null()) {
             continue;
         }

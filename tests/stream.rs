@@ -9,7 +9,7 @@ use common::*;
 use sdstream::models::stable_diffusion::StableDiffusion;
 use sdstream::schedulers::TimestepSpacing;
 use sdstream::stream::batch::{tick, TickInput};
-use sdstream::stream::settings::{CfgType, Mode, StreamSettings};
+use sdstream::stream::settings::StreamSettings;
 use sdstream::stream::Stream;
 use std::collections::HashMap;
 use tch::Tensor;
@@ -24,26 +24,7 @@ fn load(case: &serde_json::Value) -> StableDiffusion {
 }
 
 fn settings(case: &serde_json::Value) -> StreamSettings {
-    StreamSettings {
-        prompt: case["prompt"].as_str().unwrap().into(),
-        negative_prompt: case["negative_prompt"].as_str().unwrap_or("").into(),
-        mode: if case["mode"] == "txt2img" { Mode::Txt2img } else { Mode::Img2img },
-        t_index_list: case["t_index_list"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as usize)
-            .collect(),
-        cfg_type: case["cfg_type"].as_str().unwrap().parse::<CfgType>().unwrap(),
-        guidance: case["guidance_scale"].as_f64().unwrap(),
-        delta: case["delta"].as_f64().unwrap(),
-        add_noise: case["do_add_noise"].as_bool().unwrap(),
-        denoising_batch: case["use_denoising_batch"].as_bool().unwrap(),
-        seed: case["seed"].as_u64().unwrap(),
-        width: case["width"].as_i64().unwrap(),
-        height: case["height"].as_i64().unwrap(),
-        ..StreamSettings::default()
-    }
+    stream_case_settings(case)
 }
 
 fn frame_tensor(rel: &str) -> Tensor {

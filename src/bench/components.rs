@@ -187,7 +187,7 @@ pub fn run(
         let rgb = super::pattern::frame(w as u32, h as u32, 0, 0);
         let mut graphs = crate::stream::resident::ResidentTick::new(backend);
         let mut frame_id = 0u64;
-        timer.time(&format!("captured tick (1 stream, {})", backend.name()), || {
+        timer.time(format!("captured tick (1 stream, {})", backend.name()), || {
             let input =
                 crate::stream::resident::ResidentInput { stream: &mut stream, frame_id, image: Some(&rgb) };
             frame_id += 1;

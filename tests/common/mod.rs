@@ -149,3 +149,31 @@ pub fn run_sdstream(args: &[&str], envs: &[(&str, &Path)]) -> (bool, String) {
     assert!(!text.contains("panicked"), "sdstream {args:?} panicked:\n{text}");
     (out.status.success(), text)
 }
+
+/// The stream settings of a StreamDiffusion fixture case (tests/fixtures/stream/*.json).
+pub fn stream_case_settings(case: &serde_json::Value) -> sdstream::stream::settings::StreamSettings {
+    sdstream::stream::settings::StreamSettings {
+        prompt: case["prompt"].as_str().unwrap().into(),
+        negative_prompt: case["negative_prompt"].as_str().unwrap_or("").into(),
+        mode: if case["mode"] == "txt2img" {
+            sdstream::stream::settings::Mode::Txt2img
+        } else {
+            sdstream::stream::settings::Mode::Img2img
+        },
+        t_index_list: case["t_index_list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect(),
+        cfg_type: case["cfg_type"].as_str().unwrap().parse::<sdstream::stream::settings::CfgType>().unwrap(),
+        guidance: case["guidance_scale"].as_f64().unwrap(),
+        delta: case["delta"].as_f64().unwrap(),
+        add_noise: case["do_add_noise"].as_bool().unwrap(),
+        denoising_batch: case["use_denoising_batch"].as_bool().unwrap(),
+        seed: case["seed"].as_u64().unwrap(),
+        width: case["width"].as_i64().unwrap(),
+        height: case["height"].as_i64().unwrap(),
+        ..Default::default()
+    }
+}
