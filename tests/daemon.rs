@@ -525,6 +525,14 @@ async fn partial_heads_and_half_requests_leave_nothing_behind() {
     assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(5), "closed after {took:?}");
     assert!(metric(addr, "sdstream_header_timeouts_total").await >= 1);
 
+    // So is a connection that sends nothing at all.
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let read = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "a silent connection stayed open: {read:?}");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(5), "closed after {took:?}");
+
     // Bursts of partial heads that the client closes, and of connect, `G`, close: no socket stays behind.
     let mut clients = Vec::new();
     for i in 0..100 {
