@@ -696,3 +696,32 @@ async fn the_token_may_come_as_header_subprotocol_or_query() {
     }
     server.shutdown(Duration::from_secs(5)).await;
 }
+
+/// A `/view` socket that answers no ping is closed after the idle timeout; one that does stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn viewers_that_answer_nothing_are_closed_after_the_idle_timeout() {
+    let engine = engine();
+    let server = start(&engine, ServerConfig { idle_timeout_s: 1, ..server_config() }).await;
+    let addr = server.local_addr;
+    let view = "sdstream_route_open{route=\"/view\"}";
+    // Never polled: its pings are never answered.
+    let (silent, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/view")).await.unwrap();
+    let (mut polite, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/view")).await.unwrap();
+    await_metric(addr, view, 2).await;
+    // The polite viewer reads (and so answers pings) for 2.5 idle timeouts: it is not closed.
+    let polite_closed = tokio::time::timeout(Duration::from_millis(2500), async {
+        loop {
+            match polite.next().await {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(polite_closed.is_err(), "a viewer that answers pings was closed");
+    await_metric(addr, view, 1).await;
+    assert_eq!(metric(addr, "sdstream_route_timeouts_total{route=\"/view\"}").await, 1);
+    drop((silent, polite));
+    await_metric(addr, view, 0).await;
+    server.shutdown(Duration::from_secs(5)).await;
+}

@@ -401,20 +401,45 @@ async fn handle_text(
     }
 }
 
-/// A viewer socket: receives the shared (camera) stream's output JPEGs, sends nothing that matters.
+/// A viewer socket: receives the shared (camera) stream's output JPEGs, sends nothing that matters. It is
+/// pinged every half `server.idle_timeout_s`; a viewer that answers nothing (no pong, no message) for
+/// `idle_timeout_s`, or takes that long to take a frame, is closed (counted in its route's timeouts).
 pub async fn run_viewer(ws: WebSocket, state: Arc<ServerState>) {
     let (mut tx, mut rx) = ws.split();
     let mut frames = state.viewers.subscribe();
     let mut shutdown = state.shutdown.clone();
+    let idle = Duration::from_secs(state.config.idle_timeout_s);
+    let mut last_seen = tokio::time::Instant::now();
+    let mut ping = tokio::time::interval(idle / 2);
+    let timed_out = || {
+        let route = state.metrics.route(super::metrics::Route::View);
+        route.timeouts.fetch_add(1, Ordering::Relaxed);
+    };
     loop {
         tokio::select! {
             _ = shutdown.changed() => { close(&mut tx, close_code::AWAY, "server shutting down").await; break; }
+            _ = tokio::time::sleep_until(last_seen + idle) => {
+                timed_out();
+                close(&mut tx, close_code::NORMAL, "idle").await;
+                break;
+            }
+            _ = ping.tick() => {
+                if !matches!(tokio::time::timeout(idle, tx.send(Message::Ping(Bytes::new()))).await, Ok(Ok(()))) {
+                    timed_out();
+                    break;
+                }
+            }
             msg = rx.next() => match msg {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
-                _ => {}
+                _ => last_seen = tokio::time::Instant::now(),
             },
             frame = frames.recv() => match frame {
-                Ok(jpeg) => if tx.send(Message::Binary(jpeg)).await.is_err() { break },
+                Ok(jpeg) => {
+                    if !matches!(tokio::time::timeout(idle, tx.send(Message::Binary(jpeg))).await, Ok(Ok(()))) {
+                        timed_out();
+                        break;
+                    }
+                }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(_) => break,
             }
