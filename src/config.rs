@@ -58,6 +58,21 @@ pub struct ServerConfig {
     pub jpeg_quality: u8,
     /// Extra Origins allowed for browser clients (the server's own host is always allowed).
     pub allowed_origins: Vec<String>,
+    /// Extra names accepted in `Host` (and in `Origin`) when no token is set, as `name` (on the daemon's port)
+    /// or `name:port`; `localhost`, `127.0.0.1` and `[::1]` on the daemon's port always are. Protects a
+    /// token-less daemon from DNS rebinding (docs/SECURITY.md).
+    pub allowed_hosts: Vec<String>,
+    /// TCP connections open at once, every route together (HTTP requests, WebSocket and MJPEG clients);
+    /// more are refused with 503.
+    pub max_connections: usize,
+    /// `/view` and `/mjpeg` clients at once (together); more are refused with 503.
+    pub max_viewers: usize,
+    /// Plain HTTP requests (`/`, `/health`, `/metrics`) in progress at once; more are refused with 503.
+    pub max_requests: usize,
+    /// Seconds a client has to send a whole request head before its connection is closed.
+    pub header_timeout_s: u64,
+    /// Seconds a plain HTTP request may take before it is answered 408.
+    pub request_timeout_s: u64,
     /// Synchronise the GPU around each stage so the per-stage timings in `frame`/`stats` are exact (costs a
     /// little speed); unset: on for the CPU, off for CUDA.
     pub measure_stages: Option<bool>,
@@ -86,6 +101,12 @@ impl Default for ServerConfig {
             idle_timeout_s: 60,
             jpeg_quality: 85,
             allowed_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
+            max_connections: 256,
+            max_viewers: 16,
+            max_requests: 32,
+            header_timeout_s: 10,
+            request_timeout_s: 10,
             measure_stages: None,
             lora_control: false,
         }
@@ -135,6 +156,29 @@ impl DaemonConfig {
         }
         if s.idle_timeout_s == 0 {
             return Err(Error::invalid("server.idle_timeout_s", "must be at least 1"));
+        }
+        for (name, v) in [
+            ("server.max_connections", s.max_connections),
+            ("server.max_viewers", s.max_viewers),
+            ("server.max_requests", s.max_requests),
+        ] {
+            if v == 0 || v > 65536 {
+                return Err(Error::invalid(name, format!("{v} is not in 1..=65536")));
+            }
+        }
+        for (name, v) in [
+            ("server.header_timeout_s", s.header_timeout_s),
+            ("server.request_timeout_s", s.request_timeout_s),
+        ] {
+            if v == 0 || v > 3600 {
+                return Err(Error::invalid(name, format!("{v} is not in 1..=3600")));
+            }
+        }
+        if let Some(h) = s.allowed_hosts.iter().find(|h| h.is_empty() || h.contains(['/', ' ', '@'])) {
+            return Err(Error::invalid(
+                "server.allowed_hosts",
+                format!("`{h}` is not a host name (expected `name` or `name:port`)"),
+            ));
         }
         Ok(())
     }

@@ -441,3 +441,287 @@ async fn lora_scales_change_live_only_when_the_server_allows_it() {
     drop((ws, other));
     server.shutdown(Duration::from_secs(5)).await;
 }
+
+// ---- The daemon under attack (issue 12): leaks, limits, timeouts, DNS rebinding, token forms. ----
+
+/// Sends `request` on a fresh connection and reads the answer until the server closes.
+async fn raw(addr: std::net::SocketAddr, request: &str) -> String {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, tcp.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).to_string()
+}
+
+fn get_with(path: &str, host: &str, extra: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n")
+}
+
+/// A value from `/metrics` (asked for with a legitimate Host, and the token if any); None when refused.
+async fn try_metric(addr: std::net::SocketAddr, name: &str) -> Option<u64> {
+    let text = raw(addr, &get_with("/metrics?token=s3cret", &addr.to_string(), "")).await;
+    let line = text.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '));
+    line.and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+async fn metric(addr: std::net::SocketAddr, name: &str) -> u64 {
+    try_metric(addr, name).await.unwrap_or_else(|| panic!("no {name} in /metrics"))
+}
+
+/// Waits (bounded) until `name` in `/metrics` is `want`. `sdstream_tcp_open` counts the asking connection.
+async fn await_metric(addr: std::net::SocketAddr, name: &str, want: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        // (None while the server is still full of connections it has not yet seen end.)
+        let v = try_metric(addr, name).await;
+        if v == Some(want) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{name} stayed at {v:?}, expected {want}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Sockets of this process's network namespace on local port `port` in CLOSE-WAIT (state 08).
+fn close_wait_sockets(port: u16) -> usize {
+    ["/proc/self/net/tcp", "/proc/self/net/tcp6"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .flat_map(|t| t.lines().skip(1).map(str::to_string).collect::<Vec<_>>())
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3
+                && f[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) == Some(port)
+                && f[3] == "08"
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_heads_and_half_requests_leave_nothing_behind() {
+    let engine = engine();
+    let config = ServerConfig { header_timeout_s: 1, ..server_config() };
+    let server = start(&engine, config).await;
+    let addr = server.local_addr;
+
+    // A head that never ends is dropped after the header timeout (and not much later).
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(format!("GET / HTTP/1.1\r\nHost: {addr}\r\nX-Pad: {}", "a".repeat(8000)).as_bytes())
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 256];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a partial head kept its connection for 10 s");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(5), "closed after {took:?}");
+    assert!(metric(addr, "sdstream_header_timeouts_total").await >= 1);
+
+    // So is a connection that sends nothing at all.
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let read = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "a silent connection stayed open: {read:?}");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(5), "closed after {took:?}");
+
+    // Bursts of partial heads that the client closes, and of connect, `G`, close: no socket stays behind.
+    let mut clients = Vec::new();
+    for i in 0..100 {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let bytes = if i % 2 == 0 {
+            "G".to_string()
+        } else {
+            format!("GET /health HTTP/1.1\r\nHost: {addr}\r\nX: y")
+        };
+        tcp.write_all(bytes.as_bytes()).await.unwrap();
+        clients.push(tcp);
+    }
+    drop(clients);
+    // Only the connection asking for the metrics is open, well before any header timeout could have fired...
+    let t = std::time::Instant::now();
+    await_metric(addr, "sdstream_tcp_open", 1).await;
+    // ...and no socket is left in CLOSE-WAIT.
+    while close_wait_sockets(addr.port()) > 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{} sockets in CLOSE-WAIT",
+            close_wait_sockets(addr.port())
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(raw(addr, &get_with("/health", &addr.to_string(), "")).await.starts_with("HTTP/1.1 200"));
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mjpeg_clients_that_leave_are_gone_and_limits_refuse() {
+    let engine = engine();
+    let config = ServerConfig { max_viewers: 20, max_connections: 40, ..server_config() };
+    let server = start(&engine, config).await;
+    let addr = server.local_addr;
+    let mut viewers = Vec::new();
+    for _ in 0..20 {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(get_with("/mjpeg", &addr.to_string(), "").as_bytes()).await.unwrap();
+        let mut head = vec![0u8; 512];
+        let n = tokio::time::timeout(WAIT, tcp.read(&mut head)).await.unwrap().unwrap();
+        let head = String::from_utf8_lossy(&head[..n]).to_string();
+        assert!(head.starts_with("HTTP/1.1 200") && head.contains("multipart/x-mixed-replace"), "{head}");
+        viewers.push(tcp);
+    }
+    assert_eq!(metric(addr, "sdstream_route_open{route=\"/mjpeg\"}").await, 20);
+    // One more viewer is over the limit: refused with a reason.
+    let full = raw(addr, &get_with("/mjpeg", &addr.to_string(), "")).await;
+    assert!(full.starts_with("HTTP/1.1 503") && full.contains("/mjpeg is full"), "{full}");
+    // Over `max_connections` (40, 20 held): refused at once.
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    let over = raw(addr, "GET /health HTTP/1.1\r\n\r\n").await;
+    assert!(over.starts_with("HTTP/1.1 503"), "{over}");
+    drop(held);
+    drop(viewers);
+    await_metric(addr, "sdstream_route_open{route=\"/mjpeg\"}", 0).await;
+    await_metric(addr, "sdstream_tcp_open", 1).await;
+    assert!(metric(addr, "sdstream_tcp_refused_total").await >= 1);
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+/// A web page on a rebinding domain (`evil.example` resolving to 127.0.0.1) says its name in `Host` and
+/// `Origin`: refused on every route when there is no token; the daemon's own names work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebinding_hosts_and_origins_are_refused_on_every_route() {
+    let engine = engine();
+    let config = ServerConfig { allowed_hosts: vec!["box.lan".into()], ..server_config() };
+    let server = start(&engine, config).await;
+    let addr = server.local_addr;
+    let port = addr.port();
+    let evil = format!("evil.example:{port}");
+    let evil_origin = format!("Origin: http://evil.example:{port}\r\n");
+    let ws_upgrade = "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+                      Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    for path in ["/", "/health", "/metrics", "/mjpeg", "/ws", "/view", "/nothing"] {
+        let upgrade = if path == "/ws" || path == "/view" { ws_upgrade } else { "" };
+        let r = raw(addr, &get_with(path, &evil, &format!("{evil_origin}{upgrade}"))).await;
+        assert!(r.starts_with("HTTP/1.1 403") && r.contains("DNS rebinding"), "{path}: {r}");
+        let r = raw(addr, &get_with(path, &evil, upgrade)).await;
+        assert!(r.starts_with("HTTP/1.1 403"), "{path} with a foreign Host: {r}");
+        let r = raw(addr, &get_with(path, &addr.to_string(), &format!("{evil_origin}{upgrade}"))).await;
+        assert!(r.starts_with("HTTP/1.1 403") && r.contains("origin"), "{path} with a foreign Origin: {r}");
+    }
+    assert!(raw(addr, "GET /health HTTP/1.0\r\n\r\n").await.starts_with("HTTP/1.0 403"), "no Host");
+    // The daemon's own names, with or without a matching Origin, and a configured one.
+    for host in
+        [addr.to_string(), format!("localhost:{port}"), format!("[::1]:{port}"), format!("Box.LAN:{port}")]
+    {
+        let r = raw(addr, &get_with("/health", &host, "")).await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{host}: {r}");
+        let r = raw(addr, &get_with("/", &host, &format!("Origin: http://localhost:{port}\r\n"))).await;
+        assert!(r.starts_with("HTTP/1.1 200") && r.contains("<title>sdstream</title>"), "{host}: {r}");
+    }
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
+        "ws://{addr}/ws"
+    ))
+    .unwrap();
+    req.headers_mut().insert("Origin", format!("http://{addr}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("same-origin upgrade");
+    ready(&mut ws).await;
+    assert!(metric(addr, "sdstream_route_refused_total{route=\"/ws\"}").await >= 3);
+    // Shutdown closes the stream with a close frame.
+    let shutdown = tokio::spawn(server.shutdown(Duration::from_secs(5)));
+    let close = loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
+            Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(_)) => {}
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(close.map(|f| u16::from(f.code)), Some(1001));
+    shutdown.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_may_come_as_header_subprotocol_or_query() {
+    let engine = engine();
+    let config = ServerConfig { token: Some("s3cret".into()), ..server_config() };
+    let server = start(&engine, config).await;
+    let addr = server.local_addr;
+    let request = |query: &str, header: Option<(&'static str, &str)>| {
+        let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+            format!("ws://{addr}/ws{query}"),
+        )
+        .unwrap();
+        if let Some((k, v)) = header {
+            req.headers_mut().insert(k, v.parse().unwrap());
+        }
+        req
+    };
+    let (mut ws, _) = tokio_tungstenite::connect_async(request("", Some(("Authorization", "Bearer s3cret"))))
+        .await
+        .expect("a Bearer token");
+    ready(&mut ws).await;
+    let (mut ws, response) = tokio_tungstenite::connect_async(request(
+        "",
+        Some(("Sec-WebSocket-Protocol", "sdstream.token.s3cret")),
+    ))
+    .await
+    .expect("a token subprotocol");
+    assert_eq!(response.headers()["sec-websocket-protocol"], "sdstream.token.s3cret");
+    ready(&mut ws).await;
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(request("?token=s3cret", None)).await.expect("a query token");
+    ready(&mut ws).await;
+    for (query, header) in [
+        ("", Some(("Sec-WebSocket-Protocol", "sdstream.token.wrong"))),
+        ("", Some(("Authorization", "Bearer wrong"))),
+        ("?token=wrong", None),
+        ("", None),
+    ] {
+        match tokio_tungstenite::connect_async(request(query, header)).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+                assert_eq!(r.status(), 401, "{query} {header:?}")
+            }
+            other => panic!("{query} {header:?}: expected 401, got {:?}", other.map(|(_, r)| r.status())),
+        }
+    }
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+/// A `/view` socket that answers no ping is closed after the idle timeout; one that does stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn viewers_that_answer_nothing_are_closed_after_the_idle_timeout() {
+    let engine = engine();
+    let server = start(&engine, ServerConfig { idle_timeout_s: 1, ..server_config() }).await;
+    let addr = server.local_addr;
+    let view = "sdstream_route_open{route=\"/view\"}";
+    // Never polled: its pings are never answered.
+    let (silent, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/view")).await.unwrap();
+    let (mut polite, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/view")).await.unwrap();
+    await_metric(addr, view, 2).await;
+    // The polite viewer reads (and so answers pings) for 2.5 idle timeouts: it is not closed.
+    let polite_closed = tokio::time::timeout(Duration::from_millis(2500), async {
+        loop {
+            match polite.next().await {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(polite_closed.is_err(), "a viewer that answers pings was closed");
+    await_metric(addr, view, 1).await;
+    assert_eq!(metric(addr, "sdstream_route_timeouts_total{route=\"/view\"}").await, 1);
+    drop((silent, polite));
+    await_metric(addr, view, 0).await;
+    server.shutdown(Duration::from_secs(5)).await;
+}

@@ -5,6 +5,8 @@
 use super::protocol::{ClientLora, ClientMessage, LatencySummary, Limits, ServerMessage, PROTOCOL_VERSION};
 use super::ServerState;
 use crate::engine::{Output, OutputSink, StageTimes, StreamHandle};
+use axum::extract::ws::{close_code, CloseCode, CloseFrame, Message, WebSocket};
+use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use std::collections::VecDeque;
@@ -12,40 +14,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
+use tokio::sync::OwnedSemaphorePermit;
 
-type Ws = WebSocketStream<TcpStream>;
-type WsTx = futures_util::stream::SplitSink<Ws, Message>;
-
-fn ws_config(state: &ServerState) -> WebSocketConfig {
-    let max = state.config.max_message_bytes;
-    let mut c = WebSocketConfig::default();
-    c.max_message_size = Some(max);
-    c.max_frame_size = Some(max);
-    c.write_buffer_size = 128 * 1024;
-    c.max_write_buffer_size = 4 * max.max(1 << 20);
-    c
-}
-
-async fn accept(stream: TcpStream, state: &ServerState) -> Option<Ws> {
-    match tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio_tungstenite::accept_async_with_config(stream, Some(ws_config(state))),
-    )
-    .await
-    {
-        Ok(Ok(ws)) => Some(ws),
-        Ok(Err(e)) => {
-            tracing::debug!("handshake failed: {e}");
-            None
-        }
-        Err(_) => None,
-    }
-}
+type WsTx = futures_util::stream::SplitSink<WebSocket, Message>;
 
 async fn send_json(tx: &mut WsTx, msg: &ServerMessage<'_>) -> bool {
     tx.send(Message::text(msg.to_json())).await.is_ok()
@@ -56,7 +27,7 @@ async fn send_error(tx: &mut WsTx, code: &str, message: impl Into<String>, fatal
 }
 
 async fn close(tx: &mut WsTx, code: CloseCode, reason: &str) {
-    let frame = CloseFrame { code, reason: reason.to_string().into() };
+    let frame = CloseFrame { code, reason: reason.into() };
     let _ = tokio::time::timeout(Duration::from_secs(2), tx.send(Message::Close(Some(frame)))).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), tx.close()).await;
 }
@@ -92,15 +63,14 @@ impl StatsWindow {
 }
 
 /// Runs a stream connection until the client leaves, a fatal error, or server shutdown.
-pub async fn run_stream(stream: TcpStream, peer: SocketAddr, state: Arc<ServerState>) {
-    let Some(ws) = accept(stream, &state).await else { return };
+pub async fn run_stream(ws: WebSocket, peer: SocketAddr, state: Arc<ServerState>) {
     let (mut tx, mut rx) = ws.split();
     state.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
     let Ok(_permit) = state.clients.clone().try_acquire_owned() else {
         state.metrics.refused_total.fetch_add(1, Ordering::Relaxed);
         let msg = format!("the server is full ({} clients); try again later", state.config.max_clients);
         send_error(&mut tx, "server_full", msg, true).await;
-        close(&mut tx, CloseCode::Again, "server full").await;
+        close(&mut tx, close_code::AGAIN, "server full").await;
         return;
     };
     state.metrics.clients.fetch_add(1, Ordering::Relaxed);
@@ -116,7 +86,7 @@ pub async fn run_stream(stream: TcpStream, peer: SocketAddr, state: Arc<ServerSt
         Ok(Ok(h)) => Arc::new(h),
         Ok(Err(e)) => {
             send_error(&mut tx, "internal", format!("cannot open a stream: {e}"), true).await;
-            close(&mut tx, CloseCode::Again, "no stream").await;
+            close(&mut tx, close_code::AGAIN, "no stream").await;
             return;
         }
         Err(_) => return,
@@ -167,12 +137,12 @@ pub async fn run_stream(stream: TcpStream, peer: SocketAddr, state: Arc<ServerSt
     loop {
         tokio::select! {
             _ = shutdown.changed() => {
-                close(&mut tx, CloseCode::Away, "server shutting down").await;
+                close(&mut tx, close_code::AWAY, "server shutting down").await;
                 break;
             }
             _ = tokio::time::sleep_until(last_activity + idle) => {
                 send_error(&mut tx, "idle_timeout", format!("no message for {} s", idle.as_secs()), true).await;
-                close(&mut tx, CloseCode::Normal, "idle").await;
+                close(&mut tx, close_code::NORMAL, "idle").await;
                 break;
             }
             msg = rx.next() => {
@@ -180,11 +150,13 @@ pub async fn run_stream(stream: TcpStream, peer: SocketAddr, state: Arc<ServerSt
                 let msg = match msg {
                     None => break,
                     Some(Err(e)) => {
-                        use tokio_tungstenite::tungstenite::Error as WsError;
-                        if let WsError::Capacity(c) = &e {
+                        let capacity = std::error::Error::source(&e)
+                            .and_then(|s| s.downcast_ref::<tungstenite::Error>())
+                            .and_then(|e| match e { tungstenite::Error::Capacity(c) => Some(c), _ => None });
+                        if let Some(c) = capacity {
                             state.metrics.messages_bad.fetch_add(1, Ordering::Relaxed);
                             send_error(&mut tx, "too_large", format!("{c}; the limit is {} bytes", state.config.max_message_bytes), true).await;
-                            close(&mut tx, CloseCode::Size, "message too big").await;
+                            close(&mut tx, close_code::SIZE, "message too big").await;
                         } else {
                             tracing::debug!("client {peer}: {e}");
                         }
@@ -242,11 +214,11 @@ pub async fn run_stream(stream: TcpStream, peer: SocketAddr, state: Arc<ServerSt
                             Err(_) => break,
                         }
                     }
-                    Message::Text(text) if text.contains("control_image") && matches!(ClientMessage::parse(&text), Ok(ClientMessage::ControlImage {})) => {
+                    Message::Text(text) if text.contains("control_image") && matches!(ClientMessage::parse(text.as_str()), Ok(ClientMessage::ControlImage {})) => {
                         control_next = true;
                     }
                     Message::Text(text) => {
-                        let reply = handle_text(&text, &state, &handle, &mut settings, &mut quality, &mut next_frame_id, &mut arrivals).await;
+                        let reply = handle_text(text.as_str(), &state, &handle, &mut settings, &mut quality, &mut next_frame_id, &mut arrivals).await;
                         if let Some((code, message)) = reply.error {
                             state.metrics.messages_bad.fetch_add(1, Ordering::Relaxed);
                             if !send_error(&mut tx, code, message, false).await { break; }
@@ -256,7 +228,6 @@ pub async fn run_stream(stream: TcpStream, peer: SocketAddr, state: Arc<ServerSt
                     }
                     Message::Ping(_) | Message::Pong(_) => {}
                     Message::Close(_) => break,
-                    Message::Frame(_) => {}
                 }
             }
             Some(out) = out_rx.recv() => {
@@ -430,21 +401,45 @@ async fn handle_text(
     }
 }
 
-/// A viewer socket: receives the shared (camera) stream's output JPEGs, sends nothing that matters.
-pub async fn run_viewer(stream: TcpStream, state: Arc<ServerState>) {
-    let Some(ws) = accept(stream, &state).await else { return };
+/// A viewer socket: receives the shared (camera) stream's output JPEGs, sends nothing that matters. It is
+/// pinged every half `server.idle_timeout_s`; a viewer that answers nothing (no pong, no message) for
+/// `idle_timeout_s`, or takes that long to take a frame, is closed (counted in its route's timeouts).
+pub async fn run_viewer(ws: WebSocket, state: Arc<ServerState>) {
     let (mut tx, mut rx) = ws.split();
     let mut frames = state.viewers.subscribe();
     let mut shutdown = state.shutdown.clone();
+    let idle = Duration::from_secs(state.config.idle_timeout_s);
+    let mut last_seen = tokio::time::Instant::now();
+    let mut ping = tokio::time::interval(idle / 2);
+    let timed_out = || {
+        let route = state.metrics.route(super::metrics::Route::View);
+        route.timeouts.fetch_add(1, Ordering::Relaxed);
+    };
     loop {
         tokio::select! {
-            _ = shutdown.changed() => { close(&mut tx, CloseCode::Away, "server shutting down").await; break; }
+            _ = shutdown.changed() => { close(&mut tx, close_code::AWAY, "server shutting down").await; break; }
+            _ = tokio::time::sleep_until(last_seen + idle) => {
+                timed_out();
+                close(&mut tx, close_code::NORMAL, "idle").await;
+                break;
+            }
+            _ = ping.tick() => {
+                if !matches!(tokio::time::timeout(idle, tx.send(Message::Ping(Bytes::new()))).await, Ok(Ok(()))) {
+                    timed_out();
+                    break;
+                }
+            }
             msg = rx.next() => match msg {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
-                _ => {}
+                _ => last_seen = tokio::time::Instant::now(),
             },
             frame = frames.recv() => match frame {
-                Ok(jpeg) => if tx.send(Message::Binary(jpeg)).await.is_err() { break },
+                Ok(jpeg) => {
+                    if !matches!(tokio::time::timeout(idle, tx.send(Message::Binary(jpeg))).await, Ok(Ok(()))) {
+                        timed_out();
+                        break;
+                    }
+                }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(_) => break,
             }
@@ -453,31 +448,68 @@ pub async fn run_viewer(stream: TcpStream, state: Arc<ServerState>) {
 }
 
 /// MJPEG over HTTP (multipart/x-mixed-replace) of the shared (camera) stream, for `<img>` tags and players.
-pub async fn run_mjpeg(mut stream: TcpStream, state: Arc<ServerState>) {
-    use tokio::io::AsyncWriteExt;
-    let head = "HTTP/1.1 200 OK\r\nContent-Type: multipart/x-mixed-replace; boundary=frame\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n";
-    if stream.write_all(head.as_bytes()).await.is_err() {
-        return;
-    }
-    let mut frames = state.viewers.subscribe();
-    let mut shutdown = state.shutdown.clone();
-    loop {
-        tokio::select! {
-            _ = shutdown.changed() => break,
-            frame = frames.recv() => match frame {
+/// The body ends at server shutdown, or when the client goes (hyper sees the end of its socket and drops the
+/// body, with the viewer slot `slot` in it).
+pub fn mjpeg_response(state: Arc<ServerState>, slot: OwnedSemaphorePermit) -> Response {
+    let viewer = MjpegViewer::new(state, slot);
+    let body = futures_util::stream::unfold(viewer, |mut v| async move {
+        loop {
+            let frame = tokio::select! {
+                _ = v.shutdown.changed() => return None,
+                frame = v.frames.recv() => frame,
+            };
+            match frame {
                 Ok(jpeg) => {
-                    let part = format!("--frame\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\n\r\n", jpeg.len());
-                    if stream.write_all(part.as_bytes()).await.is_err()
-                        || stream.write_all(&jpeg).await.is_err()
-                        || stream.write_all(b"\r\n").await.is_err()
-                    {
-                        break;
-                    }
+                    let head = format!(
+                        "--frame\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\n\r\n",
+                        jpeg.len()
+                    );
+                    let mut part = Vec::with_capacity(head.len() + jpeg.len() + 2);
+                    part.extend_from_slice(head.as_bytes());
+                    part.extend_from_slice(&jpeg);
+                    part.extend_from_slice(b"\r\n");
+                    return Some((Ok::<_, std::convert::Infallible>(Bytes::from(part)), v));
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(_) => break,
+                Err(_) => return None,
             }
         }
+    });
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "multipart/x-mixed-replace; boundary=frame"),
+            (axum::http::header::CACHE_CONTROL, "no-store"),
+        ],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response()
+}
+
+/// One `/mjpeg` client, counted in its route's `open` gauge until its body is dropped.
+struct MjpegViewer {
+    frames: tokio::sync::broadcast::Receiver<Bytes>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    state: Arc<ServerState>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl MjpegViewer {
+    fn new(state: Arc<ServerState>, slot: OwnedSemaphorePermit) -> Self {
+        let c = state.metrics.route(super::metrics::Route::Mjpeg);
+        c.open.fetch_add(1, Ordering::Relaxed);
+        c.total.fetch_add(1, Ordering::Relaxed);
+        MjpegViewer {
+            frames: state.viewers.subscribe(),
+            shutdown: state.shutdown.clone(),
+            state,
+            _slot: slot,
+        }
+    }
+}
+
+impl Drop for MjpegViewer {
+    fn drop(&mut self) {
+        self.state.metrics.route(super::metrics::Route::Mjpeg).open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

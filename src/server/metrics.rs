@@ -6,8 +6,96 @@ use std::sync::atomic::{AtomicU64, Ordering};
 const BUCKETS_MS: [f64; 14] =
     [5.0, 10.0, 15.0, 20.0, 30.0, 50.0, 75.0, 100.0, 150.0, 250.0, 500.0, 1000.0, 2500.0, 10000.0];
 
+/// The daemon's routes, each with its own connection limit, timeout and counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// `/`, `/index.html`, `/favicon.ico`.
+    Page,
+    Health,
+    Metrics,
+    Ws,
+    View,
+    Mjpeg,
+    /// Anything else (answered 404).
+    Other,
+}
+
+impl Route {
+    pub const ALL: [Route; 7] =
+        [Route::Page, Route::Health, Route::Metrics, Route::Ws, Route::View, Route::Mjpeg, Route::Other];
+
+    pub fn of(path: &str) -> Route {
+        match path {
+            "/" | "/index.html" | "/favicon.ico" => Route::Page,
+            "/health" => Route::Health,
+            "/metrics" => Route::Metrics,
+            "/ws" => Route::Ws,
+            "/view" => Route::View,
+            "/mjpeg" => Route::Mjpeg,
+            _ => Route::Other,
+        }
+    }
+
+    /// The `route` label in `/metrics`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Route::Page => "/",
+            Route::Health => "/health",
+            Route::Metrics => "/metrics",
+            Route::Ws => "/ws",
+            Route::View => "/view",
+            Route::Mjpeg => "/mjpeg",
+            Route::Other => "other",
+        }
+    }
+
+    /// A long-lived route (a WebSocket or the MJPEG stream), as opposed to a plain request.
+    pub fn is_stream(self) -> bool {
+        matches!(self, Route::Ws | Route::View | Route::Mjpeg)
+    }
+}
+
+/// One route's counters.
+#[derive(Default)]
+pub struct RouteCounters {
+    /// Requests (or streams) in progress now.
+    pub open: AtomicU64,
+    pub total: AtomicU64,
+    /// Refused: over the route's connection limit, bad token, Host or Origin.
+    pub refused: AtomicU64,
+    /// Ended by the route's timeout.
+    pub timeouts: AtomicU64,
+}
+
+/// Counts one request or stream in its route's `open` gauge for as long as it lives.
+pub struct RouteGuard<'a> {
+    counters: &'a RouteCounters,
+}
+
+impl<'a> RouteGuard<'a> {
+    pub fn new(counters: &'a RouteCounters) -> Self {
+        counters.open.fetch_add(1, Ordering::Relaxed);
+        counters.total.fetch_add(1, Ordering::Relaxed);
+        RouteGuard { counters }
+    }
+}
+
+impl Drop for RouteGuard<'_> {
+    fn drop(&mut self) {
+        self.counters.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 #[derive(Default)]
 pub struct Metrics {
+    /// TCP connections open now (every route, until the socket is closed).
+    pub tcp_open: AtomicU64,
+    pub tcp_accepted: AtomicU64,
+    /// TCP connections refused over `server.max_connections`.
+    pub tcp_refused: AtomicU64,
+    /// Connections closed because the request head did not arrive within `server.header_timeout_s`.
+    pub header_timeouts: AtomicU64,
+    routes: [RouteCounters; Route::ALL.len()],
     pub connections_total: AtomicU64,
     pub clients: AtomicU64,
     pub refused_total: AtomicU64,
@@ -24,6 +112,10 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    pub fn route(&self, route: Route) -> &RouteCounters {
+        &self.routes[Route::ALL.iter().position(|r| *r == route).unwrap_or(Route::ALL.len() - 1)]
+    }
+
     /// Records one frame's latency from its arrival at the server to its output being sent.
     pub fn observe_latency(&self, ms: f64) {
         for (i, b) in BUCKETS_MS.iter().enumerate() {
@@ -79,8 +171,35 @@ impl Metrics {
             "counter",
             g(&self.messages_bad),
         );
+        counter("tcp_open", "TCP connections open now (every route).", "gauge", g(&self.tcp_open));
+        counter("tcp_accepted_total", "TCP connections accepted.", "counter", g(&self.tcp_accepted));
+        counter(
+            "tcp_refused_total",
+            "TCP connections refused over server.max_connections.",
+            "counter",
+            g(&self.tcp_refused),
+        );
+        counter(
+            "header_timeouts_total",
+            "Connections closed for not sending a whole request head in time.",
+            "counter",
+            g(&self.header_timeouts),
+        );
         for (name, help, v) in extra {
             counter(name, help, "counter", *v);
+        }
+        for (name, help, kind, pick) in [
+            ("route_open", "Requests or streams in progress now, by route.", "gauge", 0),
+            ("route_total", "Requests or streams served, by route.", "counter", 1),
+            ("route_refused_total", "Refused (limit, token, Host, Origin), by route.", "counter", 2),
+            ("route_timeouts_total", "Ended by the route's timeout, by route.", "counter", 3),
+        ] {
+            let _ = writeln!(s, "# HELP sdstream_{name} {help}\n# TYPE sdstream_{name} {kind}");
+            for r in Route::ALL {
+                let c = self.route(r);
+                let v = [&c.open, &c.total, &c.refused, &c.timeouts][pick];
+                let _ = writeln!(s, "sdstream_{name}{{route=\"{}\"}} {}", r.label(), g(v));
+            }
         }
         let _ = writeln!(
             s,

@@ -1,9 +1,11 @@
 //! The daemon's network side: one port serving the browser page (`/`), WebSocket streams (`/ws`), a viewer
 //! socket (`/view`) and MJPEG (`/mjpeg`) for the shared camera output, `/health` and Prometheus `/metrics`.
-//! Loopback by default; any other address needs a token. Every connection is bounded (message size, clients,
-//! frame rate, idle time) and its errors stay its own.
+//! axum routes on hyper connections served here one by one, so each has a header read timeout and is counted
+//! (`sdstream_tcp_open`) until its socket closes. Loopback by default; any other address needs a token; with
+//! no token only loopback (or configured) `Host` and `Origin` names are served (DNS rebinding). Every route has
+//! a connection limit and a timeout (docs/SECURITY.md), and every connection's errors stay its own.
 pub mod connection;
-pub mod http;
+pub mod guard;
 pub mod metrics;
 pub mod protocol;
 
@@ -11,16 +13,29 @@ use crate::config::ServerConfig;
 use crate::engine::{EngineHandle, ModelInfo};
 use crate::error::{Error, Result};
 use crate::stream::settings::StreamSettings;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
 use bytes::Bytes;
+use metrics::{Route, RouteGuard};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{broadcast, watch, Semaphore};
+use tokio::sync::{broadcast, watch, OwnedSemaphorePermit, Semaphore};
 
 /// The browser client, served at `/`.
 pub const INDEX_HTML: &str = include_str!("../../web/index.html");
+
+/// The largest request head accepted (hyper's read buffer; a longer head is answered 431).
+pub const MAX_HEAD: usize = 16 * 1024;
 
 /// Everything a connection needs, shared.
 pub struct ServerState {
@@ -31,9 +46,16 @@ pub struct ServerState {
     pub metrics: metrics::Metrics,
     /// Frames of the shared (camera) stream for viewers, as JPEG.
     pub viewers: broadcast::Sender<Bytes>,
+    /// The address the server listens on.
+    pub local_addr: SocketAddr,
+    /// `Host` values accepted without a token (lower case, with the port).
+    allowed_hosts: Vec<String>,
     clients: Arc<Semaphore>,
+    viewer_slots: Arc<Semaphore>,
+    request_slots: Arc<Semaphore>,
+    tcp_slots: Arc<Semaphore>,
     shutdown: watch::Receiver<bool>,
-    /// Held by every connection task; the server waits until all are dropped.
+    /// Held by every connection (its socket) and task; the server waits until all are dropped.
     alive: tokio::sync::mpsc::Sender<()>,
 }
 
@@ -109,10 +131,16 @@ impl Server {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (alive, alive_rx) = tokio::sync::mpsc::channel(1);
         let (viewers, _) = broadcast::channel(4);
+        let allowed_hosts = guard::allowed_hosts(&config, local_addr);
         let state = Arc::new(ServerState {
             engine,
             model,
             clients: Arc::new(Semaphore::new(config.max_clients)),
+            viewer_slots: Arc::new(Semaphore::new(config.max_viewers)),
+            request_slots: Arc::new(Semaphore::new(config.max_requests)),
+            tcp_slots: Arc::new(Semaphore::new(config.max_connections)),
+            allowed_hosts,
+            local_addr,
             config,
             stream_defaults,
             metrics: metrics::Metrics::default(),
@@ -138,6 +166,7 @@ impl Server {
 }
 
 async fn accept_loop(listener: TcpListener, state: Arc<ServerState>) {
+    let router = router(state.clone());
     let mut shutdown = state.shutdown.clone();
     let mut backoff = Duration::from_millis(10);
     loop {
@@ -146,12 +175,14 @@ async fn accept_loop(listener: TcpListener, state: Arc<ServerState>) {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     backoff = Duration::from_millis(10);
+                    let Ok(slot) = state.tcp_slots.clone().try_acquire_owned() else {
+                        state.metrics.tcp_refused.fetch_add(1, Ordering::Relaxed);
+                        refuse_connection(stream);
+                        continue;
+                    };
                     let _ = stream.set_nodelay(true);
-                    let state = state.clone();
-                    tokio::spawn(async move {
-                        let _alive = state.alive.clone();
-                        route(stream, peer, state).await;
-                    });
+                    let io = TrackedIo::new(stream, slot, &state);
+                    tokio::spawn(serve_connection(io, peer, router.clone(), state.clone()));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -164,110 +195,265 @@ async fn accept_loop(listener: TcpListener, state: Arc<ServerState>) {
     }
 }
 
-/// Whether the request carries the server's token (when one is set).
-fn authorized(state: &ServerState, req: &http::Request) -> bool {
-    let Some(token) = state.config.token.as_deref().filter(|t| !t.is_empty()) else { return true };
-    let given = req
-        .query_param("token")
-        .or_else(|| req.header("authorization").and_then(|h| h.strip_prefix("Bearer ")).map(str::to_string));
-    given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes()))
+/// Answers a connection over `server.max_connections` with a 503 if its buffer takes it at once, and closes.
+fn refuse_connection(stream: TcpStream) {
+    let _ = stream.try_write(
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 31\r\n\
+          Connection: close\r\n\r\ntoo many connections; try later\n",
+    );
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// Browsers send Origin; it must name this server's own host (or a configured origin). Non-browser clients
-/// send none and are judged by the token alone.
-fn origin_allowed(state: &ServerState, req: &http::Request) -> bool {
-    let Some(origin) = req.header("origin") else { return true };
-    if state.config.allowed_origins.iter().any(|o| o == origin) {
-        return true;
-    }
-    let origin_host = origin.split_once("://").map(|(_, h)| h).unwrap_or(origin);
-    req.header("host").is_some_and(|host| host.eq_ignore_ascii_case(origin_host))
-}
-
-async fn route(mut stream: TcpStream, peer: SocketAddr, state: Arc<ServerState>) {
-    let Some(req) = http::peek_request(&stream, Duration::from_secs(10)).await else {
-        return;
+/// One HTTP/1.1 connection: one request (every response but an upgrade says `Connection: close`), whose head
+/// must arrive within `server.header_timeout_s`; a WebSocket upgrade takes the socket into its own task.
+async fn serve_connection(io: TrackedIo, peer: SocketAddr, router: Router, state: Arc<ServerState>) {
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(peer));
+        tower::ServiceExt::oneshot(router.clone(), req)
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(state.config.header_timeout_s))
+        .max_buf_size(MAX_HEAD);
+    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), service).with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    let mut shutdown = state.shutdown.clone();
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shutdown.changed() => {
+            conn.as_mut().graceful_shutdown();
+            match tokio::time::timeout(Duration::from_secs(2), conn.as_mut()).await {
+                Ok(r) => r,
+                Err(_) => return,
+            }
+        }
     };
-    let ws = req.is_websocket_upgrade();
-    if !authorized(&state, &req) {
+    if let Err(e) = result {
+        if e.is_timeout() {
+            state.metrics.header_timeouts.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::debug!("connection from {peer}: {e}");
+    }
+}
+
+/// A client's socket, counted in `sdstream_tcp_open` and holding its `server.max_connections` slot (and the
+/// server's shutdown) until it is dropped, wherever it went (a WebSocket or MJPEG task takes it along).
+struct TrackedIo {
+    stream: TcpStream,
+    state: Arc<ServerState>,
+    _slot: OwnedSemaphorePermit,
+    _alive: tokio::sync::mpsc::Sender<()>,
+}
+
+impl TrackedIo {
+    fn new(stream: TcpStream, slot: OwnedSemaphorePermit, state: &Arc<ServerState>) -> Self {
+        state.metrics.tcp_accepted.fetch_add(1, Ordering::Relaxed);
+        state.metrics.tcp_open.fetch_add(1, Ordering::Relaxed);
+        TrackedIo { stream, state: state.clone(), _slot: slot, _alive: state.alive.clone() }
+    }
+}
+
+impl Drop for TrackedIo {
+    fn drop(&mut self) {
+        self.state.metrics.tcp_open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl AsyncRead for TrackedIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TrackedIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// The routes. Plain requests share `server.max_requests` and answer 408 after `server.request_timeout_s`;
+/// every request first passes [`guard::check`] (token, Host, Origin).
+fn router(state: Arc<ServerState>) -> Router {
+    let timeout = Duration::from_secs(state.config.request_timeout_s);
+    let plain = Router::new()
+        .route("/", get(index))
+        .route("/index.html", get(index))
+        .route(
+            "/favicon.ico",
+            get(|| async { (StatusCode::NO_CONTENT, [(header::CONTENT_TYPE, "image/x-icon")]) }),
+        )
+        .route("/health", get(health))
+        .route("/metrics", get(metrics_page))
+        .fallback(not_found)
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout));
+    Router::new()
+        .route("/ws", get(ws_stream))
+        .route("/view", get(ws_view))
+        .route("/mjpeg", get(mjpeg))
+        .merge(plain)
+        // Every route is a GET: no request body is read.
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(0))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), guard::check))
+        .with_state(state)
+}
+
+/// A plain-text refusal.
+fn refusal(status: StatusCode, reason: impl Into<String>) -> Response {
+    (status, [(header::CACHE_CONTROL, "no-store")], format!("{}\n", reason.into())).into_response()
+}
+
+/// A route's connection limit, reached: answered 503 with the reason.
+struct Full {
+    route: Route,
+    limit: usize,
+}
+
+impl IntoResponse for Full {
+    fn into_response(self) -> Response {
+        let reason = format!("{} is full ({} at once); try again later", self.route.label(), self.limit);
+        refusal(StatusCode::SERVICE_UNAVAILABLE, reason)
+    }
+}
+
+/// A slot of a route's connection limit, or the refusal (counted).
+fn slot(
+    state: &ServerState,
+    pool: &Arc<Semaphore>,
+    route: Route,
+    limit: usize,
+) -> Result<OwnedSemaphorePermit, Full> {
+    pool.clone().try_acquire_owned().map_err(|_| {
         state.metrics.refused_total.fetch_add(1, Ordering::Relaxed);
-        http::consume_head(&mut stream, &req).await;
-        http::respond(&mut stream, "401 Unauthorized", "text/plain", b"missing or wrong token\n", "").await;
-        return;
+        state.metrics.route(route).refused.fetch_add(1, Ordering::Relaxed);
+        Full { route, limit }
+    })
+}
+
+fn plain_slot(state: &ServerState, route: Route) -> Result<OwnedSemaphorePermit, Full> {
+    slot(state, &state.request_slots, route, state.config.max_requests)
+}
+
+async fn index(State(state): State<Arc<ServerState>>) -> Response {
+    let _slot = match plain_slot(&state, Route::Page) {
+        Ok(s) => s,
+        Err(full) => return full.into_response(),
+    };
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-store")], INDEX_HTML)
+        .into_response()
+}
+
+async fn not_found(State(state): State<Arc<ServerState>>, req: axum::extract::Request) -> Response {
+    let _slot = match plain_slot(&state, Route::Other) {
+        Ok(s) => s,
+        Err(full) => return full.into_response(),
+    };
+    if req.headers().contains_key(header::UPGRADE) {
+        return refusal(StatusCode::NOT_FOUND, "WebSocket endpoints: /ws, /view");
     }
-    if ws && !origin_allowed(&state, &req) {
-        state.metrics.refused_total.fetch_add(1, Ordering::Relaxed);
-        http::consume_head(&mut stream, &req).await;
-        http::respond(&mut stream, "403 Forbidden", "text/plain", b"origin not allowed\n", "").await;
-        return;
+    refusal(StatusCode::NOT_FOUND, "not found")
+}
+
+async fn health(State(state): State<Arc<ServerState>>) -> Response {
+    let _slot = match plain_slot(&state, Route::Health) {
+        Ok(s) => s,
+        Err(full) => return full.into_response(),
+    };
+    let body = serde_json::json!({
+        "status": "ok",
+        "model": &state.model,
+        "clients": state.metrics.clients.load(Ordering::Relaxed),
+        "max_clients": state.config.max_clients,
+    });
+    ([(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "no-store")], body.to_string())
+        .into_response()
+}
+
+async fn metrics_page(State(state): State<Arc<ServerState>>) -> Response {
+    let _slot = match plain_slot(&state, Route::Metrics) {
+        Ok(s) => s,
+        Err(full) => return full.into_response(),
+    };
+    let c = state.engine.counters();
+    let extra = [
+        ("engine_ticks_total", "Engine ticks (batched UNet calls).", c.ticks.load(Ordering::Relaxed)),
+        (
+            "prompt_cache_hits_total",
+            "Prompt embedding cache hits.",
+            c.prompt_cache_hits.load(Ordering::Relaxed),
+        ),
+        (
+            "prompt_cache_misses_total",
+            "Prompt embedding cache misses.",
+            c.prompt_cache_misses.load(Ordering::Relaxed),
+        ),
+        ("text_encoder_calls_total", "Text encoder calls.", c.text_encoder_calls.load(Ordering::Relaxed)),
+    ];
+    let body = state.metrics.render(&extra);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4"), (header::CACHE_CONTROL, "no-store")], body)
+        .into_response()
+}
+
+/// The WebSocket settings: message and frame size caps, write buffers, and the token subprotocol echoed back.
+fn configure(ws: WebSocketUpgrade, state: &ServerState) -> WebSocketUpgrade {
+    let max = state.config.max_message_bytes;
+    let ws = ws
+        .max_message_size(max)
+        .max_frame_size(max)
+        .write_buffer_size(128 * 1024)
+        .max_write_buffer_size(4 * max.max(1 << 20));
+    match state.config.token.as_deref().filter(|t| !t.is_empty()) {
+        Some(token) => ws.protocols([format!("{}{token}", guard::TOKEN_PROTOCOL_PREFIX)]),
+        None => ws,
     }
-    match (req.method.as_str(), req.path.as_str(), ws) {
-        ("GET", "/ws", true) => connection::run_stream(stream, peer, state).await,
-        ("GET", "/view", true) => connection::run_viewer(stream, state).await,
-        ("GET", "/", false) | ("GET", "/index.html", false) => {
-            http::consume_head(&mut stream, &req).await;
-            http::respond(&mut stream, "200 OK", "text/html; charset=utf-8", INDEX_HTML.as_bytes(), "").await;
-        }
-        ("GET", "/favicon.ico", false) => {
-            http::consume_head(&mut stream, &req).await;
-            http::respond(&mut stream, "204 No Content", "image/x-icon", b"", "").await;
-        }
-        ("GET", "/health", false) => {
-            http::consume_head(&mut stream, &req).await;
-            let body = serde_json::json!({
-                "status": "ok",
-                "model": &state.model,
-                "clients": state.metrics.clients.load(Ordering::Relaxed),
-                "max_clients": state.config.max_clients,
-            });
-            http::respond(&mut stream, "200 OK", "application/json", body.to_string().as_bytes(), "").await;
-        }
-        ("GET", "/metrics", false) => {
-            http::consume_head(&mut stream, &req).await;
-            let c = state.engine.counters();
-            let extra = [
-                ("engine_ticks_total", "Engine ticks (batched UNet calls).", c.ticks.load(Ordering::Relaxed)),
-                (
-                    "prompt_cache_hits_total",
-                    "Prompt embedding cache hits.",
-                    c.prompt_cache_hits.load(Ordering::Relaxed),
-                ),
-                (
-                    "prompt_cache_misses_total",
-                    "Prompt embedding cache misses.",
-                    c.prompt_cache_misses.load(Ordering::Relaxed),
-                ),
-                (
-                    "text_encoder_calls_total",
-                    "Text encoder calls.",
-                    c.text_encoder_calls.load(Ordering::Relaxed),
-                ),
-            ];
-            let body = state.metrics.render(&extra);
-            http::respond(&mut stream, "200 OK", "text/plain; version=0.0.4", body.as_bytes(), "").await;
-        }
-        ("GET", "/mjpeg", false) => {
-            http::consume_head(&mut stream, &req).await;
-            connection::run_mjpeg(stream, state).await;
-        }
-        (_, _, true) => {
-            http::consume_head(&mut stream, &req).await;
-            http::respond(
-                &mut stream,
-                "404 Not Found",
-                "text/plain",
-                b"WebSocket endpoints: /ws, /view\n",
-                "",
-            )
-            .await;
-        }
-        _ => {
-            http::consume_head(&mut stream, &req).await;
-            http::respond(&mut stream, "404 Not Found", "text/plain", b"not found\n", "").await;
-        }
-    }
+}
+
+async fn ws_stream(
+    State(state): State<Arc<ServerState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    configure(ws, &state).on_upgrade(move |socket| async move {
+        let _open = RouteGuard::new(state.metrics.route(Route::Ws));
+        connection::run_stream(socket, peer, state.clone()).await;
+    })
+}
+
+async fn ws_view(State(state): State<Arc<ServerState>>, ws: WebSocketUpgrade) -> Response {
+    let slot = match slot(&state, &state.viewer_slots, Route::View, state.config.max_viewers) {
+        Ok(s) => s,
+        Err(full) => return full.into_response(),
+    };
+    configure(ws, &state).on_upgrade(move |socket| async move {
+        let _slot = slot;
+        let _open = RouteGuard::new(state.metrics.route(Route::View));
+        connection::run_viewer(socket, state.clone()).await;
+    })
+}
+
+async fn mjpeg(State(state): State<Arc<ServerState>>) -> Response {
+    let slot = match slot(&state, &state.viewer_slots, Route::Mjpeg, state.config.max_viewers) {
+        Ok(s) => s,
+        Err(full) => return full.into_response(),
+    };
+    connection::mjpeg_response(state, slot)
 }
