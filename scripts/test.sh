@@ -15,4 +15,8 @@ if [ ! -d tests/e2e/node_modules/playwright-core ]; then
 fi
 
 . scripts/setup.sh
-cargo test --no-fail-fast --features camera --all-targets "$@"
+status=0
+cargo test --no-fail-fast --features camera --all-targets "$@" || status=$?
+# The documentation tests: among them, that captured work cannot capture a stray tensor (src/graph/mod.rs).
+cargo test --features camera --doc || status=$?
+exit $status

@@ -10,7 +10,7 @@
 //!   tensor into the graph (whose address the graph would bake in). A closure that captures one does not
 //!   coerce to the pointer type and fails to compile:
 //!
-//!   ```
+//!   ```compile_fail
 //!   use sdstream::graph::{Graph, Static, StaticBuffers};
 //!   struct Buffers { x: Static }
 //!   impl StaticBuffers for Buffers {
