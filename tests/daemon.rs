@@ -128,6 +128,8 @@ async fn protocol_errors_are_answered_and_the_connection_stays_open() {
         (r#"{"type":"settings","t_index_list":[45,32]}"#, "bad_setting"),
         (r#"{"type":"settings","model_path":"/etc/passwd"}"#, "bad_setting"),
         (r#"{"type":"quality","quality":0}"#, "bad_setting"),
+        (r#"{"type":"frame_id","id":18446744073709551615}"#, "bad_setting"),
+        (r#"{"type":"frame_id","id":9007199254740992}"#, "bad_setting"),
     ] {
         ws.send(Message::text(msg)).await.unwrap();
         let v = next_json(&mut ws).await.expect("still open");

@@ -186,7 +186,7 @@ pub async fn run_stream(ws: WebSocket, peer: SocketAddr, state: Arc<ServerState>
                     }
                     Message::Binary(data) => {
                         let id = next_frame_id;
-                        next_frame_id += 1;
+                        next_frame_id = next_id(id);
                         state.metrics.frames_in.fetch_add(1, Ordering::Relaxed);
                         window.frames_in += 1;
                         let now = Instant::now();
@@ -366,12 +366,18 @@ async fn handle_text(
                 );
             }
             let id = *next_frame_id;
-            *next_frame_id += 1;
+            *next_frame_id = next_id(id);
             remember_arrival(arrivals, id, Instant::now());
             handle.submit_with_id(id, None);
             TextReply::none()
         }
         ClientMessage::FrameId { id } => {
+            if id > MAX_FRAME_ID {
+                return TextReply::error(
+                    "bad_setting",
+                    format!("frame ids go up to {MAX_FRAME_ID} (2^53 - 1, the largest integer JSON numbers keep exactly)"),
+                );
+            }
             *next_frame_id = id;
             TextReply::none()
         }
@@ -516,4 +522,16 @@ impl Drop for MjpegViewer {
 /// Publishes a JPEG to every viewer (no-op without viewers).
 pub fn publish(state: &ServerState, jpeg: Bytes) {
     let _ = state.viewers.send(jpeg);
+}
+
+/// The largest frame id: 2^53 - 1, the largest integer a JSON number (a JavaScript client's) keeps exactly.
+pub const MAX_FRAME_ID: u64 = (1 << 53) - 1;
+
+/// The id after `id`, counting up to [`MAX_FRAME_ID`] and then from 0 again (never an overflow).
+fn next_id(id: u64) -> u64 {
+    if id >= MAX_FRAME_ID {
+        0
+    } else {
+        id + 1
+    }
 }
