@@ -97,7 +97,7 @@ pub fn seed_cpu(seed: u64) {
 /// generator (seeded by [`seed_cpu`]) in the latents' dtype, then moved to the target device.
 pub fn randn_cpu(shape: &[i64], device: Device, kind: Kind) -> Result<tch::Tensor> {
     let t = tch::Tensor::f_randn(shape, (kind, Device::Cpu))?;
-    Ok(t.f_to_device(device)?)
+    crate::transfer::to_device(&t, device)
 }
 
 mod ffi {

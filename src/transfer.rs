@@ -163,13 +163,12 @@ impl Readback {
         }
         let size = self.host.size();
         let (k, h, w) = (size[0], size[1], size[2]);
-        let len = (k * h * w * 3) as usize;
-        let mut data = vec![0u8; len];
-        self.host.f_copy_data_u8(&mut data, len)?;
         let per = (h * w * 3) as usize;
-        data.chunks_exact(per)
-            .map(|c| {
-                RgbImage::from_raw(w as u32, h as u32, c.to_vec())
+        (0..k)
+            .map(|i| {
+                let mut data = vec![0u8; per];
+                self.host.f_get(i)?.f_copy_data_u8(&mut data, per)?;
+                RgbImage::from_raw(w as u32, h as u32, data)
                     .ok_or_else(|| Error::Model("readback: image buffer of the wrong size".into()))
             })
             .collect()
@@ -184,6 +183,22 @@ pub fn to_host(t: &Tensor) -> Result<Tensor> {
     }
     count(|c| c.host_reads += 1);
     Ok(t.f_to_device(Device::Cpu)?)
+}
+
+/// `t` on `device`: a counted upload when it leaves host memory for a device; `t` itself when it is there.
+pub fn to_device(t: &Tensor, device: Device) -> Result<Tensor> {
+    if t.device() == device {
+        return Ok(t.shallow_clone());
+    }
+    if t.device() == Device::Cpu {
+        count(|c| {
+            c.uploads += 1;
+            c.upload_bytes += bytes(t);
+        });
+    } else if device == Device::Cpu {
+        count(|c| c.host_reads += 1);
+    }
+    Ok(t.f_to_device(device)?)
 }
 
 /// Reads one scalar (a counted host read).

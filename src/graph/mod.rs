@@ -56,27 +56,9 @@ impl GraphMode {
     pub fn backend(self, device: Device) -> Option<Backend> {
         match (self, device) {
             (GraphMode::Off, _) => None,
-            (GraphMode::Auto, Device::Cpu) => None,
             (_, Device::Cuda(i)) => Some(Backend::Cuda(i)),
             (GraphMode::On, _) => Some(Backend::CpuStandIn),
             (GraphMode::Auto, _) => None,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            GraphMode::Auto => "auto",
-            GraphMode::On => "on",
-            GraphMode::Off => "off",
-        }
-    }
-
-    pub fn parse(s: &str) -> Result<GraphMode> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "auto" => Ok(GraphMode::Auto),
-            "on" | "true" => Ok(GraphMode::On),
-            "off" | "false" => Ok(GraphMode::Off),
-            other => Err(Error::invalid("cuda_graphs", format!("`{other}`: expected auto, on or off"))),
         }
     }
 }
@@ -252,8 +234,6 @@ mod tests {
         assert_eq!(GraphMode::Off.backend(Device::Cuda(0)), None);
         assert_eq!(GraphMode::On.backend(Device::Cpu), Some(Backend::CpuStandIn));
         assert_eq!(GraphMode::Auto.backend(Device::Cuda(1)), Some(Backend::Cuda(1)));
-        let e = GraphMode::parse("sometimes").unwrap_err().to_string();
-        assert!(e.contains("auto, on or off"), "{e}");
     }
 
     #[test]

@@ -72,11 +72,10 @@ pub fn resize(img: RgbImage, width: u32, height: u32) -> RgbImage {
 
 /// An RGB image as a (1, 3, H, W) tensor in [-1, 1] (diffusers' preprocessing: x / 255 * 2 - 1, in fp32).
 pub fn to_tensor(img: &RgbImage, device: Device, kind: Kind) -> Result<Tensor> {
-    let (w, h) = img.dimensions();
-    let t = Tensor::f_from_data_size(img.as_raw(), &[h as i64, w as i64, 3], Kind::Uint8)?;
+    let t = crate::transfer::image_tensor(img)?;
     let t = t.f_permute([2, 0, 1])?.f_unsqueeze(0)?.f_to_kind(Kind::Float)?;
     let t = (t / 255.0).f_mul_scalar(2.0)?.f_sub_scalar(1.0)?;
-    Ok(t.f_to_device(device)?.f_to_kind(kind)?)
+    Ok(crate::transfer::to_device(&t, device)?.f_to_kind(kind)?)
 }
 
 /// A (1, 3, H, W) or (3, H, W) tensor in [-1, 1] as 8-bit RGB (diffusers' postprocessing:
@@ -87,7 +86,7 @@ pub fn to_rgb8(t: &Tensor) -> Result<RgbImage> {
     if c != 3 {
         return Err(Error::invalid("image tensor", format!("has {c} channels, expected 3")));
     }
-    let t = t.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?;
+    let t = crate::transfer::to_host(&t.f_to_kind(Kind::Float)?)?;
     let t = (t / 2.0 + 0.5).f_clamp(0.0, 1.0)?.f_mul_scalar(255.0)?.f_round()?.f_to_kind(Kind::Uint8)?;
     let t = t.f_permute([1, 2, 0])?.f_contiguous()?;
     let len = (h * w * 3) as usize;
