@@ -16,7 +16,7 @@ fi
 
 . scripts/setup.sh
 status=0
-cargo test --no-fail-fast --features camera --all-targets "$@" || status=$?
+cargo test --no-fail-fast --features camera,fault-injection --all-targets "$@" || status=$?
 # The documentation tests: among them, that captured work cannot capture a stray tensor (src/graph/mod.rs).
-cargo test --features camera --doc || status=$?
+cargo test --features camera,fault-injection --doc || status=$?
 exit $status

@@ -1,7 +1,7 @@
 //! Daemon configuration files (configs/*.toml): the model, the server's limits and the default stream
 //! settings. Command-line flags override any value.
 use crate::error::{Error, Result};
-use crate::stream::settings::StreamSettings;
+use crate::stream::settings::{StreamSettings, StreamSettingsPatch};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -79,6 +79,13 @@ pub struct ServerConfig {
     /// Let clients change the scale of the daemon's LoRAs with a `lora` message. The LoRAs are fused into the
     /// one model every stream shares, so a change shows in every client's output: off unless asked for.
     pub lora_control: bool,
+    /// The most pixels (width x height, read from the image's header before decoding) of a frame or control
+    /// image a client may send; larger ones are refused undecoded.
+    pub max_frame_pixels: u64,
+    /// The stream sizes clients may choose, as `"WIDTHxHEIGHT"`; empty: only the configured stream size.
+    pub stream_sizes: Vec<String>,
+    /// The longest text (JSON) message accepted, in bytes; longer ones are refused unparsed.
+    pub max_text_bytes: usize,
 }
 
 impl ServerConfig {
@@ -87,6 +94,24 @@ impl ServerConfig {
         self.listen
             .parse()
             .map_err(|e| Error::invalid("listen", format!("`{}`: {e} (expected IP:PORT)", self.listen)))
+    }
+
+    /// The stream sizes clients may choose: `stream_sizes`, or only `default` (the configured stream's size)
+    /// when the list is empty.
+    pub fn allowed_sizes(&self, default: (i64, i64)) -> Result<Vec<(i64, i64)>> {
+        if self.stream_sizes.is_empty() {
+            return Ok(vec![default]);
+        }
+        self.stream_sizes
+            .iter()
+            .map(|text| {
+                let bad = || {
+                    Error::invalid("server.stream_sizes", format!("`{text}`: expected WIDTHxHEIGHT, e.g. 512x512"))
+                };
+                let (w, h) = text.split_once('x').ok_or_else(bad)?;
+                Ok((w.trim().parse().map_err(|_| bad())?, h.trim().parse().map_err(|_| bad())?))
+            })
+            .collect()
     }
 }
 
@@ -109,6 +134,9 @@ impl Default for ServerConfig {
             request_timeout_s: 10,
             measure_stages: None,
             lora_control: false,
+            max_frame_pixels: 4096 * 4096,
+            stream_sizes: Vec::new(),
+            max_text_bytes: 16 * 1024,
         }
     }
 }
@@ -118,7 +146,8 @@ impl Default for ServerConfig {
 pub struct DaemonConfig {
     pub model: ModelConfig,
     pub server: ServerConfig,
-    pub stream: StreamSettings,
+    /// The stream settings that differ from the defaults (every client's stream starts with them).
+    pub stream: StreamSettingsPatch,
 }
 
 impl DaemonConfig {
@@ -129,10 +158,32 @@ impl DaemonConfig {
         Ok(config)
     }
 
+    /// The stream settings every stream starts with: the defaults with `[stream]` applied.
+    pub fn stream_settings(&self) -> Result<StreamSettings> {
+        StreamSettings::default().patched(&self.stream)
+    }
+
     /// Checks the values a file or flags can get wrong.
     pub fn validate(&self) -> Result<()> {
-        self.stream.validate()?;
+        let stream = self.stream_settings()?;
         let s = &self.server;
+        for (w, h) in s.allowed_sizes((stream.width, stream.height))? {
+            let mut sized = stream.clone();
+            (sized.width, sized.height) = (w, h);
+            sized.validate().map_err(|e| Error::invalid("server.stream_sizes", e.to_string()))?;
+        }
+        if s.max_frame_pixels < 64 * 64 || s.max_frame_pixels > 16384 * 16384 {
+            return Err(Error::invalid(
+                "server.max_frame_pixels",
+                format!("{} is not in 4096..=268435456", s.max_frame_pixels),
+            ));
+        }
+        if s.max_text_bytes < 256 || s.max_text_bytes > s.max_message_bytes {
+            return Err(Error::invalid(
+                "server.max_text_bytes",
+                format!("{} is not in 256..=max_message_bytes ({})", s.max_text_bytes, s.max_message_bytes),
+            ));
+        }
         if s.max_clients == 0 || s.max_clients > 1024 {
             return Err(Error::invalid(
                 "server.max_clients",

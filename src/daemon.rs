@@ -68,7 +68,7 @@ pub fn run(config: DaemonConfig, camera: Option<CameraOptions>) -> Result<()> {
         .map_err(|e| Error::Model(format!("cannot start the async runtime: {e}")))?;
     let result = runtime.block_on(async {
         let server =
-            Server::start_on(listener, engine.handle(), info, config.server.clone(), config.stream.clone())
+            Server::start_on(listener, engine.handle(), info, config.server.clone(), config.stream_settings()?)
                 .await?;
         let capture = match &camera {
             Some(cam) => Some(start_camera(&engine, &server, &config, cam)?),
@@ -114,13 +114,13 @@ fn start_camera(
                             tracing::warn!("{}: {e}", path.display());
                         }
                     }
-                    crate::server::connection::publish(&state, bytes::Bytes::from(jpeg));
+                    crate::server::viewers::publish(&state, bytes::Bytes::from(jpeg));
                 }
             }
         })
         .map_err(|e| Error::Model(format!("cannot start the camera output thread: {e}")))?;
     let sink: OutputSink = Box::new(move |o| tx.try_send(o).is_ok());
-    let stream = engine.handle().open_stream_with_sink(config.stream.clone(), sink)?;
+    let stream = engine.handle().open_stream_with_sink(config.stream_settings()?, sink)?;
     let submit = stream.submitter();
     let capture = crate::io::camera::start(
         cam.index,

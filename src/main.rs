@@ -4,7 +4,7 @@ use clap::{Args, Parser, Subcommand};
 use sdstream::models::stable_diffusion::{LoadOptions, StableDiffusion};
 use sdstream::pipeline::{self, GenerateParams};
 use sdstream::schedulers::{SchedulerKind, TimestepSpacing};
-use sdstream::stream::settings::StreamSettings;
+use sdstream::stream::settings::{StreamSettings, StreamSettingsPatch};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -78,8 +78,9 @@ struct DaemonArgs {
     /// Let clients change the LoRAs' scales (`lora` messages); every client shares them.
     #[arg(long)]
     lora_control: bool,
+    /// Every stream setting as a flag; each one given overrides the defaults (or a config's value).
     #[command(flatten)]
-    stream: StreamFlags,
+    stream: StreamSettingsPatch,
 }
 
 impl DaemonArgs {
@@ -131,7 +132,7 @@ impl DaemonArgs {
         if let Some(v) = self.jpeg_quality {
             c.server.jpeg_quality = v;
         }
-        c.stream = self.stream.settings(&c.stream)?;
+        c.stream = c.stream.then(&self.stream);
         c.validate()?;
         Ok(c)
     }
@@ -398,87 +399,6 @@ struct Img2Img {
     strength: f64,
 }
 
-/// Every stream setting as a flag; each one given overrides the defaults (or a config's value).
-#[derive(Args, Default, Clone, serde::Serialize)]
-pub struct StreamFlags {
-    #[arg(long)]
-    prompt: Option<String>,
-    #[arg(long)]
-    negative_prompt: Option<String>,
-    /// img2img or txt2img.
-    #[arg(long)]
-    mode: Option<String>,
-    /// Denoising stages as indices into the 50-step LCM schedule, e.g. 32,45.
-    #[arg(long, value_delimiter = ',')]
-    t_index_list: Option<Vec<usize>>,
-    /// A 0..1 alternative to --t-index-list (with --steps stages).
-    #[arg(long)]
-    strength: Option<f64>,
-    /// Stages used with --strength (1 to 4).
-    #[arg(long)]
-    steps: Option<usize>,
-    /// The stream's scheduler: lcm or ddim.
-    #[arg(long)]
-    scheduler: Option<String>,
-    /// leading, trailing or linspace: replaces the model's scheduler config's timestep_spacing when the stream
-    /// builds its 50-step LCM schedule (diffusers' LCMScheduler does not use it: no effect, as there).
-    #[arg(long, value_name = "SPACING")]
-    timestep_spacing: Option<TimestepSpacing>,
-    /// none, full, self or initialize.
-    #[arg(long)]
-    cfg_type: Option<String>,
-    #[arg(long)]
-    guidance: Option<f64>,
-    #[arg(long)]
-    delta: Option<f64>,
-    #[arg(long)]
-    similarity_filter: Option<bool>,
-    #[arg(long)]
-    similarity_threshold: Option<f64>,
-    #[arg(long)]
-    max_skip_frames: Option<u32>,
-    #[arg(long)]
-    seed: Option<u64>,
-    #[arg(long)]
-    width: Option<i64>,
-    #[arg(long)]
-    height: Option<i64>,
-    /// Frames over which a prompt change blends in.
-    #[arg(long)]
-    prompt_transition_frames: Option<u32>,
-    /// linear or slerp.
-    #[arg(long)]
-    prompt_interpolation: Option<String>,
-    /// ControlNet conditioning: none, canny (edges of each input frame) or image (needs --controlnet).
-    #[arg(long)]
-    control: Option<String>,
-    /// The ControlNet's conditioning scale (live: changes need no re-prime).
-    #[arg(long)]
-    controlnet_scale: Option<f64>,
-    /// Canny's low threshold (OpenCV units, default 100).
-    #[arg(long)]
-    canny_low: Option<f64>,
-    /// Canny's high threshold (OpenCV units, default 200).
-    #[arg(long)]
-    canny_high: Option<f64>,
-}
-
-impl StreamFlags {
-    /// The flags given, as a settings patch (JSON object of the fields to change): the fields are named as
-    /// the settings are, and a flag not given serialises as null and is left out.
-    fn patch(&self) -> serde_json::Value {
-        let mut v = serde_json::to_value(self).unwrap_or_default();
-        if let Some(m) = v.as_object_mut() {
-            m.retain(|_, v| !v.is_null());
-        }
-        v
-    }
-
-    fn settings(&self, base: &StreamSettings) -> Result<StreamSettings> {
-        Ok(base.patched(&self.patch())?)
-    }
-}
-
 #[derive(Args)]
 struct StreamCmd {
     #[command(flatten)]
@@ -492,8 +412,9 @@ struct StreamCmd {
     /// A fixed control image for `--control image` (needs --controlnet).
     #[arg(long)]
     control_image: Option<PathBuf>,
+    /// Every stream setting as a flag; each one given overrides the defaults (or a config's value).
     #[command(flatten)]
-    stream: StreamFlags,
+    stream: StreamSettingsPatch,
 }
 
 fn save(image: &tch::Tensor, path: &std::path::Path) -> Result<()> {
@@ -551,7 +472,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Stream(a) => {
-            let settings = a.stream.settings(&StreamSettings::default())?;
+            let settings = StreamSettings::default().patched(&a.stream)?;
             let files = sdstream::stream::offline::collect_inputs(&a.input)?;
             use sdstream::stream::settings::ControlSource;
             let control = match (settings.control, &a.control_image) {

@@ -108,12 +108,10 @@ fn a_bad_timestep_spacing_names_the_choices() {
             assert!(text.contains(needle), "sdstream {args:?}: the message should name `{needle}`:\n{text}");
         }
     }
-    // A stream settings patch (a config, a client's `settings` message) names the field and the choices.
-    let e = sdstream::stream::settings::StreamSettings::default()
-        .patched(&serde_json::json!({"timestep_spacing": "sideways"}))
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("timestep_spacing") && e.contains("leading") && e.contains("linspace"), "{e}");
+    // A client's `settings` message names the field and the choices.
+    use sdstream::server::protocol::ClientMessage;
+    let e = ClientMessage::parse(r#"{"type":"settings","timestep_spacing":"sideways"}"#).unwrap_err();
+    assert!(e.message.contains("timestep_spacing") && e.message.contains("leading") && e.message.contains("linspace"), "{e:?}");
 }
 
 /// A valid `--timestep-spacing` changes the image where the scheduler uses it (Euler), exactly as the same run

@@ -75,23 +75,23 @@ fn prompt_changes_hit_the_cache_and_keep_the_stream_flowing() {
         outputs.push(next(&stream));
     }
     assert!(outputs[0].warmup && !outputs[1].warmup && !outputs[2].warmup, "two stages: one warm-up frame");
-    stream.update_settings(serde_json::json!({"prompt": "a neon city"})).unwrap();
+    stream.update_settings(patch(r#"{"prompt": "a neon city"}"#)).unwrap();
     assert_eq!(calls(), after_open + 1, "a new prompt costs one encoder call");
     stream.submit_with_id(3, Some(frame(1)));
     let changed = next(&stream);
     assert!(!changed.warmup, "a prompt change does not re-prime the stream");
     assert_ne!(changed.image.as_raw(), outputs[2].image.as_raw(), "the new prompt changes the output");
-    stream.update_settings(serde_json::json!({"prompt": "a fox"})).unwrap();
-    stream.update_settings(serde_json::json!({"prompt": "a neon city"})).unwrap();
+    stream.update_settings(patch(r#"{"prompt": "a fox"}"#)).unwrap();
+    stream.update_settings(patch(r#"{"prompt": "a neon city"}"#)).unwrap();
     assert_eq!(calls(), after_open + 1, "prompts seen before come from the cache");
     assert!(engine.counters().prompt_cache_hits.load(Ordering::Relaxed) >= 2);
     // A refused setting names itself and leaves everything as it was.
-    let e = stream.update_settings(serde_json::json!({"width": 65, "prompt": "x"})).unwrap_err().to_string();
+    let e = stream.update_settings(patch(r#"{"width": 65, "prompt": "x"}"#)).unwrap_err().to_string();
     assert!(e.contains("width"), "{e}");
-    let now = stream.update_settings(serde_json::json!({"guidance": 1.3})).unwrap();
+    let now = stream.update_settings(patch(r#"{"guidance": 1.3}"#)).unwrap();
     assert_eq!((now.width, now.prompt.as_str()), (64, "a neon city"));
     // A seed change re-primes: the next output is a warm-up frame again.
-    stream.update_settings(serde_json::json!({"seed": 99})).unwrap();
+    stream.update_settings(patch(r#"{"seed": 99}"#)).unwrap();
     stream.submit_with_id(4, Some(frame(1)));
     assert!(next(&stream).warmup);
 }
@@ -189,4 +189,9 @@ fn batched_streams_throughput_is_reported() {
          {batched:.1} frames/s ({:.2}x)",
         batched / serial
     );
+}
+
+/// A settings patch from JSON (as a client's `settings` message carries it).
+fn patch(json: &str) -> sdstream::stream::settings::StreamSettingsPatch {
+    serde_json::from_str(json).unwrap()
 }

@@ -220,7 +220,10 @@ fn controlnet_streams_match_the_reference() {
         let scales = case["controlnet_scales"].as_array().unwrap();
         let last = case["num_frames"].as_u64().unwrap() as usize - 1;
         for (i, frame) in case["frames"].as_array().unwrap().iter().enumerate() {
-            let patch = serde_json::json!({ "controlnet_scale": scales[i] });
+            let patch = sdstream::stream::settings::StreamSettingsPatch {
+                controlnet_scale: scales[i].as_f64(),
+                ..Default::default()
+            };
             let next = stream.settings().patched(&patch).unwrap();
             assert!(!stream.settings().needs_reprime(&next), "a scale change must not re-prime");
             stream.apply_settings(&sd, next).unwrap();

@@ -3,6 +3,7 @@
 //!
 //! `--random-model sd-turbo|sd15` benchmarks a random-weight BENCHMARK model at a real architecture (see
 //! [`random_model`]): speed does not depend on weight values, so speed runs need no real weights.
+pub mod attack;
 pub mod components;
 pub mod e2e;
 pub mod graph_check;
@@ -14,7 +15,7 @@ pub mod stats;
 use crate::engine::EngineConfig;
 use crate::error::{Error, Result};
 use crate::models::stable_diffusion::{LoadOptions, StableDiffusion};
-use crate::stream::settings::StreamSettings;
+use crate::stream::settings::{CfgType, StreamSettings, StreamSettingsPatch};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -62,8 +63,8 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',')]
     pub t_index_list: Option<Vec<usize>>,
     /// none, full, self or initialize (default: none for one stage, self with guidance 1.2 otherwise).
-    #[arg(long)]
-    pub cfg_type: Option<String>,
+    #[arg(long, value_enum)]
+    pub cfg_type: Option<CfgType>,
     #[arg(long, default_value = "a cinematic portrait, oil painting")]
     pub prompt: String,
     /// Run the component timings (with neither --components nor --e2e, both run).
@@ -167,12 +168,16 @@ impl BenchArgs {
             None => stages_t_index_list(self.stages)?,
         };
         let single = t_index_list.len() == 1;
-        let cfg = self.cfg_type.clone().unwrap_or_else(|| if single { "none" } else { "self" }.into());
-        let guidance = if cfg == "none" { 1.0 } else { 1.2 };
-        StreamSettings::default().patched(&serde_json::json!({
-            "prompt": self.prompt, "t_index_list": t_index_list, "cfg_type": cfg, "guidance": guidance,
-            "width": self.width, "height": self.height,
-        }))
+        let cfg = self.cfg_type.unwrap_or(if single { CfgType::None } else { CfgType::SelfNoise });
+        StreamSettings::default().patched(&StreamSettingsPatch {
+            prompt: Some(self.prompt.clone()),
+            t_index_list: Some(t_index_list),
+            cfg_type: Some(cfg),
+            guidance: Some(if cfg == CfgType::None { 1.0 } else { 1.2 }),
+            width: Some(self.width),
+            height: Some(self.height),
+            ..Default::default()
+        })
     }
 }
 

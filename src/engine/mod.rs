@@ -8,7 +8,7 @@ use crate::models::stable_diffusion::{LoadOptions, StableDiffusion, TextEmbeddin
 use crate::stream::batch::{self, TickInput};
 use crate::stream::prompts::{PromptCache, PromptKey};
 use crate::stream::resident::{self, OutputMeta, ResidentInput, ResidentTick};
-use crate::stream::settings::{Mode, StreamSettings};
+use crate::stream::settings::{Mode, StreamSettings, StreamSettingsPatch};
 use crate::stream::Stream;
 use crossbeam_channel::{bounded, select, Receiver, Sender, TrySendError};
 use image::RgbImage;
@@ -39,6 +39,9 @@ pub struct EngineConfig {
     pub loras: Vec<crate::models::lora::LoraSpec>,
     /// Whether ticks are captured and replayed (CUDA graphs; the CPU stand-in with `on` on the CPU).
     pub cuda_graphs: GraphMode,
+    /// Failed ticks or commands in a row after which the engine reports itself unhealthy (until one
+    /// succeeds).
+    pub max_consecutive_failures: u32,
 }
 
 impl EngineConfig {
@@ -53,6 +56,7 @@ impl EngineConfig {
             output_queue: 4,
             loras: Vec::new(),
             cuda_graphs: GraphMode::Auto,
+            max_consecutive_failures: 3,
         }
     }
 }
@@ -137,14 +141,52 @@ pub struct EngineCounters {
     pub streams_open: AtomicU64,
 }
 
+/// The engine's health as the inference thread last reported it.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct EngineHealth {
+    /// Failed ticks and commands since the start.
+    pub failures_total: u64,
+    /// Failed ticks and commands since the last success.
+    pub consecutive_failures: u32,
+    /// The last failure's message.
+    pub last_error: Option<String>,
+    /// Set when `consecutive_failures` reached `max_consecutive_failures`, or the inference thread stopped.
+    pub unhealthy: Option<String>,
+}
+
+impl EngineHealth {
+    /// Why the engine cannot serve now, if it cannot.
+    pub fn unhealthy(&self) -> Option<&str> {
+        self.unhealthy.as_deref()
+    }
+}
+
+/// Faults a test can make the inference thread run into, to prove that it survives them (the
+/// `fault-injection` feature; never in a daemon's build).
+#[cfg(feature = "fault-injection")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The next tick panics after the streams' state has advanced.
+    PanicInTick,
+    /// The next tick fails with an error after the streams' state has advanced.
+    ErrorInTick,
+    /// The next command panics.
+    PanicInCommand,
+}
+
 /// Where a stream's outputs go: called on the inference thread, it must not block; it returns whether the
 /// output was taken (false: the consumer is full or gone, and the output is counted as dropped).
 pub type OutputSink = Box<dyn Fn(Output) -> bool + Send + Sync>;
+
+/// Told on the inference thread when a stream's frame was lost to a failed tick: the frame's id and why. It
+/// must not block.
+pub type FailureSink = Box<dyn Fn(u64, &str) + Send + Sync>;
 
 enum Command {
     Open {
         settings: StreamSettings,
         outputs: OutputSink,
+        failures: Option<FailureSink>,
         counters: Arc<StreamCounters>,
         reply: Sender<Result<u64>>,
     },
@@ -153,7 +195,7 @@ enum Command {
     },
     Settings {
         id: u64,
-        patch: serde_json::Value,
+        patch: StreamSettingsPatch,
         reply: Sender<Result<StreamSettings>>,
     },
     LoraScale {
@@ -172,6 +214,9 @@ enum Command {
 struct Shared {
     pending: Mutex<HashMap<u64, Frame>>,
     counters: EngineCounters,
+    health: Mutex<EngineHealth>,
+    #[cfg(feature = "fault-injection")]
+    faults: Mutex<Vec<Fault>>,
     /// The fused LoRAs and their scales, as the inference thread last set them.
     loras: Mutex<Vec<crate::models::lora::LoraInfo>>,
 }
@@ -199,6 +244,9 @@ impl Engine {
         let shared = Arc::new(Shared {
             pending: Mutex::new(HashMap::new()),
             counters: EngineCounters::default(),
+            health: Mutex::new(EngineHealth::default()),
+            #[cfg(feature = "fault-injection")]
+            faults: Mutex::new(Vec::new()),
             loras: Mutex::new(Vec::new()),
         });
         let (ready_tx, ready_rx) = bounded::<Result<ModelInfo>>(1);
@@ -245,7 +293,13 @@ impl Engine {
                     next_id: 1,
                 };
                 worker.cache = Some(PromptCache::new(worker.config.prompt_cache));
-                worker.run(command_rx, wake_rx);
+                let health = worker.shared.clone();
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run(command_rx, wake_rx)));
+                if let Err(panic) = run {
+                    let reason = format!("the inference thread stopped: {}", panic_message(&panic));
+                    tracing::error!("{reason}");
+                    health.health.lock().unhealthy = Some(reason);
+                }
             })
             .map_err(|e| Error::Model(format!("cannot start the inference thread: {e}")))?;
         let info =
@@ -331,6 +385,18 @@ impl EngineHandle {
             .map_err(|_| Error::Model("the engine did not answer".into()))?
     }
 
+    /// The engine's health: failures, and why it cannot serve when it cannot.
+    pub fn health(&self) -> EngineHealth {
+        self.shared.health.lock().clone()
+    }
+
+    /// Makes the inference thread run into `fault` (tests only).
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_fault(&self, fault: Fault) {
+        self.shared.faults.lock().push(fault);
+        let _ = self.wake.try_send(());
+    }
+
     /// The fused LoRAs with their current scales.
     pub fn loras(&self) -> Vec<crate::models::lora::LoraInfo> {
         self.shared.loras.lock().clone()
@@ -358,10 +424,21 @@ impl EngineHandle {
 
     /// Opens a stream whose outputs are handed to `sink` on the inference thread.
     pub fn open_stream_with_sink(&self, settings: StreamSettings, sink: OutputSink) -> Result<StreamHandle> {
+        self.open_stream_with_sinks(settings, sink, None)
+    }
+
+    /// Opens a stream whose outputs are handed to `sink`, and whose frames lost to a failed tick are told to
+    /// `failures`, on the inference thread.
+    pub fn open_stream_with_sinks(
+        &self,
+        settings: StreamSettings,
+        sink: OutputSink,
+        failures: Option<FailureSink>,
+    ) -> Result<StreamHandle> {
         settings.validate()?;
         let counters = Arc::new(StreamCounters::default());
         let c = counters.clone();
-        let id = self.request(|reply| Command::Open { settings, outputs: sink, counters: c, reply })?;
+        let id = self.request(|reply| Command::Open { settings, outputs: sink, failures, counters: c, reply })?;
         let submitter = Submitter {
             id,
             engine: self.clone(),
@@ -398,8 +475,8 @@ impl StreamHandle {
         self.submitter.engine.request(|reply| Command::ControlImage { id, image, reply })
     }
 
-    /// Changes settings from a JSON object of the fields to change; on error the old settings stay.
-    pub fn update_settings(&self, patch: serde_json::Value) -> Result<StreamSettings> {
+    /// Changes the settings the patch names; on error the old settings stay.
+    pub fn update_settings(&self, patch: StreamSettingsPatch) -> Result<StreamSettings> {
         let id = self.id;
         self.submitter.engine.request(|reply| Command::Settings { id, patch, reply })
     }
@@ -417,6 +494,7 @@ impl Drop for StreamHandle {
 struct OpenStream {
     stream: Stream,
     outputs: Arc<OutputSink>,
+    failures: Option<FailureSink>,
     counters: Arc<StreamCounters>,
     /// The captured tick has produced an output for this stream (which a skipped frame repeats).
     has_output: bool,
@@ -446,7 +524,7 @@ impl Worker {
             loop {
                 match commands.try_recv() {
                     Ok(Command::Shutdown) => return,
-                    Ok(cmd) => self.handle(cmd),
+                    Ok(cmd) => self.handle_safely(cmd),
                     Err(crossbeam_channel::TryRecvError::Empty) => break,
                     Err(crossbeam_channel::TryRecvError::Disconnected) => return,
                 }
@@ -456,14 +534,120 @@ impl Worker {
                 select! {
                     recv(commands) -> cmd => match cmd {
                         Ok(Command::Shutdown) | Err(_) => return,
-                        Ok(cmd) => self.handle(cmd),
+                        Ok(cmd) => self.handle_safely(cmd),
                     },
                     recv(wake) -> _ => {},
                 }
                 continue;
             }
-            self.tick(frames);
+            self.tick_safely(frames);
         }
+    }
+
+    /// Runs a command; a panic fails only that command (its caller gets an error, the stream it was for is
+    /// reset) and counts as a failure.
+    fn handle_safely(&mut self, cmd: Command) {
+        let stream = match &cmd {
+            Command::Settings { id, .. } | Command::ControlImage { id, .. } => Some(*id),
+            _ => None,
+        };
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            #[cfg(feature = "fault-injection")]
+            self.fault(Fault::PanicInCommand);
+            self.handle(cmd)
+        }));
+        match run {
+            Ok(()) => {}
+            Err(panic) => {
+                let reason = format!("a command panicked: {}", panic_message(&panic));
+                tracing::error!("{reason} (a bug; the engine carries on)");
+                self.reset_streams(stream.into_iter());
+                self.failed(reason);
+            }
+        }
+    }
+
+    /// Runs a tick; when it panics or fails, every stream in it is reset to a consistent state (re-primed,
+    /// nothing in flight, so later outputs answer the right frames), each is counted an error and told, and
+    /// the failure counts towards the engine's health.
+    fn tick_safely(&mut self, frames: Vec<(u64, Frame)>) {
+        let in_tick: Vec<(u64, u64)> = frames.iter().map(|(id, f)| (*id, f.id)).collect();
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.tick(frames)));
+        let reason = match run {
+            Ok(Ok(())) => {
+                self.succeeded();
+                return;
+            }
+            Ok(Err(e)) => format!("a tick failed: {e}"),
+            Err(panic) => format!("a tick panicked: {}", panic_message(&panic)),
+        };
+        tracing::error!("{reason}; its {} streams are reset", in_tick.len());
+        for (id, frame_id) in &in_tick {
+            if let Some(open) = self.streams.get(id) {
+                open.counters.errors.fetch_add(1, Ordering::Relaxed);
+                if let Some(tell) = &open.failures {
+                    tell(*frame_id, &reason);
+                }
+            }
+        }
+        self.reset_streams(in_tick.iter().map(|(id, _)| *id));
+        self.failed(reason);
+    }
+
+    fn reset_streams(&mut self, ids: impl Iterator<Item = u64>) {
+        for id in ids {
+            let Some(open) = self.streams.get_mut(&id) else { continue };
+            open.has_output = false;
+            if let Err(e) = open.stream.reset(&self.sd) {
+                tracing::error!("stream {id} could not be reset ({e}); it is closed");
+                self.streams.remove(&id);
+                self.shared.counters.streams_open.fetch_sub(1, Ordering::Relaxed);
+            }
+            if let Some(d) = &self.delivery {
+                let _ = d.send(Delivery::Forget(id));
+            }
+        }
+    }
+
+    fn succeeded(&self) {
+        let mut h = self.shared.health.lock();
+        if h.consecutive_failures > 0 {
+            h.consecutive_failures = 0;
+            if h.unhealthy.take().is_some() {
+                tracing::info!("the engine recovered: a tick succeeded");
+            }
+        }
+    }
+
+    fn failed(&self, reason: String) {
+        let mut h = self.shared.health.lock();
+        h.failures_total += 1;
+        h.consecutive_failures += 1;
+        if h.consecutive_failures >= self.config.max_consecutive_failures && h.unhealthy.is_none() {
+            let why = format!("{} failures in a row, the last: {reason}", h.consecutive_failures);
+            tracing::error!("the engine is unhealthy: {why}");
+            h.unhealthy = Some(why);
+        }
+        h.last_error = Some(reason);
+    }
+
+    /// Runs into `fault` when a test asked for it.
+    #[cfg(feature = "fault-injection")]
+    fn fault(&self, fault: Fault) {
+        let mut faults = self.shared.faults.lock();
+        if let Some(i) = faults.iter().position(|f| *f == fault) {
+            faults.remove(i);
+            drop(faults);
+            panic!("injected fault: {fault:?}");
+        }
+    }
+
+    /// Whether a test asked for `fault` (taken once).
+    #[cfg(feature = "fault-injection")]
+    fn take_fault(&self, fault: Fault) -> bool {
+        let mut faults = self.shared.faults.lock();
+        let i = faults.iter().position(|f| *f == fault);
+        i.map(|i| faults.remove(i)).is_some()
     }
 
     fn embeddings(&mut self, text: &str) -> Result<TextEmbedding> {
@@ -486,8 +670,8 @@ impl Worker {
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Open { settings, outputs, counters, reply } => {
-                let result = self.open(settings, outputs, counters);
+            Command::Open { settings, outputs, failures, counters, reply } => {
+                let result = self.open(settings, outputs, failures, counters);
                 let _ = reply.send(result);
             }
             Command::Close { id } => {
@@ -523,6 +707,7 @@ impl Worker {
         &mut self,
         settings: StreamSettings,
         outputs: OutputSink,
+        failures: Option<FailureSink>,
         counters: Arc<StreamCounters>,
     ) -> Result<u64> {
         if self.streams.len() >= self.config.max_streams {
@@ -537,7 +722,7 @@ impl Worker {
         self.next_id += 1;
         let stream = Stream::new(id, &self.sd, settings, cond, uncond)?;
         self.streams
-            .insert(id, OpenStream { stream, outputs: Arc::new(outputs), counters, has_output: false });
+            .insert(id, OpenStream { stream, outputs: Arc::new(outputs), failures, counters, has_output: false });
         self.shared.counters.streams_open.fetch_add(1, Ordering::Relaxed);
         Ok(id)
     }
@@ -566,7 +751,7 @@ impl Worker {
         Ok(self.sd.loras.list())
     }
 
-    fn update(&mut self, id: u64, patch: &serde_json::Value) -> Result<StreamSettings> {
+    fn update(&mut self, id: u64, patch: &StreamSettingsPatch) -> Result<StreamSettings> {
         let current = self
             .streams
             .get(&id)
@@ -590,7 +775,7 @@ impl Worker {
         Ok(next)
     }
 
-    fn tick(&mut self, frames: Vec<(u64, Frame)>) {
+    fn tick(&mut self, frames: Vec<(u64, Frame)>) -> Result<()> {
         let tick_start = Instant::now();
         let mut frames: HashMap<u64, Frame> = frames.into_iter().collect();
         if self.resident.is_some() {
@@ -602,12 +787,13 @@ impl Worker {
                 .filter_map(|id| frames.remove_entry(&id))
                 .collect();
             if !captured.is_empty() {
-                self.tick_captured(captured, tick_start);
+                self.tick_captured(captured, tick_start)?;
             }
         }
         if !frames.is_empty() {
-            self.tick_eager(frames, tick_start);
+            self.tick_eager(frames, tick_start)?;
         }
+        Ok(())
     }
 
     /// Whether stream `id` takes the captured tick; a stream that cannot is named once in the log.
@@ -626,7 +812,7 @@ impl Worker {
 
     /// The captured tick ([`ResidentTick`]): the similarity filter decides on the host, the device part is one
     /// replay per bucket, and the outputs come back as 8-bit images.
-    fn tick_captured(&mut self, frames: Vec<(u64, Frame)>, tick_start: Instant) {
+    fn tick_captured(&mut self, frames: Vec<(u64, Frame)>, tick_start: Instant) -> Result<()> {
         struct Prepared {
             frame_id: u64,
             image: Option<RgbImage>,
@@ -673,7 +859,7 @@ impl Worker {
         }
         if ready.is_empty() {
             self.send_delivery(Delivery::Tick { buckets: Vec::new(), skipped, started: tick_start });
-            return;
+            return Ok(());
         }
         self.shared.counters.ticks.fetch_add(1, Ordering::Relaxed);
         let mut streams: Vec<(&u64, &mut OpenStream)> =
@@ -698,15 +884,17 @@ impl Worker {
             Err(e) => {
                 tracing::error!("captured tick failed: {e}; every stream takes the eager tick from now on");
                 self.resident = None;
-                for id in ready.keys() {
-                    if let Some(open) = self.streams.get(id) {
-                        open.counters.errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
                 self.send_delivery(Delivery::Tick { buckets: Vec::new(), skipped, started });
-                return;
+                return Err(e);
             }
         };
+        #[cfg(feature = "fault-injection")]
+        {
+            if self.take_fault(Fault::ErrorInTick) {
+                return Err(Error::Model("injected fault: ErrorInTick".into()));
+            }
+            self.fault(Fault::PanicInTick);
+        }
         let mut buckets = Vec::with_capacity(in_flight.len());
         for bucket in in_flight {
             let pending = bucket
@@ -732,6 +920,7 @@ impl Worker {
             buckets.push((bucket.readback, pending));
         }
         self.send_delivery(Delivery::Tick { buckets, skipped, started });
+        Ok(())
     }
 
     /// Hands a captured tick's outputs to the delivery thread. The hand-over waits until that thread has
@@ -765,7 +954,7 @@ impl Worker {
     }
 
     /// The eager tick ([`batch::tick`]) for the streams the captured one does not take.
-    fn tick_eager(&mut self, mut frames: HashMap<u64, Frame>, tick_start: Instant) {
+    fn tick_eager(&mut self, mut frames: HashMap<u64, Frame>, tick_start: Instant) -> Result<()> {
         let (device, kind) = (self.sd.device, self.sd.kind);
         let mut inputs = Vec::new();
         let mut meta = HashMap::new();
@@ -798,26 +987,18 @@ impl Worker {
             inputs.push(TickInput { stream: &mut open.stream, frame_id: frame.id, image });
         }
         if inputs.is_empty() {
-            return;
+            return Ok(());
         }
         self.shared.counters.ticks.fetch_add(1, Ordering::Relaxed);
-        // A panic is a bug, but it must not take the inference thread (and every client) down with it.
-        let (sd, measure) = (&self.sd, self.config.measure_stages);
-        let result =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| batch::tick(sd, inputs, measure)))
-                .unwrap_or_else(|_| {
-                    Err(Error::Model("the tick panicked (a bug; the engine carries on)".into()))
-                });
-        let (outputs, timings) = match result {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!("tick failed: {e}");
-                for open in self.streams.values() {
-                    open.counters.errors.fetch_add(1, Ordering::Relaxed);
-                }
-                return;
+        // A failure (or a panic, caught by the caller) resets the streams of this tick: see `tick_safely`.
+        let (outputs, timings) = batch::tick(&self.sd, inputs, self.config.measure_stages)?;
+        #[cfg(feature = "fault-injection")]
+        {
+            if self.take_fault(Fault::ErrorInTick) {
+                return Err(Error::Model("injected fault: ErrorInTick".into()));
             }
-        };
+            self.fault(Fault::PanicInTick);
+        }
         for out in outputs {
             let Some(open) = self.streams.get(&out.stream_id) else { continue };
             let Some(image) = out.image else { continue };
@@ -856,7 +1037,17 @@ impl Worker {
             };
             deliver(open, output);
         }
+        Ok(())
     }
+}
+
+/// The message a panic carried.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }
 
 /// Hands an output to its stream's consumer, counting it as sent or dropped.

@@ -56,6 +56,41 @@ fn decode_jpeg(bytes: &[u8], what: &str) -> Result<RgbImage> {
         .ok_or_else(|| err(format!("the decoder returned a buffer of the wrong size for {w}x{h} RGB")))
 }
 
+/// The size of an encoded image (PNG, JPEG) from its header alone, without decoding it; `what` names it in
+/// errors.
+pub fn probe(bytes: &[u8], what: &str) -> Result<(u32, u32)> {
+    let err = |msg: String| Error::Image { what: what.into(), msg };
+    if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        use zune_core::bytestream::ZCursor;
+        let mut decoder = zune_jpeg::JpegDecoder::new(ZCursor::new(bytes));
+        decoder.decode_headers().map_err(|e| err(e.to_string()))?;
+        let (w, h) = decoder.dimensions().ok_or_else(|| err("no image size in the JPEG header".into()))?;
+        return Ok((w as u32, h as u32));
+    }
+    let reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| err(e.to_string()))?;
+    if reader.format().is_none() {
+        return Err(err("not a PNG or JPEG image".into()));
+    }
+    reader.into_dimensions().map_err(|e| err(e.to_string()))
+}
+
+/// Decodes an image whose header says it has at most `max_pixels` pixels (checked before anything is
+/// decoded), and resizes it to `size` when given.
+pub fn decode_within(bytes: &[u8], what: &str, max_pixels: u64, size: Option<(u32, u32)>) -> Result<RgbImage> {
+    let (w, h) = probe(bytes, what)?;
+    if w as u64 * h as u64 > max_pixels {
+        return Err(Error::Image {
+            what: what.into(),
+            msg: format!("{w}x{h} is {} pixels, above this server's limit of {max_pixels}", w as u64 * h as u64),
+        });
+    }
+    let img = decode(bytes, what)?;
+    Ok(match size {
+        Some((w, h)) => resize(img, w, h),
+        None => img,
+    })
+}
+
 /// Reads and decodes an image file.
 pub fn read(path: &Path) -> Result<RgbImage> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;

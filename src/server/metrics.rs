@@ -103,6 +103,10 @@ pub struct Metrics {
     pub frames_out: AtomicU64,
     pub frames_dropped: AtomicU64,
     pub frames_rate_limited: AtomicU64,
+    /// Text messages and control images refused over a connection's budget.
+    pub text_rate_limited: AtomicU64,
+    /// Sockets closed because their writes stalled (the client stopped reading) past `idle_timeout_s`.
+    pub write_stalls: AtomicU64,
     pub frames_bad: AtomicU64,
     pub messages_bad: AtomicU64,
     latency_buckets: [AtomicU64; BUCKETS_MS.len()],
@@ -160,9 +164,21 @@ impl Metrics {
         );
         counter(
             "frames_rate_limited_total",
-            "Frames dropped by the per-connection frame-rate cap.",
+            "Frames dropped by a connection's budget (a newer frame replaced them while they waited).",
             "counter",
             g(&self.frames_rate_limited),
+        );
+        counter(
+            "messages_rate_limited_total",
+            "Text messages and control images refused over a connection's budget.",
+            "counter",
+            g(&self.text_rate_limited),
+        );
+        counter(
+            "write_stalls_total",
+            "Sockets closed because the client stopped reading (writes stalled past server.idle_timeout_s).",
+            "counter",
+            g(&self.write_stalls),
         );
         counter("frames_bad_total", "Frames that could not be decoded.", "counter", g(&self.frames_bad));
         counter(

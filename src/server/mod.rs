@@ -4,10 +4,12 @@
 //! (`sdstream_tcp_open`) until its socket closes. Loopback by default; any other address needs a token; with
 //! no token only loopback (or configured) `Host` and `Origin` names are served (DNS rebinding). Every route has
 //! a connection limit and a timeout (docs/SECURITY.md), and every connection's errors stay its own.
-pub mod connection;
+pub mod budget;
 pub mod guard;
 pub mod metrics;
 pub mod protocol;
+pub mod session;
+pub mod viewers;
 
 use crate::config::ServerConfig;
 use crate::engine::{EngineHandle, ModelInfo};
@@ -25,6 +27,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::future::Future;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -237,10 +240,16 @@ async fn serve_connection(io: TrackedIo, peer: SocketAddr, router: Router, state
 }
 
 /// A client's socket, counted in `sdstream_tcp_open` and holding its `server.max_connections` slot (and the
-/// server's shutdown) until it is dropped, wherever it went (a WebSocket or MJPEG task takes it along).
+/// server's shutdown) until it is dropped, wherever it went (a WebSocket or MJPEG task takes it along). A
+/// write that cannot go through for `server.idle_timeout_s` (the client stopped reading and the socket's
+/// buffers are full) fails with `TimedOut`, which ends whatever was writing: no route can be held open by a
+/// client that does not read.
 struct TrackedIo {
     stream: TcpStream,
     state: Arc<ServerState>,
+    /// Set while a write is pending: when it gives up.
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    stall_limit: Duration,
     _slot: OwnedSemaphorePermit,
     _alive: tokio::sync::mpsc::Sender<()>,
 }
@@ -249,7 +258,31 @@ impl TrackedIo {
     fn new(stream: TcpStream, slot: OwnedSemaphorePermit, state: &Arc<ServerState>) -> Self {
         state.metrics.tcp_accepted.fetch_add(1, Ordering::Relaxed);
         state.metrics.tcp_open.fetch_add(1, Ordering::Relaxed);
-        TrackedIo { stream, state: state.clone(), _slot: slot, _alive: state.alive.clone() }
+        TrackedIo {
+            stream,
+            state: state.clone(),
+            stall: None,
+            stall_limit: Duration::from_secs(state.config.idle_timeout_s),
+            _slot: slot,
+            _alive: state.alive.clone(),
+        }
+    }
+
+    /// Passes a write's result on, turning a write pending for longer than the stall limit into an error.
+    fn watch<T>(&mut self, cx: &mut Context<'_>, poll: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        if poll.is_ready() {
+            self.stall = None;
+            return poll;
+        }
+        let limit = self.stall_limit;
+        let timer = self.stall.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if timer.as_mut().poll(cx).is_ready() {
+            self.stall = None;
+            self.state.metrics.write_stalls.fetch_add(1, Ordering::Relaxed);
+            let msg = format!("the client read nothing for {} s", limit.as_secs());
+            return Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, msg)));
+        }
+        Poll::Pending
     }
 }
 
@@ -271,10 +304,14 @@ impl AsyncRead for TrackedIo {
 
 impl AsyncWrite for TrackedIo {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.watch(cx, poll)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.stream).poll_flush(cx);
+        this.watch(cx, poll)
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
@@ -284,7 +321,9 @@ impl AsyncWrite for TrackedIo {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.watch(cx, poll)
     }
     fn is_write_vectored(&self) -> bool {
         self.stream.is_write_vectored()
@@ -378,14 +417,18 @@ async fn health(State(state): State<Arc<ServerState>>) -> Response {
         Ok(s) => s,
         Err(full) => return full.into_response(),
     };
+    let engine = state.engine.health();
+    let status = if engine.unhealthy().is_some() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
     let body = serde_json::json!({
-        "status": "ok",
+        "status": if status == StatusCode::OK { "ok" } else { "unhealthy" },
+        "reason": engine.unhealthy(),
+        "engine": &engine,
         "model": &state.model,
         "clients": state.metrics.clients.load(Ordering::Relaxed),
         "max_clients": state.config.max_clients,
     });
-    ([(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "no-store")], body.to_string())
-        .into_response()
+    let headers = [(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "no-store")];
+    (status, headers, body.to_string()).into_response()
 }
 
 async fn metrics_page(State(state): State<Arc<ServerState>>) -> Response {
@@ -407,6 +450,11 @@ async fn metrics_page(State(state): State<Arc<ServerState>>) -> Response {
             c.prompt_cache_misses.load(Ordering::Relaxed),
         ),
         ("text_encoder_calls_total", "Text encoder calls.", c.text_encoder_calls.load(Ordering::Relaxed)),
+        (
+            "engine_failures_total",
+            "Engine ticks and commands that failed (their streams were reset).",
+            state.engine.health().failures_total,
+        ),
     ];
     let body = state.metrics.render(&extra);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4"), (header::CACHE_CONTROL, "no-store")], body)
@@ -434,7 +482,7 @@ async fn ws_stream(
 ) -> Response {
     configure(ws, &state).on_upgrade(move |socket| async move {
         let _open = RouteGuard::new(state.metrics.route(Route::Ws));
-        connection::run_stream(socket, peer, state.clone()).await;
+        session::run_stream(socket, peer, state.clone()).await;
     })
 }
 
@@ -446,7 +494,7 @@ async fn ws_view(State(state): State<Arc<ServerState>>, ws: WebSocketUpgrade) ->
     configure(ws, &state).on_upgrade(move |socket| async move {
         let _slot = slot;
         let _open = RouteGuard::new(state.metrics.route(Route::View));
-        connection::run_viewer(socket, state.clone()).await;
+        viewers::run_viewer(socket, state.clone()).await;
     })
 }
 
@@ -455,5 +503,5 @@ async fn mjpeg(State(state): State<Arc<ServerState>>) -> Response {
         Ok(s) => s,
         Err(full) => return full.into_response(),
     };
-    connection::mjpeg_response(state, slot)
+    viewers::mjpeg_response(state, slot)
 }

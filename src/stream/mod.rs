@@ -426,17 +426,38 @@ impl Stream {
             self.control_slots = None;
         }
         if self.settings.needs_reprime(&next) {
-            let mut generator = CpuGenerator::new(next.seed)?;
-            let prepared = Prepared::new(sd, &next, &mut generator)?;
-            self.buffer = Self::empty_buffer(&prepared)?;
-            self.stock_noise = prepared.init_noise.f_zeros_like()?;
-            self.prepared = prepared;
-            self.generator = generator;
-            self.filter = similarity::SimilarityFilter::new(next.seed);
-            self.in_flight.clear();
-            self.time_ids = Self::time_ids(sd, &next)?;
+            self.reprime(sd, &next)?;
         }
         self.settings = next;
+        Ok(())
+    }
+
+    /// Fresh state for `settings`: the fixed noise drawn again from the seed, an empty latent buffer, zero
+    /// stock noise, nothing in flight.
+    fn reprime(&mut self, sd: &StableDiffusion, settings: &StreamSettings) -> Result<()> {
+        let mut generator = CpuGenerator::new(settings.seed)?;
+        let prepared = Prepared::new(sd, settings, &mut generator)?;
+        self.buffer = Self::empty_buffer(&prepared)?;
+        self.stock_noise = prepared.init_noise.f_zeros_like()?;
+        self.prepared = prepared;
+        self.generator = generator;
+        self.filter = similarity::SimilarityFilter::new(settings.seed);
+        self.in_flight.clear();
+        self.pending_x = None;
+        self.time_ids = Self::time_ids(sd, settings)?;
+        Ok(())
+    }
+
+    /// Puts the stream back in a consistent state after a tick that failed part-way (its buffer, stock noise
+    /// and in-flight frame ids may have advanced or not): re-primed as if just opened with its settings,
+    /// prompts and control image kept. The next outputs are warm-up frames answering the frames given, so
+    /// no output is ever attributed to the wrong frame.
+    pub fn reset(&mut self, sd: &StableDiffusion) -> Result<()> {
+        let settings = self.settings.clone();
+        self.reprime(sd, &settings)?;
+        self.control_slots = None;
+        self.previous_output = None;
+        self.last_latent = None;
         Ok(())
     }
 

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 pub const STREAM_SCHEDULE_STEPS: usize = 50;
 
 /// Image to image (each frame enters slot 0 noised to its timestep) or text to image (pure noise enters).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     Img2img,
@@ -16,7 +16,7 @@ pub enum Mode {
 }
 
 /// Residual classifier-free guidance, as StreamDiffusion's `cfg_type`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum CfgType {
     /// No guidance: the conditional prediction alone.
@@ -25,26 +25,14 @@ pub enum CfgType {
     Full,
     /// Residual CFG with the stored (stock) noise standing in for the unconditional prediction: no extra work.
     #[serde(rename = "self")]
+    #[value(name = "self")]
     SelfNoise,
     /// Residual CFG where one extra unconditioned item per frame refreshes the stock noise.
     Initialize,
 }
 
-impl std::str::FromStr for CfgType {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "none" => Ok(CfgType::None),
-            "full" => Ok(CfgType::Full),
-            "self" => Ok(CfgType::SelfNoise),
-            "initialize" => Ok(CfgType::Initialize),
-            _ => Err(Error::invalid("cfg_type", format!("`{s}`: expected none, full, self or initialize"))),
-        }
-    }
-}
-
 /// How each slot's prediction becomes the next slot's input.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum StreamScheduler {
     /// LCM's boundary-condition step, re-noised with the fixed init noise (StreamDiffusion).
@@ -54,7 +42,7 @@ pub enum StreamScheduler {
 }
 
 /// How a prompt change blends from the old embedding to the new one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Interpolation {
     Linear,
@@ -63,7 +51,7 @@ pub enum Interpolation {
 
 /// Where a stream's ControlNet conditioning comes from (the daemon needs a ControlNet loaded for anything
 /// but `none`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ControlSource {
     /// No ControlNet.
@@ -153,6 +141,154 @@ impl Default for StreamSettings {
             canny_low: 100.0,
             canny_high: 200.0,
         }
+    }
+}
+
+/// A change to some of a stream's settings: every field optional, unknown fields refused, enums as enums. The
+/// one type every layer passes around: the CLI's flags (flattened into each subcommand), a config's `[stream]`
+/// table, the engine's [`crate::engine::StreamHandle::update_settings`] and the protocol's `settings` message.
+/// `strength` and `timestep_spacing`, which are optional settings, take `null` to clear them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamSettingsPatch {
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub negative_prompt: Option<String>,
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Mode>,
+    /// Denoising stages as indices into the 50-step LCM schedule, e.g. 32,45.
+    #[arg(long, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub t_index_list: Option<Vec<usize>>,
+    /// A 0..1 alternative to --t-index-list (with --steps stages).
+    #[arg(long, num_args = 1, value_parser = clap::value_parser!(f64))]
+    #[serde(deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    pub strength: Option<Option<f64>>,
+    /// Stages used with --strength (1 to 4).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steps: Option<usize>,
+    /// The stream's scheduler.
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<StreamScheduler>,
+    /// leading, trailing or linspace: replaces the model's scheduler config's timestep_spacing when the stream
+    /// builds its 50-step LCM schedule (diffusers' LCMScheduler does not use it: no effect, as there).
+    #[arg(long, value_name = "SPACING", num_args = 1, value_parser = clap::value_parser!(TimestepSpacing))]
+    #[serde(deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    pub timestep_spacing: Option<Option<TimestepSpacing>>,
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cfg_type: Option<CfgType>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guidance: Option<f64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delta: Option<f64>,
+    /// Re-noise each slot's estimate before the next stage (LCM only).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub add_noise: Option<bool>,
+    /// StreamDiffusion's stream batch (false: each frame's stages one after another).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub denoising_batch: Option<bool>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub similarity_filter: Option<bool>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub similarity_threshold: Option<f64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_skip_frames: Option<u32>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub width: Option<i64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub height: Option<i64>,
+    /// Frames over which a prompt change blends in.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_transition_frames: Option<u32>,
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_interpolation: Option<Interpolation>,
+    /// ControlNet conditioning: none, canny (edges of each input frame) or image (needs --controlnet).
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub control: Option<ControlSource>,
+    /// The ControlNet's conditioning scale (live: changes need no re-prime).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub controlnet_scale: Option<f64>,
+    /// Canny's low threshold (OpenCV units, default 100).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub canny_low: Option<f64>,
+    /// Canny's high threshold (OpenCV units, default 200).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub canny_high: Option<f64>,
+}
+
+/// Deserialises a field that is present (`null` included) as `Some`: absent stays `None` by `default`.
+fn present<'de, D, T>(d: D) -> std::result::Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// Calls `$m!(field)` for every setting, so that the patch's operations cannot forget one (a test checks the
+/// list against [`StreamSettings`]' fields).
+macro_rules! each_setting {
+    ($m:ident) => {
+        $m!(prompt, negative_prompt, mode, t_index_list, strength, steps, scheduler, timestep_spacing, cfg_type,
+            guidance, delta, add_noise, denoising_batch, similarity_filter, similarity_threshold,
+            max_skip_frames, seed, width, height, prompt_transition_frames, prompt_interpolation, control,
+            controlnet_scale, canny_low, canny_high)
+    };
+}
+
+impl StreamSettingsPatch {
+    /// Whether the patch changes nothing.
+    pub fn is_empty(&self) -> bool {
+        *self == StreamSettingsPatch::default()
+    }
+
+    /// This patch with `later`'s fields laid over it (a config's `[stream]`, then the flags).
+    pub fn then(mut self, later: &StreamSettingsPatch) -> StreamSettingsPatch {
+        macro_rules! over {
+            ($($f:ident),*) => { $(if later.$f.is_some() { self.$f = later.$f.clone(); })* };
+        }
+        each_setting!(over);
+        self
+    }
+
+    /// The patch that sets every field to `s`'s value.
+    pub fn from_settings(s: &StreamSettings) -> StreamSettingsPatch {
+        let mut p = StreamSettingsPatch::default();
+        macro_rules! all {
+            ($($f:ident),*) => { $(p.$f = Some(s.$f.clone());)* };
+        }
+        each_setting!(all);
+        p
+    }
+
+    /// The (width, height) the patch leads to from `s`.
+    pub fn size_from(&self, s: &StreamSettings) -> (i64, i64) {
+        (self.width.unwrap_or(s.width), self.height.unwrap_or(s.height))
     }
 }
 
@@ -253,31 +389,13 @@ impl StreamSettings {
         Ok(())
     }
 
-    /// Applies a JSON object of changed settings on a copy and validates the result; the original is
-    /// untouched when anything is wrong.
-    pub fn patched(&self, patch: &serde_json::Value) -> Result<StreamSettings> {
-        let obj = patch.as_object().ok_or_else(|| Error::invalid("settings", "expected a JSON object"))?;
-        let mut merged = serde_json::to_value(self).map_err(|e| Error::invalid("settings", e.to_string()))?;
-        let map = merged.as_object_mut().expect("settings serialize to an object");
-        for (k, v) in obj {
-            if !map.contains_key(k) {
-                return Err(Error::invalid(k.as_str(), "is not a stream setting"));
-            }
-            map.insert(k.clone(), v.clone());
+    /// Applies a patch on a copy and validates the result; the original is untouched when anything is wrong.
+    pub fn patched(&self, patch: &StreamSettingsPatch) -> Result<StreamSettings> {
+        let mut next = self.clone();
+        macro_rules! set {
+            ($($f:ident),*) => { $(if let Some(v) = &patch.$f { next.$f = v.clone(); })* };
         }
-        let next: StreamSettings = serde_json::from_value(merged).map_err(|e| {
-            // Name the setting that did not parse: try the changed fields one at a time.
-            let base = serde_json::to_value(self).unwrap_or_default();
-            let culprit = obj.iter().find(|(k, v)| {
-                let mut one = base.clone();
-                one[k.as_str()] = (*v).clone();
-                serde_json::from_value::<StreamSettings>(one).is_err()
-            });
-            match culprit {
-                Some((k, _)) => Error::invalid(k.as_str(), e.to_string()),
-                None => Error::invalid("settings", e.to_string()),
-            }
-        })?;
+        each_setting!(set);
         next.validate()?;
         Ok(next)
     }
@@ -326,33 +444,71 @@ mod tests {
         }
     }
 
+    fn patch(f: impl FnOnce(&mut StreamSettingsPatch)) -> StreamSettingsPatch {
+        let mut p = StreamSettingsPatch::default();
+        f(&mut p);
+        p
+    }
+
     #[test]
     fn invalid_patch_keeps_old_settings_and_names_the_field() {
         let s = StreamSettings::default();
-        let e = s.patched(&serde_json::json!({"width": 100})).unwrap_err().to_string();
+        let e = s.patched(&patch(|p| p.width = Some(100))).unwrap_err().to_string();
         assert!(e.contains("width"), "{e}");
-        let e = s.patched(&serde_json::json!({"nope": 1})).unwrap_err().to_string();
-        assert!(e.contains("nope"), "{e}");
-        let e = s.patched(&serde_json::json!({"cfg_type": "bogus"})).unwrap_err().to_string();
-        assert!(e.contains("cfg_type") || e.contains("bogus"), "{e}");
-        let n = s.patched(&serde_json::json!({"prompt": "a cat", "guidance": 2.0})).unwrap();
+        let n = s
+            .patched(&patch(|p| {
+                p.prompt = Some("a cat".into());
+                p.guidance = Some(2.0);
+            }))
+            .unwrap();
         assert_eq!(n.prompt, "a cat");
         assert!(!s.needs_reprime(&n));
-        assert!(s.needs_reprime(&s.patched(&serde_json::json!({"seed": 7})).unwrap()));
+        assert!(s.needs_reprime(&s.patched(&patch(|p| p.seed = Some(7))).unwrap()));
+        let e = s.patched(&patch(|p| p.prompt = Some("x".repeat(5000)))).unwrap_err().to_string();
+        assert!(e.contains("prompt") && e.contains("4096"), "{e}");
+    }
+
+    #[test]
+    fn the_patch_covers_every_setting() {
+        // Every field of the settings, as JSON, is a field of the patch (deny_unknown_fields would refuse a
+        // missing one), and the patch of all fields rebuilds the settings.
+        let mut s = StreamSettings::default();
+        s.strength = Some(0.5);
+        s.timestep_spacing = Some(TimestepSpacing::Trailing);
+        s.cfg_type = CfgType::Initialize;
+        let json = serde_json::to_value(&s).unwrap();
+        let from_json: StreamSettingsPatch = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(from_json, StreamSettingsPatch::from_settings(&s));
+        assert_eq!(StreamSettings::default().patched(&from_json).unwrap(), s);
+        assert_eq!(serde_json::to_value(&from_json).unwrap(), json, "every field is in the macro's list");
+        // Later fields win; absent ones keep the earlier value; null clears an optional setting.
+        let a = patch(|p| {
+            p.guidance = Some(2.0);
+            p.seed = Some(1);
+        });
+        let b: StreamSettingsPatch = serde_json::from_str(r#"{"seed": 5, "strength": null}"#).unwrap();
+        let both = a.then(&b);
+        assert_eq!((both.guidance, both.seed, both.strength), (Some(2.0), Some(5), Some(None)));
+        assert_eq!(s.patched(&b).unwrap().strength, None);
+        assert!(serde_json::from_str::<StreamSettingsPatch>(r#"{"nope": 1}"#).unwrap_err().to_string().contains("nope"));
+        assert!(serde_json::from_str::<StreamSettingsPatch>(r#"{"cfg_type": "bogus"}"#).is_err());
+        assert!(StreamSettingsPatch::default().is_empty() && !a.is_empty());
     }
 
     #[test]
     fn timestep_spacing_patches_validate_and_do_not_reprime() {
         let s = StreamSettings::default();
-        let n = s.patched(&serde_json::json!({"timestep_spacing": "trailing"})).unwrap();
+        let n = s.patched(&patch(|p| p.timestep_spacing = Some(Some(TimestepSpacing::Trailing)))).unwrap();
         assert_eq!(n.timestep_spacing, Some(TimestepSpacing::Trailing));
         assert!(!s.needs_reprime(&n), "the LCM schedule does not depend on the spacing");
-        assert_eq!(n.patched(&serde_json::json!({"timestep_spacing": null})).unwrap().timestep_spacing, None);
-        let e = s.patched(&serde_json::json!({"timestep_spacing": "Trailing"})).unwrap_err().to_string();
-        assert!(e.contains("timestep_spacing") && e.contains("leading") && e.contains("linspace"), "{e}");
+        assert_eq!(n.patched(&patch(|p| p.timestep_spacing = Some(None))).unwrap().timestep_spacing, None);
+        let e = serde_json::from_str::<StreamSettingsPatch>(r#"{"timestep_spacing": "Trailing"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("leading") && e.contains("linspace"), "{e}");
         let c: crate::config::DaemonConfig =
             toml::from_str("[stream]\ntimestep_spacing = \"linspace\"").unwrap();
-        assert_eq!(c.stream.timestep_spacing, Some(TimestepSpacing::Linspace));
+        assert_eq!(c.stream.timestep_spacing, Some(Some(TimestepSpacing::Linspace)));
         let e = toml::from_str::<crate::config::DaemonConfig>("[stream]\ntimestep_spacing = \"even\"")
             .unwrap_err();
         assert!(e.to_string().contains("leading"), "{e}");
