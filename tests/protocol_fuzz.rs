@@ -71,7 +71,6 @@ async fn health_status(addr: std::net::SocketAddr) -> String {
     let _ = tokio::time::timeout(WAIT, tcp.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).lines().next().unwrap_or_default().to_string()
 }
-use super::*;
 use proptest::prelude::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
 

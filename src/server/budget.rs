@@ -16,6 +16,10 @@ pub const TEXT_COST: f64 = 0.05;
 pub const SETTINGS_COST: f64 = 0.5;
 /// What a control image costs on top of its pixels: a resize and an upload on the inference thread.
 pub const CONTROL_IMAGE_COST: f64 = 2.0;
+/// Messages a connection may send per frame of its budget: reading goes at most at `MESSAGES_PER_FRAME *
+/// max_fps + 20` messages a second, and a connection over that is not read from until it is under again (the
+/// flood waits in its own socket, and its sender blocks).
+pub const MESSAGES_PER_FRAME: f64 = 4.0;
 
 /// Rounding slack: a request at the instant [`Budget::ready_at`] named is admitted.
 const EPSILON: f64 = 1e-9;
@@ -54,6 +58,12 @@ impl Budget {
         }
     }
 
+    /// Takes `cost` units whatever the level (into debt if need be).
+    pub fn charge(&mut self, cost: f64, now: Instant) {
+        self.refill(now);
+        self.level -= cost;
+    }
+
     /// Takes `cost` units if a request can be admitted now; false (nothing taken) otherwise.
     pub fn try_take(&mut self, cost: f64, now: Instant) -> bool {
         self.refill(now);
@@ -78,7 +88,7 @@ fn unet_items(s: &StreamSettings) -> f64 {
 /// The cost of one frame of a stream with `settings` on a server whose streams start with `defaults`: the
 /// UNet work relative to the defaults' (never below one frame), plus, for an input image of `input_pixels`,
 /// one unit per four stream-sized frames' worth of pixels beyond the first four (a camera's 1280x720 to a
-/// 512x512 stream costs nothing extra; a 4096x4096 image costs 63 units).
+/// 512x512 stream costs nothing extra; a 4096x4096 image costs 15 more units).
 pub fn frame_cost(settings: &StreamSettings, defaults: &StreamSettings, input_pixels: Option<u64>) -> f64 {
     let pixels = |s: &StreamSettings| (s.width * s.height) as f64;
     let work = (unet_items(settings) * pixels(settings)) / (unet_items(defaults) * pixels(defaults));
@@ -122,7 +132,7 @@ mod tests {
         assert_eq!(frame_cost(&d, &d, None), 1.0);
         assert_eq!(frame_cost(&d, &d, Some(1280 * 720)), 1.0, "a camera frame costs no more");
         let big = frame_cost(&d, &d, Some(4096 * 4096));
-        assert!((big - 64.0).abs() < 1e-9, "{big}");
+        assert!((big - 16.0).abs() < 1e-9, "{big}");
         let mut full = d.clone();
         full.cfg_type = CfgType::Full;
         full.t_index_list = vec![10, 20, 30, 40];

@@ -160,6 +160,8 @@ pub struct Session {
     /// When recent frames arrived (for the latency of the outputs they trigger), the last 64.
     arrivals: VecDeque<(u64, Instant)>,
     budget: Budget,
+    /// Paces reading: every message costs one.
+    reads: Budget,
     held: Option<Held>,
     /// A control image waiting for the preparation thread: its bytes and size.
     control_pending: Option<(Bytes, (u32, u32))>,
@@ -255,6 +257,7 @@ impl Session {
             ids: FrameIds::default(),
             arrivals: VecDeque::new(),
             budget: Budget::new(config.max_fps, Instant::now()),
+            reads: Budget::new(budget::MESSAGES_PER_FRAME * config.max_fps + 20.0, Instant::now()),
             held: None,
             control_pending: None,
             control_next: false,
@@ -279,6 +282,8 @@ impl Session {
         let mut prep: Option<PrepJob> = None;
         loop {
             let release = if prep.is_none() { self.release_at() } else { None };
+            let now = Instant::now();
+            let read_at = self.reads.ready_at(now);
             let far = tokio::time::Instant::now() + Duration::from_secs(3600);
             let flow = tokio::select! {
                 _ = shutdown.changed() => {
@@ -291,7 +296,11 @@ impl Session {
                     close(&mut self.tx, close_code::NORMAL, "idle").await;
                     Flow::Stop
                 }
-                msg = rx.next() => self.on_message(msg).await,
+                msg = rx.next(), if read_at <= now => {
+                    self.reads.charge(1.0, Instant::now());
+                    self.on_message(msg).await
+                }
+                _ = tokio::time::sleep_until(tokio::time::Instant::from_std(read_at)), if read_at > now => Flow::Continue,
                 done = async { prep.as_mut().expect("guarded by is_some").await }, if prep.is_some() => {
                     prep = None;
                     match done {

@@ -487,7 +487,7 @@ mod tests {
             p.seed = Some(1);
         });
         let b: StreamSettingsPatch = serde_json::from_str(r#"{"seed": 5, "strength": null}"#).unwrap();
-        let both = a.then(&b);
+        let both = a.clone().then(&b);
         assert_eq!((both.guidance, both.seed, both.strength), (Some(2.0), Some(5), Some(None)));
         assert_eq!(s.patched(&b).unwrap().strength, None);
         assert!(serde_json::from_str::<StreamSettingsPatch>(r#"{"nope": 1}"#).unwrap_err().to_string().contains("nope"));

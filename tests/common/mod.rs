@@ -166,7 +166,7 @@ pub fn stream_case_settings(case: &serde_json::Value) -> sdstream::stream::setti
             .iter()
             .map(|v| v.as_u64().unwrap() as usize)
             .collect(),
-        cfg_type: case["cfg_type"].as_str().unwrap().parse::<sdstream::stream::settings::CfgType>().unwrap(),
+        cfg_type: serde_json::from_value(case["cfg_type"].clone()).unwrap(),
         guidance: case["guidance_scale"].as_f64().unwrap(),
         delta: case["delta"].as_f64().unwrap(),
         add_noise: case["do_add_noise"].as_bool().unwrap(),
