@@ -86,8 +86,11 @@ fn bad_flags_are_named() {
     fails_naming(&["stream", "--model", m, "--input", "/no/such/dir", "--output", "/tmp/x"], "/no/such/dir");
     fails_naming(
         &["stream", "--model", m, "--input", "models", "--output", "/tmp/x", "--cfg-type", "half"],
-        "cfg_type",
+        "--cfg-type",
     );
+    // Enum settings are clap value enums: the message lists the choices.
+    fails_naming(&["serve", "--config", "configs/tiny.toml", "--cfg-type", "half"], "none, full, self, initialize");
+    fails_naming(&["serve", "--config", "configs/tiny.toml", "--mode", "img3img"], "img2img, txt2img");
 }
 
 /// `--timestep-spacing` takes diffusers' three values on txt2img, img2img and stream (and serve's stream
