@@ -2,8 +2,9 @@
 //! shows what they cost it: the measurement behind docs/SECURITY.md's table (`examples/attack.rs`) and the
 //! fairness tests (tests/attack.rs).
 //!
-//! The good client sends a `frame_side` x `frame_side` JPEG, waits for its output, and sends the next one; its
-//! outputs per second and 95th-percentile round trip are measured while one attack runs.
+//! The good client connects first, then sends a `frame_side` x `frame_side` JPEG, waits for its output, and
+//! sends the next one; its outputs per second and 95th-percentile round trip are measured while one attack
+//! runs.
 use crate::error::{Error, Result};
 use futures_util::{SinkExt, StreamExt};
 use std::collections::BTreeMap;
@@ -149,16 +150,21 @@ async fn round_trip(ws: &mut Ws, frame: &[u8], limit: Duration) -> Result<()> {
     }
 }
 
-/// The good client for `duration` (after ten round trips: libtorch's first calls on a fresh engine take up to
-/// seconds): outputs per second and the 95th-percentile round trip in milliseconds.
-pub async fn good_client(t: &Target, duration: Duration) -> Result<(f64, f64)> {
+/// The good client, connected and warmed up (ten round trips: libtorch's first calls on a fresh engine take
+/// up to seconds).
+async fn good_client_ready(t: &Target) -> Result<Ws> {
     let mut ws = connect(t).await?;
     wait_ready(&mut ws).await?;
+    for i in 0..10u8 {
+        round_trip(&mut ws, &jpeg_frame(t.frame_side, i), Duration::from_secs(30)).await?;
+    }
+    Ok(ws)
+}
+
+/// The good client for `duration`: outputs per second and the 95th-percentile round trip in milliseconds.
+async fn good_client(t: &Target, mut ws: Ws, duration: Duration) -> Result<(f64, f64)> {
     let frames = [jpeg_frame(t.frame_side, 10), jpeg_frame(t.frame_side, 200)];
     let limit = duration.max(Duration::from_secs(30));
-    for i in 0..10 {
-        round_trip(&mut ws, &frames[i % 2], limit).await?;
-    }
     let start = Instant::now();
     let mut round_trips = Vec::new();
     while start.elapsed() < duration {
@@ -207,15 +213,15 @@ async fn flood(t: Target, first: Vec<Message>, messages: Vec<Message>, stop: Arc
             if stop.load(Ordering::Relaxed) {
                 break 'outer;
             }
-            let send = tokio::time::timeout(Duration::from_secs(1), tx.send(m.clone())).await;
+            let send = tokio::time::timeout(Duration::from_millis(200), tx.send(m.clone())).await;
             if matches!(send, Ok(Err(_))) {
                 break 'outer;
             }
             tokio::task::yield_now().await;
         }
     }
-    let _ = tx.close().await;
     reader.abort();
+    // No close handshake: behind a flood it would wait for the whole backlog. The socket just goes.
 }
 
 /// Runs the attack until `stop`.
@@ -292,15 +298,19 @@ async fn attack(t: Target, attack: Attack, stop: Arc<AtomicBool>, tally: Arc<par
     }
 }
 
-/// Measures the good client for `duration` while `what` runs (started `warmup` before the measurement).
+/// Measures the good client (connected first) for `duration` while `what` runs (started `warmup` before the
+/// measurement).
 pub async fn measure(t: &Target, what: Attack, warmup: Duration, duration: Duration) -> Result<Row> {
+    let ws = good_client_ready(t).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(parking_lot::Mutex::new(BTreeMap::new()));
-    let task = tokio::spawn(attack(t.clone(), what.clone(), stop.clone(), tally.clone()));
+    let mut task = tokio::spawn(attack(t.clone(), what.clone(), stop.clone(), tally.clone()));
     tokio::time::sleep(warmup).await;
-    let measured = good_client(t, duration).await;
+    let measured = good_client(t, ws, duration).await;
     stop.store(true, Ordering::Relaxed);
-    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    if tokio::time::timeout(Duration::from_secs(3), &mut task).await.is_err() {
+        task.abort();
+    }
     let (good_fps, good_p95_ms) = measured?;
     let attacker_got = tally.lock().clone();
     Ok(Row { attack: what.describe(), good_fps, good_p95_ms, attacker_got })

@@ -16,10 +16,15 @@ pub const TEXT_COST: f64 = 0.05;
 pub const SETTINGS_COST: f64 = 0.5;
 /// What a control image costs on top of its pixels: a resize and an upload on the inference thread.
 pub const CONTROL_IMAGE_COST: f64 = 2.0;
-/// Messages a connection may send per frame of its budget: reading goes at most at `MESSAGES_PER_FRAME *
-/// max_fps + 20` messages a second, and a connection over that is not read from until it is under again (the
-/// flood waits in its own socket, and its sender blocks).
+/// Messages a connection may send per frame of its budget: at most `MESSAGES_PER_FRAME * max_fps + 20`
+/// messages a second are handled; more are dropped unread (counted, and told at most once a second).
 pub const MESSAGES_PER_FRAME: f64 = 4.0;
+/// A connection that sends more than `FLOOD_FACTOR` times the messages it may (for over a second) is closed
+/// with 1008 (policy violation): reading a flood of tiny messages, even to drop them, costs a core.
+pub const FLOOD_FACTOR: f64 = 8.0;
+/// Bytes a second read from one connection: over it the connection is not read from until it is under again
+/// (the flood waits in its own socket, and its sender blocks). 16 MiB/s is fifty 1080p JPEGs a second.
+pub const READ_BYTES_PER_S: f64 = 16.0 * 1024.0 * 1024.0;
 
 /// Rounding slack: a request at the instant [`Budget::ready_at`] named is admitted.
 const EPSILON: f64 = 1e-9;

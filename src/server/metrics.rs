@@ -105,6 +105,8 @@ pub struct Metrics {
     pub frames_rate_limited: AtomicU64,
     /// Text messages and control images refused over a connection's budget.
     pub text_rate_limited: AtomicU64,
+    /// Messages dropped unread over a connection's message rate.
+    pub messages_shed: AtomicU64,
     /// Sockets closed because their writes stalled (the client stopped reading) past `idle_timeout_s`.
     pub write_stalls: AtomicU64,
     pub frames_bad: AtomicU64,
@@ -173,6 +175,12 @@ impl Metrics {
             "Text messages and control images refused over a connection's budget.",
             "counter",
             g(&self.text_rate_limited),
+        );
+        counter(
+            "messages_shed_total",
+            "Messages dropped unread over a connection's message rate.",
+            "counter",
+            g(&self.messages_shed),
         );
         counter(
             "write_stalls_total",

@@ -7,6 +7,7 @@
 pub mod budget;
 pub mod guard;
 pub mod metrics;
+pub mod prep;
 pub mod protocol;
 pub mod session;
 pub mod viewers;
@@ -53,6 +54,8 @@ pub struct ServerState {
     pub local_addr: SocketAddr,
     /// `Host` values accepted without a token (lower case, with the port).
     allowed_hosts: Vec<String>,
+    /// Decodes and resizes clients' images (big ones on a low-priority thread of their own).
+    prep: prep::Preparer,
     clients: Arc<Semaphore>,
     viewer_slots: Arc<Semaphore>,
     request_slots: Arc<Semaphore>,
@@ -143,6 +146,7 @@ impl Server {
             request_slots: Arc::new(Semaphore::new(config.max_requests)),
             tcp_slots: Arc::new(Semaphore::new(config.max_connections)),
             allowed_hosts,
+            prep: prep::Preparer::new(config.max_clients * 2),
             local_addr,
             config,
             stream_defaults,

@@ -25,7 +25,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::task::JoinHandle;
 
 type WsTx = SplitSink<WebSocket, Message>;
 type WsRx = SplitStream<WebSocket>;
@@ -144,7 +143,7 @@ enum Prepared {
 }
 
 /// A preparation started by [`Session::on_release`].
-type PrepJob = JoinHandle<Prepared>;
+type PrepJob = tokio::sync::oneshot::Receiver<Prepared>;
 
 /// One client's stream connection.
 pub struct Session {
@@ -160,8 +159,12 @@ pub struct Session {
     /// When recent frames arrived (for the latency of the outputs they trigger), the last 64.
     arrivals: VecDeque<(u64, Instant)>,
     budget: Budget,
-    /// Paces reading: every message costs one.
+    /// Messages handled: every message costs one; over it messages are dropped unread.
     reads: Budget,
+    /// Bytes read: over it the socket is not read from.
+    read_bytes: Budget,
+    /// Messages dropped unread: over it (a flood) the connection is closed.
+    flood: Budget,
     held: Option<Held>,
     /// A control image waiting for the preparation thread: its bytes and size.
     control_pending: Option<(Bytes, (u32, u32))>,
@@ -258,6 +261,11 @@ impl Session {
             arrivals: VecDeque::new(),
             budget: Budget::new(config.max_fps, Instant::now()),
             reads: Budget::new(budget::MESSAGES_PER_FRAME * config.max_fps + 20.0, Instant::now()),
+            read_bytes: Budget::new(budget::READ_BYTES_PER_S, Instant::now()),
+            flood: Budget::new(
+                budget::FLOOD_FACTOR * (budget::MESSAGES_PER_FRAME * config.max_fps + 20.0),
+                Instant::now(),
+            ),
             held: None,
             control_pending: None,
             control_next: false,
@@ -283,7 +291,7 @@ impl Session {
         loop {
             let release = if prep.is_none() { self.release_at() } else { None };
             let now = Instant::now();
-            let read_at = self.reads.ready_at(now);
+            let read_at = self.read_bytes.ready_at(now);
             let far = tokio::time::Instant::now() + Duration::from_secs(3600);
             let flow = tokio::select! {
                 _ = shutdown.changed() => {
@@ -296,16 +304,14 @@ impl Session {
                     close(&mut self.tx, close_code::NORMAL, "idle").await;
                     Flow::Stop
                 }
-                msg = rx.next(), if read_at <= now => {
-                    self.reads.charge(1.0, Instant::now());
-                    self.on_message(msg).await
-                }
+                msg = rx.next(), if read_at <= now => self.on_read(msg).await,
                 _ = tokio::time::sleep_until(tokio::time::Instant::from_std(read_at)), if read_at > now => Flow::Continue,
                 done = async { prep.as_mut().expect("guarded by is_some").await }, if prep.is_some() => {
                     prep = None;
                     match done {
                         Ok(p) => self.on_prepared(p).await,
-                        Err(_) => Flow::Stop,
+                        // Dropped (the big-image queue was full): as if replaced by a newer frame.
+                        Err(_) => Flow::Continue,
                     }
                 }
                 _ = tokio::time::sleep_until(release.map_or(far, tokio::time::Instant::from_std)), if release.is_some() => {
@@ -325,9 +331,7 @@ impl Session {
                 break;
             }
         }
-        if let Some(job) = prep {
-            job.abort();
-        }
+        drop(prep);
         let c = &self.handle.counters;
         let dropped = c.dropped_input.load(Ordering::Relaxed) + c.dropped_output.load(Ordering::Relaxed);
         self.state.metrics.frames_dropped.fetch_add(dropped, Ordering::Relaxed);
@@ -348,6 +352,34 @@ impl Session {
 
     async fn refuse(&mut self, r: Refusal) -> Flow {
         self.send_error(r.code, r.message, false).await
+    }
+
+    /// A message read: its bytes are charged (reading pauses when they are over the byte budget), and it is
+    /// handled when within the message budget, dropped unread otherwise.
+    async fn on_read(&mut self, msg: Option<Result<Message, axum::Error>>) -> Flow {
+        let now = Instant::now();
+        let bytes = match &msg {
+            Some(Ok(Message::Binary(b))) => b.len(),
+            Some(Ok(Message::Text(t))) => t.len(),
+            _ => 0,
+        };
+        self.read_bytes.charge(bytes as f64 + 64.0, now);
+        let data = matches!(&msg, Some(Ok(Message::Binary(_) | Message::Text(_))));
+        if data && !self.reads.try_take(1.0, now) {
+            self.last_activity = tokio::time::Instant::now();
+            self.rate_limited += 1;
+            self.state.metrics.messages_shed.fetch_add(1, Ordering::Relaxed);
+            let max = budget::MESSAGES_PER_FRAME * self.state.config.max_fps + 20.0;
+            self.flood.charge(1.0, now);
+            if self.flood.ready_at(now) > now + Duration::from_secs(1) {
+                let msg = format!("closed: a flood of messages ({}x the {max} a second this server takes)", budget::FLOOD_FACTOR);
+                self.send_error(ErrorCode::RateLimited, msg, true).await;
+                close(&mut self.tx, close_code::POLICY, "message flood").await;
+                return Flow::Stop;
+            }
+            return self.rate_limited_notice(format!("more than {max} messages a second are dropped unread")).await;
+        }
+        self.on_message(msg).await
     }
 
     async fn on_message(&mut self, msg: Option<Result<Message, axum::Error>>) -> Flow {
@@ -455,8 +487,11 @@ impl Session {
     fn on_release(&mut self) -> Option<PrepJob> {
         let max = self.state.config.max_frame_pixels;
         let size = Some((self.settings.width as u32, self.settings.height as u32));
+        let free = 4 * self.settings.width as u64 * self.settings.height as u64;
+        let prep = &self.state.prep;
         if let Some((data, size_in)) = self.control_pending.take() {
-            return Some(tokio::task::spawn_blocking(move || Prepared::Control {
+            let big = size_in.0 as u64 * size_in.1 as u64 > free;
+            return Some(prep.run(big, move || Prepared::Control {
                 size: size_in,
                 image: crate::io::image::decode_within(&data, "control image", max, size),
             }));
@@ -469,9 +504,9 @@ impl Session {
             return None;
         }
         match held.input {
-            Some((data, _)) => {
+            Some((data, pixels)) => {
                 let Held { id, arrived, .. } = held;
-                Some(tokio::task::spawn_blocking(move || Prepared::Frame {
+                Some(self.state.prep.run(pixels > free, move || Prepared::Frame {
                     id,
                     arrived,
                     image: crate::io::image::decode_within(&data, "frame", max, size),
