@@ -206,6 +206,7 @@ fn check_pipelines(family: &str) {
         };
         let latents = run(guides);
         assert_close(&format!("{family}/{name}: latents"), &latents, &reference["latents"], 1e-4, 1e-4);
+        eprintln!("{family}/{name}: latents max abs diff {:e}", max_abs_diff(&latents, &reference["latents"]));
         assert_png_matches(&format!("{family}/{name}"), sd, &latents, &format!("{base}.png"));
         let plain = run(Guides::default());
         assert!(max_abs_diff(&plain, &latents) > 1e-3, "{name}: the image prompt changed nothing");

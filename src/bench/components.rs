@@ -184,7 +184,7 @@ pub fn run(
         // Once per style image: CLIPImageProcessor, the vision encoder and the projection, for the image and for
         // "no image" (what guidance needs), as a stream caches them.
         let style = super::pattern::textured(w as u32, h as u32, 1);
-        timer.time("ip-adapter image encoder (once per image)", || {
+        timer.time("ip-adapter image embed", || {
             drop(model.embed(&style)?);
             Ok(())
         })?;

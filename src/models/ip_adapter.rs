@@ -200,7 +200,17 @@ impl IpAdapter {
         let w = Weights::from_renamed(path, &plan, device, kind)?;
         let proj_names: Vec<&str> = plan.iter().filter_map(|r| r.name.strip_prefix("image_proj.")).collect();
         let has = |n: &str| proj_names.contains(&n);
-        let shape = |n: &str| w.shape_of(&format!("image_proj.{n}")).unwrap_or_default();
+        // The stored shape of a projection tensor with `rank` dimensions (an error naming it otherwise).
+        let shape = |n: &str, rank: usize| -> Result<Vec<i64>> {
+            let full = format!("image_proj.{n}");
+            match w.shape_of(&full) {
+                Some(s) if s.len() == rank => Ok(s),
+                found => Err(Error::config(
+                    path,
+                    format!("IP-Adapter tensor `{full}` has shape {found:?}, expected {rank} dimensions"),
+                )),
+            }
+        };
         let pw = w.sub("image_proj");
         // The cross-attention width the adapter was made for, from its first to_k_ip.
         let first_k = shape_of_plan(&w, "ip.0.to_k_ip.weight");
@@ -237,7 +247,7 @@ impl IpAdapter {
             ));
         }
         let (projection, kind_, tokens, input_dim) = if has("image_embeds.weight") {
-            let s = shape("image_embeds.weight");
+            let s = shape("image_embeds.weight", 2)?;
             let (out, input) = (s[0], s[1]);
             // diffusers: always 4 tokens for the plain projection.
             let tokens = 4;
@@ -257,9 +267,9 @@ impl IpAdapter {
             };
             (Projection::Plain(p), ProjectionKind::Plain, tokens, input)
         } else if has("latents") {
-            let l = shape("latents");
+            let l = shape("latents", 3)?;
             let (queries, dim) = (l[1], l[2]);
-            let input = shape("proj_in.weight")[1];
+            let input = shape("proj_in.weight", 2)?[1];
             // diffusers: heads of 64 features.
             let heads = dim / 64;
             if heads == 0 || dim % 64 != 0 {
@@ -288,7 +298,10 @@ impl IpAdapter {
             };
             (Projection::Plus(r), ProjectionKind::Plus, queries, input)
         } else {
-            unreachable!("rename_plan refuses other projections")
+            return Err(Error::Unsupported(format!(
+                "{}: an IP-Adapter projection of an unknown kind",
+                path.display()
+            )));
         };
         let ip = w.sub("ip");
         let layers = layers
