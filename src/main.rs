@@ -278,6 +278,13 @@ struct GenArgs {
     /// diffusers' guess mode: the ControlNet sees no prompt and its residuals ramp from 0.1 to 1.
     #[arg(long)]
     guess_mode: bool,
+    #[command(flatten)]
+    ip: IpArgs,
+}
+
+/// The IP-Adapter flags (`txt2img`, `img2img`, `stream`).
+#[derive(Args)]
+struct IpArgs {
     /// An IP-Adapter (an image as a prompt; plain or plus, SD 1.x or SDXL): a .safetensors file, whose image
     /// encoder is the image_encoder/ folder beside it (h94/IP-Adapter's layout), or a file of a Hugging Face
     /// model, owner/name/path.safetensors (e.g. h94/IP-Adapter/models/ip-adapter_sd15.safetensors); needs
@@ -297,7 +304,7 @@ struct GenArgs {
     ip_image_encoder: Option<String>,
 }
 
-impl GenArgs {
+impl IpArgs {
     /// The image prompt the flags name (the image read, the scale parsed); an error when only one of
     /// --ip-adapter and --ip-image is given.
     fn image_prompt(&self) -> Result<Option<pipeline::ImagePrompt>> {
@@ -320,13 +327,21 @@ impl GenArgs {
         }
     }
 
-    /// Loads the model, its LoRAs and the --ip-adapter.
-    fn load(&self) -> Result<StableDiffusion> {
-        let mut sd = self.model.load()?;
+    /// Loads the --ip-adapter (if any) next to the model.
+    fn load_into(&self, sd: &mut StableDiffusion) -> Result<()> {
         if let Some(spec) = &self.ip_adapter {
             sd.load_ip_adapter(spec, self.ip_image_encoder.as_deref())
                 .with_context(|| format!("loading IP-Adapter `{spec}`"))?;
         }
+        Ok(())
+    }
+}
+
+impl GenArgs {
+    /// Loads the model, its LoRAs and the --ip-adapter.
+    fn load(&self) -> Result<StableDiffusion> {
+        let mut sd = self.model.load()?;
+        self.ip.load_into(&mut sd)?;
         Ok(sd)
     }
 
@@ -543,6 +558,8 @@ struct StreamCmd {
     control_image: Option<PathBuf>,
     #[command(flatten)]
     stream: StreamFlags,
+    #[command(flatten)]
+    ip: IpArgs,
 }
 
 fn save(image: &tch::Tensor, path: &std::path::Path) -> Result<()> {
@@ -556,7 +573,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Txt2img(a) => {
             a.gen.params(None)?; // flags checked before a large model is loaded
-            let image_prompt = a.gen.image_prompt()?;
+            let image_prompt = a.gen.ip.image_prompt()?;
             let sd = a.gen.load()?;
             let params = a.gen.params(Some(&sd))?;
             let control = a.gen.control(params.width, params.height)?;
@@ -574,7 +591,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             let rgb = sdstream::io::image::resize(rgb, w as u32, h as u32);
             let control = a.gen.control(rgb.width() as i64, rgb.height() as i64)?;
-            let image_prompt = a.gen.image_prompt()?;
+            let image_prompt = a.gen.ip.image_prompt()?;
             let sd = a.gen.load()?;
             let mut params = a.gen.params(Some(&sd))?;
             params.width = rgb.width() as i64;
@@ -605,6 +622,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Stream(a) => {
             let settings = a.stream.settings(&StreamSettings::default())?;
+            let image_prompt = a.ip.image_prompt()?;
             let files = sdstream::stream::offline::collect_inputs(&a.input)?;
             use sdstream::stream::settings::ControlSource;
             let control = match (settings.control, &a.control_image) {
@@ -616,13 +634,15 @@ fn run(cli: Cli) -> Result<()> {
             if settings.control != ControlSource::None && a.model.controlnet.is_none() {
                 anyhow::bail!("--control {:?} needs a --controlnet", settings.control);
             }
-            let sd = a.model.load()?;
-            let reports = sdstream::stream::offline::run_files(
+            let mut sd = a.model.load()?;
+            a.ip.load_into(&mut sd)?;
+            let reports = sdstream::stream::offline::run_files_with(
                 &sd,
                 settings.clone(),
                 &files,
                 &a.output,
                 control.as_ref(),
+                image_prompt.as_ref(),
             )?;
             let mut failed = 0;
             for r in &reports {

@@ -9,6 +9,7 @@
 //!   and plus, same seed on CPU fp32: latents within 1e-4 (abs + rel), PNG within 2/255 per pixel;
 //! - per-row scales: rows without an image (scale 0) share a UNet call with rows that have one, and a stream
 //!   batch with and without an image prompt gives each stream what it gets alone;
+//! - the CLI (`txt2img`: diffusers' picture; `stream`) and `sdstream bench --ip-adapter`'s rows;
 //! - bad input (a non-image, an adapter for another model family, a pickle) gets a clear error.
 mod common;
 
@@ -206,7 +207,10 @@ fn check_pipelines(family: &str) {
         };
         let latents = run(guides);
         assert_close(&format!("{family}/{name}: latents"), &latents, &reference["latents"], 1e-4, 1e-4);
-        eprintln!("{family}/{name}: latents max abs diff {:e}", max_abs_diff(&latents, &reference["latents"]));
+        eprintln!(
+            "{family}/{name}: latents max abs diff {:e}",
+            max_abs_diff(&latents, &reference["latents"])
+        );
         assert_png_matches(&format!("{family}/{name}"), sd, &latents, &format!("{base}.png"));
         let plain = run(Guides::default());
         assert!(max_abs_diff(&plain, &latents) > 1e-3, "{name}: the image prompt changed nothing");
@@ -486,4 +490,99 @@ fn cli_runs_ip_adapter_and_refuses_bad_input() {
     let xl = "tests/fixtures/ip_adapter/sdxl/ip-adapter_sdxl-tiny.safetensors";
     let (ok, text) = run(&["--ip-adapter", xl, "--ip-image", IP_IMAGE]);
     assert!(!ok && text.contains("model family"), "{text}");
+}
+
+/// `sdstream stream` takes the same flags: the image prompt rides along with every frame of the stream.
+#[test]
+fn cli_stream_takes_an_image_prompt() {
+    let dir = std::env::temp_dir().join(format!("sdstream-ip-stream-{}", std::process::id()));
+    let adapter = "tests/fixtures/ip_adapter/sd15/ip-adapter-plus_sd15-tiny.safetensors";
+    let run = |out: &str, extra: &[&str]| -> Vec<Vec<u8>> {
+        let out = dir.join(out);
+        let out_s = out.display().to_string();
+        let mut args = vec![
+            "stream",
+            "--model",
+            "tests/fixtures/models/sd1-tiny",
+            "--device",
+            "cpu",
+            "--input",
+            "tests/fixtures/stream/frames",
+            "--output",
+            out_s.as_str(),
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--t-index-list",
+            "20,35",
+            "--cfg-type",
+            "full",
+            "--guidance",
+            "1.5",
+        ];
+        args.extend_from_slice(extra);
+        let (ok, text) = run_sdstream(&args, &[]);
+        assert!(ok, "{text}");
+        let mut files: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().path()).collect();
+        files.sort();
+        assert!(files.len() >= 3, "{text}");
+        files.iter().map(|f| std::fs::read(f).unwrap()).collect()
+    };
+    let with = run("with", &["--ip-adapter", adapter, "--ip-image", IP_IMAGE, "--ip-scale", "0.8"]);
+    let without = run("without", &[]);
+    assert_ne!(with.last(), without.last(), "the image prompt changed nothing");
+    let _ = std::fs::remove_dir_all(&dir);
+    let (ok, text) = run_sdstream(
+        &["stream", "--model", "m", "--input", "models", "--output", "/tmp/x", "--ip-image", IP_IMAGE],
+        &[],
+    );
+    assert!(!ok && text.contains("--ip-adapter"), "{text}");
+}
+
+/// `sdstream bench --ip-adapter` adds the adapter's rows: the UNet with the decoupled cross-attention beside the
+/// plain UNet at each batch size, and the image encoder once per image. Structure only: no time is asserted.
+#[test]
+fn bench_reports_the_adapter_cost() {
+    let json = std::env::temp_dir().join(format!("sdstream-ip-bench-{}.json", std::process::id()));
+    let json_s = json.display().to_string();
+    let (ok, text) = run_sdstream(
+        &[
+            "bench",
+            "--model",
+            "tests/fixtures/models/sd1-tiny",
+            "--ip-adapter",
+            "tests/fixtures/ip_adapter/sd15/ip-adapter_sd15-tiny.safetensors",
+            "--components",
+            "--device",
+            "cpu",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--iters",
+            "1",
+            "--warmup",
+            "1",
+            "--batch-sizes",
+            "1,2",
+            "--json",
+            json_s.as_str(),
+        ],
+        &[],
+    );
+    assert!(ok, "{text}");
+    let report = json_of(&json);
+    let names: Vec<&str> =
+        report["components"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+    for want in
+        ["unet b=1", "unet+ip-adapter b=1", "unet b=2", "unet+ip-adapter b=2", "ip-adapter image embed"]
+    {
+        assert!(names.contains(&want), "no `{want}` row in {names:?}");
+    }
+    let _ = std::fs::remove_file(&json);
+}
+
+fn json_of(path: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
