@@ -279,9 +279,73 @@ struct GenArgs {
     /// diffusers' guess mode: the ControlNet sees no prompt and its residuals ramp from 0.1 to 1.
     #[arg(long)]
     guess_mode: bool,
+    #[command(flatten)]
+    ip: IpArgs,
+}
+
+/// The IP-Adapter flags (`txt2img`, `img2img`, `stream`).
+#[derive(Args)]
+struct IpArgs {
+    /// An IP-Adapter (an image as a prompt; plain or plus, SD 1.x or SDXL): a .safetensors file, whose image
+    /// encoder is the image_encoder/ folder beside it (h94/IP-Adapter's layout), or a file of a Hugging Face
+    /// model, owner/name/path.safetensors (e.g. h94/IP-Adapter/models/ip-adapter_sd15.safetensors); needs
+    /// --ip-image.
+    #[arg(long, value_name = "PATH_OR_HUB_FILE")]
+    ip_adapter: Option<String>,
+    /// The image prompt (PNG or JPEG) for --ip-adapter.
+    #[arg(long, value_name = "IMG")]
+    ip_image: Option<PathBuf>,
+    /// How strongly the image prompt steers: a number, or diffusers' per-block dictionary as JSON, e.g.
+    /// '{"down": {"block_2": [0.0, 1.0]}, "up": {"block_0": [0.0, 1.0, 0.0]}}' (parts not named get 0).
+    #[arg(long, value_name = "X_OR_JSON", default_value = "1.0")]
+    ip_scale: String,
+    /// The CLIP image encoder for --ip-adapter: a folder or a Hugging Face id, optionally with a subfolder
+    /// (owner/name/subfolder); default: the image_encoder/ folder beside the adapter.
+    #[arg(long, value_name = "DIR_OR_ID")]
+    ip_image_encoder: Option<String>,
+}
+
+impl IpArgs {
+    /// The image prompt the flags name (the image read, the scale parsed); an error when only one of
+    /// --ip-adapter and --ip-image is given.
+    fn image_prompt(&self) -> Result<Option<pipeline::ImagePrompt>> {
+        let scale: sdstream::models::ip_adapter::IpScale =
+            self.ip_scale.parse().context("invalid --ip-scale")?;
+        match (&self.ip_adapter, &self.ip_image) {
+            (None, None) => {
+                if self.ip_image_encoder.is_some() {
+                    anyhow::bail!("--ip-image-encoder needs an --ip-adapter");
+                }
+                Ok(None)
+            }
+            (Some(_), None) => anyhow::bail!("--ip-adapter needs an --ip-image"),
+            (None, Some(_)) => anyhow::bail!("--ip-image needs an --ip-adapter"),
+            (Some(_), Some(path)) => {
+                let image = sdstream::io::image::read(path)
+                    .with_context(|| format!("reading the --ip-image {}", path.display()))?;
+                Ok(Some(pipeline::ImagePrompt { image, scale }))
+            }
+        }
+    }
+
+    /// Loads the --ip-adapter (if any) next to the model.
+    fn load_into(&self, sd: &mut StableDiffusion) -> Result<()> {
+        if let Some(spec) = &self.ip_adapter {
+            sd.load_ip_adapter(spec, self.ip_image_encoder.as_deref())
+                .with_context(|| format!("loading IP-Adapter `{spec}`"))?;
+        }
+        Ok(())
+    }
 }
 
 impl GenArgs {
+    /// Loads the model, its LoRAs and the --ip-adapter.
+    fn load(&self) -> Result<StableDiffusion> {
+        let mut sd = self.model.load()?;
+        self.ip.load_into(&mut sd)?;
+        Ok(sd)
+    }
+
     /// The ControlNet input the flags name, read and resized to `width` x `height`; an error when only one
     /// of --controlnet and --control-image is given.
     fn control(&self, width: i64, height: i64) -> Result<Option<pipeline::Control>> {
@@ -415,6 +479,8 @@ struct StreamCmd {
     /// Every stream setting as a flag; each one given overrides the defaults (or a config's value).
     #[command(flatten)]
     stream: StreamSettingsPatch,
+    #[command(flatten)]
+    ip: IpArgs,
 }
 
 fn save(image: &tch::Tensor, path: &std::path::Path) -> Result<()> {
@@ -428,10 +494,12 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Txt2img(a) => {
             a.gen.params(None)?; // flags checked before a large model is loaded
-            let sd = a.gen.model.load()?;
+            let image_prompt = a.gen.ip.image_prompt()?;
+            let sd = a.gen.load()?;
             let params = a.gen.params(Some(&sd))?;
             let control = a.gen.control(params.width, params.height)?;
-            let image = pipeline::txt2img_with(&sd, &params, control.as_ref())?;
+            let guides = pipeline::Guides { control: control.as_ref(), image_prompt: image_prompt.as_ref() };
+            let image = pipeline::txt2img_guided(&sd, &params, guides)?;
             save(&image, &a.gen.output)
         }
         Command::Img2img(a) => {
@@ -444,12 +512,14 @@ fn run(cli: Cli) -> Result<()> {
             }
             let rgb = sdstream::io::image::resize(rgb, w as u32, h as u32);
             let control = a.gen.control(rgb.width() as i64, rgb.height() as i64)?;
-            let sd = a.gen.model.load()?;
+            let image_prompt = a.gen.ip.image_prompt()?;
+            let sd = a.gen.load()?;
             let mut params = a.gen.params(Some(&sd))?;
             params.width = rgb.width() as i64;
             params.height = rgb.height() as i64;
             let input = sdstream::io::image::to_tensor(&rgb, sd.device, sd.kind)?;
-            let image = pipeline::img2img_with(&sd, &params, &input, a.strength, control.as_ref())?;
+            let guides = pipeline::Guides { control: control.as_ref(), image_prompt: image_prompt.as_ref() };
+            let image = pipeline::img2img_guided(&sd, &params, &input, a.strength, guides)?;
             save(&image, &a.gen.output)
         }
         Command::Serve(a) => Ok(sdstream::daemon::run(a.daemon.config()?, None)?),
@@ -473,6 +543,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Stream(a) => {
             let settings = StreamSettings::default().patched(&a.stream)?;
+            let image_prompt = a.ip.image_prompt()?;
             let files = sdstream::stream::offline::collect_inputs(&a.input)?;
             use sdstream::stream::settings::ControlSource;
             let control = match (settings.control, &a.control_image) {
@@ -484,13 +555,15 @@ fn run(cli: Cli) -> Result<()> {
             if settings.control != ControlSource::None && a.model.controlnet.is_none() {
                 anyhow::bail!("--control {:?} needs a --controlnet", settings.control);
             }
-            let sd = a.model.load()?;
-            let reports = sdstream::stream::offline::run_files(
+            let mut sd = a.model.load()?;
+            a.ip.load_into(&mut sd)?;
+            let reports = sdstream::stream::offline::run_files_with(
                 &sd,
                 settings.clone(),
                 &files,
                 &a.output,
                 control.as_ref(),
+                image_prompt.as_ref(),
             )?;
             let mut failed = 0;
             for r in &reports {

@@ -18,6 +18,8 @@ use std::time::Duration;
 
 const ID: &str = "test-org/tiny-sd-test";
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+/// A repository laid out as h94/IP-Adapter: adapters in folders, each folder's image encoder in `image_encoder/`.
+const IP_ID: &str = "test-org/ip-adapter-tiny";
 
 /// The files a txt2img run on the tiny model fetches (fp32: no `.fp16` variants).
 const FILES: &[&str] = &[
@@ -68,6 +70,7 @@ impl LocalHub {
         let url = format!("http://{}", std_listener.local_addr().unwrap());
         let mut repos = HashMap::new();
         repos.insert(ID.to_string(), common::fixture("models/tiny-sd-test"));
+        repos.insert(IP_ID.to_string(), common::fixture("tests/fixtures/ip_adapter"));
         let state = Arc::new(HubState { base: url.clone(), repos, ..HubState::default() });
         let app = axum::Router::new().fallback(handle).with_state(state.clone());
         std::thread::spawn(move || {
@@ -410,5 +413,45 @@ fn an_interrupted_download_resumes_where_it_stopped() {
 
     assert_cached(&repo_dir);
     assert!(png.is_file());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An IP-Adapter named by its file in a hub repository (`owner/name/path.safetensors`, as
+/// `h94/IP-Adapter/models/ip-adapter_sd15.safetensors`): the file and the `image_encoder/` folder beside it are
+/// downloaded into the cache, and the picture is the one the same adapter gives from a local folder.
+#[test]
+fn an_ip_adapter_hub_file_brings_its_image_encoder() {
+    let hub = LocalHub::start();
+    let dir = temp_dir("ip-adapter");
+    let home = dir.join("hf-home");
+    let run = |adapter: &str, out: &Path, label: &str| {
+        let mut a = txt2img("tests/fixtures/models/sd1-tiny", out);
+        let ip_image = "tests/fixtures/ip_adapter/reference/ip_image_40x56.png";
+        a.extend(["--ip-adapter", adapter, "--ip-image", ip_image, "--ip-scale", "0.7"].map(str::to_string));
+        sdstream(&hub, &home, &args(&a), label)
+    };
+    let local = dir.join("local.png");
+    let (ok, text) =
+        run("tests/fixtures/ip_adapter/sd15/ip-adapter-plus_sd15-tiny.safetensors", &local, "local adapter");
+    assert!(ok, "{text}");
+    assert!(hub.hits().is_empty(), "a local adapter needs no hub");
+    let remote = dir.join("remote.png");
+    let (ok, text) =
+        run(&format!("{IP_ID}/sd15/ip-adapter-plus_sd15-tiny.safetensors"), &remote, "adapter from the hub");
+    assert!(ok, "{text}");
+    assert_same_image(&local, &remote);
+    let fetched: Vec<String> = hub.hits().into_iter().map(|h| h.path).collect();
+    for rel in [
+        "sd15/ip-adapter-plus_sd15-tiny.safetensors",
+        "sd15/image_encoder/config.json",
+        "sd15/image_encoder/model.safetensors",
+    ] {
+        assert!(fetched.iter().any(|p| p.ends_with(rel)), "{rel} was not fetched: {fetched:?}");
+    }
+    let snapshot = home.join("hub/models--test-org--ip-adapter-tiny/snapshots").join(COMMIT);
+    assert!(snapshot.join("sd15/image_encoder/model.safetensors").exists());
+    // A file the repository does not have is an error naming it.
+    let (ok, text) = run(&format!("{IP_ID}/sd15/no-such-adapter.safetensors"), &remote, "missing adapter");
+    assert!(!ok && text.contains("no-such-adapter"), "{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }

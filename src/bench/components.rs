@@ -3,7 +3,7 @@
 use super::stats::Summary;
 use crate::error::{Error, Result};
 use crate::models::stable_diffusion::{load_autoencoder, Autoencoder, StableDiffusion};
-use crate::models::unet::{AddedCond, UNetExtra};
+use crate::models::unet::{AddedCond, ImageCond, UNetExtra};
 use crate::pipeline::MicroConditioning;
 use crate::stream::batch::{tick, TickInput};
 use crate::stream::settings::StreamSettings;
@@ -43,13 +43,22 @@ pub struct ComponentPlan {
     pub jpeg_quality: u8,
     /// Also time the captured tick on this backend.
     pub graphs: Option<crate::graph::Backend>,
+    /// Also time the IP-Adapter loaded with the model: its image encoder (once per image) and the UNet with its
+    /// decoupled cross-attention at each batch size (the extra attention per UNet call is the difference).
+    pub ip_adapter: bool,
 }
 
 impl ComponentPlan {
     /// Timed pieces in a run (for the progress bar): UNet per batch, text encoder, up to two autoencoders
     /// (encode and decode), the engine tick, and the host's per-frame rows (see [`HOST_ROWS`]).
     pub fn count(&self) -> usize {
-        self.batch_sizes.len() + 1 + 4 + 1 + HOST_ROWS.len() + usize::from(self.graphs.is_some())
+        self.batch_sizes.len()
+            + 1
+            + 4
+            + 1
+            + HOST_ROWS.len()
+            + usize::from(self.graphs.is_some())
+            + if self.ip_adapter { 1 + self.batch_sizes.len() } else { 0 }
     }
 }
 
@@ -146,9 +155,37 @@ pub fn run(
             }),
             None => None,
         };
-        let extra = UNetExtra { timestep_cond: cond.as_ref(), added_cond: added.as_ref(), control: None };
+        let extra = UNetExtra {
+            timestep_cond: cond.as_ref(),
+            added_cond: added.as_ref(),
+            control: None,
+            image: None,
+        };
         timer.time(format!("unet b={b}"), || {
             drop(sd.unet.forward_with(&sample, &timesteps, &context, &extra)?);
+            Ok(())
+        })?;
+        if let (true, Some(model)) = (plan.ip_adapter, &sd.image_prompt) {
+            // Every row with an image at scale 1: the decoupled cross-attention runs in every cross-attention.
+            let a = &model.adapter;
+            let image = ImageCond {
+                layers: a.layers(),
+                tokens: Tensor::f_randn([b, a.tokens(), a.cross_dim()], (kind, device))?,
+                scales: vec![vec![1.0; a.layers().len()]; b as usize],
+            };
+            let extra = UNetExtra { image: Some(&image), ..extra };
+            timer.time(format!("unet+ip-adapter b={b}"), || {
+                drop(sd.unet.forward_with(&sample, &timesteps, &context, &extra)?);
+                Ok(())
+            })?;
+        }
+    }
+    if let (true, Some(model)) = (plan.ip_adapter, &sd.image_prompt) {
+        // Once per style image: CLIPImageProcessor, the vision encoder and the projection, for the image and for
+        // "no image" (what guidance needs), as a stream caches them.
+        let style = super::pattern::textured(w as u32, h as u32, 1);
+        timer.time("ip-adapter image embed", || {
+            drop(model.embed(&style)?);
             Ok(())
         })?;
     }

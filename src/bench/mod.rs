@@ -67,6 +67,14 @@ pub struct BenchArgs {
     pub cfg_type: Option<CfgType>,
     #[arg(long, default_value = "a cinematic portrait, oil painting")]
     pub prompt: String,
+    /// Time an IP-Adapter too (the component timings): `plain` or `plus` make a random-weight TEST adapter of
+    /// h94/IP-Adapter's architecture for the model (4 or 16 image tokens, a ViT-H/14 image encoder); a path or
+    /// hub file loads that adapter (and its image_encoder/ folder, or --ip-image-encoder).
+    #[arg(long, value_name = "plain|plus|PATH")]
+    pub ip_adapter: Option<String>,
+    /// The image encoder for a loaded --ip-adapter (a folder or Hugging Face id).
+    #[arg(long, value_name = "DIR_OR_ID")]
+    pub ip_image_encoder: Option<String>,
     /// Run the component timings (with neither --components nor --e2e, both run).
     #[arg(long)]
     pub components: bool,
@@ -251,7 +259,21 @@ pub fn run(a: &BenchArgs) -> Result<report::BenchReport> {
         other => other,
     };
 
-    let sd = StableDiffusion::load(&choice.spec, &load)?;
+    let mut sd = StableDiffusion::load(&choice.spec, &load)?;
+    match a.ip_adapter.as_deref() {
+        None => {}
+        Some(kind @ ("plain" | "plus")) => {
+            let kind = if kind == "plain" {
+                crate::models::ip_adapter::ProjectionKind::Plain
+            } else {
+                crate::models::ip_adapter::ProjectionKind::Plus
+            };
+            sd.image_prompt =
+                Some(crate::models::ip_adapter::random_test_adapter(&sd.unet, kind, load.device, load.kind)?);
+            tracing::warn!("timing a random-weight TEST IP-Adapter ({kind:?}) and image encoder (ViT-H/14)");
+        }
+        Some(spec) => sd.load_ip_adapter(spec, a.ip_image_encoder.as_deref())?,
+    }
     let test_model = crate::models::is_test_model(&sd.source.root);
     let meta = meta(a, &choice, &sd, &settings, test_model);
     let plan = components::ComponentPlan {
@@ -260,6 +282,7 @@ pub fn run(a: &BenchArgs) -> Result<report::BenchReport> {
         iters: a.iters,
         jpeg_quality: a.jpeg_quality,
         graphs: a.cuda_graphs.backend(load.device),
+        ip_adapter: sd.image_prompt.is_some(),
     };
     let scenarios: Vec<usize> = if a.streams > 1 { vec![1, a.streams] } else { vec![1] };
     let warmup_frames = a.warmup.max(settings.t_index_list.len());

@@ -105,6 +105,118 @@ pub fn resize(img: RgbImage, width: u32, height: u32) -> RgbImage {
     image::imageops::resize(&img, width, height, image::imageops::FilterType::Lanczos3)
 }
 
+/// Resizes to `width` x `height` exactly as Pillow's `Image.resize(size, Image.BICUBIC)` does for 8-bit RGB
+/// (libImaging/Resample.c: a = -0.5 cubic kernel widened by the scale when shrinking, coefficients normalised and
+/// rounded to 22-bit fixed point, a horizontal pass rounded back to 8 bits, then a vertical one), so images
+/// preprocessed here and by transformers' PIL image processors are bit-identical. The same size is a copy.
+pub fn resize_bicubic_pil(img: &RgbImage, width: u32, height: u32) -> RgbImage {
+    if img.width() == width && img.height() == height {
+        return img.clone();
+    }
+    let (w0, h0) = (img.width() as usize, img.height() as usize);
+    let (w1, h1) = (width as usize, height as usize);
+    let src = img.as_raw();
+    // Horizontal pass: (w0 x h0) -> (w1 x h0), when the width changes.
+    let horizontal = if w1 != w0 {
+        let (bounds, kk) = pil_coefficients(w0, w1);
+        let ksize = kk.len() / w1.max(1);
+        let mut out = vec![0u8; w1 * h0 * 3];
+        for y in 0..h0 {
+            for (x, &(xmin, xmax)) in bounds.iter().enumerate() {
+                let k = &kk[x * ksize..x * ksize + xmax];
+                for c in 0..3 {
+                    let mut ss: i64 = 1 << (PIL_PRECISION_BITS - 1);
+                    for (i, &kv) in k.iter().enumerate() {
+                        ss += src[(y * w0 + xmin + i) * 3 + c] as i64 * kv as i64;
+                    }
+                    out[(y * w1 + x) * 3 + c] = pil_clip8(ss);
+                }
+            }
+        }
+        out
+    } else {
+        src.to_vec()
+    };
+    // Vertical pass: (w1 x h0) -> (w1 x h1).
+    let out = if h1 != h0 {
+        let (bounds, kk) = pil_coefficients(h0, h1);
+        let ksize = kk.len() / h1.max(1);
+        let mut out = vec![0u8; w1 * h1 * 3];
+        for (y, &(ymin, ymax)) in bounds.iter().enumerate() {
+            let k = &kk[y * ksize..y * ksize + ymax];
+            for x in 0..w1 {
+                for c in 0..3 {
+                    let mut ss: i64 = 1 << (PIL_PRECISION_BITS - 1);
+                    for (i, &kv) in k.iter().enumerate() {
+                        ss += horizontal[((ymin + i) * w1 + x) * 3 + c] as i64 * kv as i64;
+                    }
+                    out[(y * w1 + x) * 3 + c] = pil_clip8(ss);
+                }
+            }
+        }
+        out
+    } else {
+        horizontal
+    };
+    RgbImage::from_raw(width, height, out).expect("the buffer has width * height * 3 bytes")
+}
+
+/// Pillow's fixed-point precision for 8-bit resampling (`PRECISION_BITS = 32 - 8 - 2`).
+const PIL_PRECISION_BITS: u32 = 22;
+
+fn pil_clip8(ss: i64) -> u8 {
+    // Pillow accumulates in a C int; the sums stay well inside it for 8-bit inputs.
+    let ss = ss as i32;
+    if ss >= (1 << PIL_PRECISION_BITS << 8) {
+        255
+    } else if ss <= 0 {
+        0
+    } else {
+        (ss >> PIL_PRECISION_BITS) as u8
+    }
+}
+
+fn pil_bicubic(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+/// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for one axis: per output pixel the first input pixel
+/// and the number of taps, and `ksize` fixed-point weights per output pixel.
+fn pil_coefficients(in_size: usize, out_size: usize) -> (Vec<(usize, usize)>, Vec<i32>) {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = 2.0 * filterscale;
+    let ksize = support.ceil() as usize * 2 + 1;
+    let mut bounds = Vec::with_capacity(out_size);
+    let mut kk = vec![0i32; out_size * ksize];
+    for xx in 0..out_size {
+        let center = (xx as f64 + 0.5) * scale;
+        let ss = 1.0 / filterscale;
+        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize - xmin;
+        let mut k: Vec<f64> =
+            (0..xmax).map(|x| pil_bicubic((x as f64 + xmin as f64 - center + 0.5) * ss)).collect();
+        let ww: f64 = k.iter().sum();
+        if ww != 0.0 {
+            k.iter_mut().for_each(|v| *v /= ww);
+        }
+        for (x, v) in k.iter().enumerate() {
+            let scaled = v * (1i64 << PIL_PRECISION_BITS) as f64;
+            kk[xx * ksize + x] = if *v < 0.0 { (scaled - 0.5) as i32 } else { (scaled + 0.5) as i32 };
+        }
+        bounds.push((xmin, xmax));
+    }
+    (bounds, kk)
+}
+
 /// An RGB image as a (1, 3, H, W) tensor in [-1, 1] (diffusers' preprocessing: x / 255 * 2 - 1, in fp32).
 pub fn to_tensor(img: &RgbImage, device: Device, kind: Kind) -> Result<Tensor> {
     let t = crate::transfer::image_tensor(img)?;

@@ -138,7 +138,32 @@ impl ClipTextEmbeddings {
     }
 }
 
-/// `CLIPAttention`: multi-head self-attention, here always causal (the text model's mask).
+/// The widths of one CLIP encoder layer; the text and the vision transformer share the layer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LayerDims {
+    pub hidden: i64,
+    pub intermediate: i64,
+    pub heads: i64,
+    pub act: Activation,
+    pub eps: f64,
+    /// The text model's causal mask; the vision model attends to every token.
+    pub causal: bool,
+}
+
+impl LayerDims {
+    fn text(cfg: &ClipTextConfig) -> Result<Self> {
+        Ok(LayerDims {
+            hidden: cfg.hidden_size,
+            intermediate: cfg.intermediate_size,
+            heads: cfg.num_attention_heads,
+            act: Activation::parse(&cfg.hidden_act)?,
+            eps: cfg.layer_norm_eps,
+            causal: true,
+        })
+    }
+}
+
+/// `CLIPAttention`: multi-head self-attention, causal in the text model.
 #[derive(Debug)]
 struct ClipAttention {
     q_proj: Linear,
@@ -147,18 +172,20 @@ struct ClipAttention {
     out_proj: Linear,
     heads: i64,
     head_dim: i64,
+    causal: bool,
 }
 
 impl ClipAttention {
-    fn new(w: &Weights, cfg: &ClipTextConfig) -> Result<Self> {
-        let d = cfg.hidden_size;
+    fn new(w: &Weights, dims: &LayerDims) -> Result<Self> {
+        let d = dims.hidden;
         Ok(ClipAttention {
             q_proj: Linear::new(&w.sub("q_proj"), d, d, true)?,
             k_proj: Linear::new(&w.sub("k_proj"), d, d, true)?,
             v_proj: Linear::new(&w.sub("v_proj"), d, d, true)?,
             out_proj: Linear::new(&w.sub("out_proj"), d, d, true)?,
-            heads: cfg.num_attention_heads,
-            head_dim: d / cfg.num_attention_heads,
+            heads: dims.heads,
+            head_dim: d / dims.heads,
+            causal: dims.causal,
         })
     }
 
@@ -175,7 +202,7 @@ impl ClipAttention {
             &v,
             None::<Tensor>,
             0.0,
-            true,
+            self.causal,
             Some(scale),
             false,
         )?;
@@ -193,11 +220,11 @@ struct ClipMlp {
 }
 
 impl ClipMlp {
-    fn new(w: &Weights, cfg: &ClipTextConfig) -> Result<Self> {
+    fn new(w: &Weights, dims: &LayerDims) -> Result<Self> {
         Ok(ClipMlp {
-            fc1: Linear::new(&w.sub("fc1"), cfg.hidden_size, cfg.intermediate_size, true)?,
-            fc2: Linear::new(&w.sub("fc2"), cfg.intermediate_size, cfg.hidden_size, true)?,
-            act: Activation::parse(&cfg.hidden_act)?,
+            fc1: Linear::new(&w.sub("fc1"), dims.hidden, dims.intermediate, true)?,
+            fc2: Linear::new(&w.sub("fc2"), dims.intermediate, dims.hidden, true)?,
+            act: dims.act,
         })
     }
 
@@ -208,7 +235,7 @@ impl ClipMlp {
 
 /// `CLIPEncoderLayer`: pre-norm attention and MLP, each with a residual.
 #[derive(Debug)]
-struct ClipEncoderLayer {
+pub(crate) struct ClipEncoderLayer {
     self_attn: ClipAttention,
     layer_norm1: LayerNorm,
     mlp: ClipMlp,
@@ -216,16 +243,16 @@ struct ClipEncoderLayer {
 }
 
 impl ClipEncoderLayer {
-    fn new(w: &Weights, cfg: &ClipTextConfig) -> Result<Self> {
+    pub(crate) fn new(w: &Weights, dims: &LayerDims) -> Result<Self> {
         Ok(ClipEncoderLayer {
-            self_attn: ClipAttention::new(&w.sub("self_attn"), cfg)?,
-            layer_norm1: LayerNorm::new(&w.sub("layer_norm1"), cfg.hidden_size, cfg.layer_norm_eps)?,
-            mlp: ClipMlp::new(&w.sub("mlp"), cfg)?,
-            layer_norm2: LayerNorm::new(&w.sub("layer_norm2"), cfg.hidden_size, cfg.layer_norm_eps)?,
+            self_attn: ClipAttention::new(&w.sub("self_attn"), dims)?,
+            layer_norm1: LayerNorm::new(&w.sub("layer_norm1"), dims.hidden, dims.eps)?,
+            mlp: ClipMlp::new(&w.sub("mlp"), dims)?,
+            layer_norm2: LayerNorm::new(&w.sub("layer_norm2"), dims.hidden, dims.eps)?,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = x.f_add(&self.self_attn.forward(&self.layer_norm1.forward(x)?)?)?;
         Ok(h.f_add(&self.mlp.forward(&self.layer_norm2.forward(&h)?)?)?)
     }
@@ -298,8 +325,9 @@ impl ClipTextModel {
         }
         let embeddings = ClipTextEmbeddings::new(&emb, &cfg)?;
         let lw = tm.sub("encoder").sub("layers");
+        let dims = LayerDims::text(&cfg)?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| ClipEncoderLayer::new(&lw.sub(i), &cfg))
+            .map(|i| ClipEncoderLayer::new(&lw.sub(i), &dims))
             .collect::<Result<_>>()?;
         let final_layer_norm =
             LayerNorm::new(&tm.sub("final_layer_norm"), cfg.hidden_size, cfg.layer_norm_eps)?;

@@ -7,6 +7,7 @@
 //! The down and mid blocks are the UNet's own ([`DownBlock`], [`MidBlock`]), planned by [`UNetConfig::plan`]
 //! from the UNet config a ControlNet config implies ([`ControlNetConfig::unet_config`]).
 use super::loader::ModelSource;
+use super::unet::attention::CrossContext;
 use super::unet::blocks::{DownBlock, MidBlock};
 use super::unet::config::TransformerLayers;
 use super::unet::embeddings::{batch_time_features, TimestepEmbedding};
@@ -493,9 +494,9 @@ impl ControlNetModel {
         h = h.f_add(&self.cond_embedding.forward(&cond)?)?;
         let mut skips = vec![h.shallow_clone()];
         for block in &self.down_blocks {
-            h = block.forward(&h, &emb, encoder_hidden_states, &mut skips)?;
+            h = block.forward(&h, &emb, CrossContext::text(encoder_hidden_states), &mut skips)?;
         }
-        h = self.mid_block.forward(&h, &emb, encoder_hidden_states)?;
+        h = self.mid_block.forward(&h, &emb, CrossContext::text(encoder_hidden_states))?;
 
         let mut down =
             skips.iter().zip(&self.zero_down).map(|(s, c)| c.forward(s)).collect::<Result<Vec<_>>>()?;

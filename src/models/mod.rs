@@ -1,8 +1,10 @@
 //! The Stable Diffusion model stack. Every module mirrors diffusers' parameter names so that official
 //! safetensors load unchanged, and reads its shapes from the model's own config.json.
 pub mod clip;
+pub mod clip_vision;
 pub mod controlnet;
 pub mod hub;
+pub mod ip_adapter;
 pub mod loader;
 pub mod lora;
 pub mod nn;

@@ -882,6 +882,7 @@ pub fn load(spec: &str, opts: &LoadOptions) -> Result<StableDiffusion> {
         text_encoder_weights: te_w,
         text_encoder_2_weights: None,
         loras: super::lora::LoraSet::new(),
+        image_prompt: None,
     })
 }
 

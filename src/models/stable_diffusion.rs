@@ -156,6 +156,8 @@ pub struct StableDiffusion {
     pub text_encoder_2_weights: Option<Weights>,
     /// The LoRAs fused into the weights (empty after `load`; see `models::lora`).
     pub loras: super::lora::LoraSet,
+    /// The IP-Adapter and its image encoder, when one is loaded (`load_ip_adapter`; see `models::ip_adapter`).
+    pub image_prompt: Option<super::ip_adapter::ImagePromptModel>,
 }
 
 fn warn_unused(w: &Weights, what: &str) {
@@ -335,6 +337,7 @@ impl StableDiffusion {
             text_encoder_weights: te_w,
             text_encoder_2_weights: te2_w,
             loras: super::lora::LoraSet::new(),
+            image_prompt: None,
         })
     }
 

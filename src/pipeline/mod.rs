@@ -5,8 +5,9 @@
 use crate::device::{randn_cpu, seed_cpu};
 use crate::error::{Error, Result};
 use crate::models::controlnet::{ControlNetModel, ControlScale};
+use crate::models::ip_adapter::IpScale;
 use crate::models::stable_diffusion::{StableDiffusion, TextEmbedding};
-use crate::models::unet::{AddedCond, ControlResiduals, UNetExtra};
+use crate::models::unet::{AddedCond, ControlResiduals, ImageCond, UNetExtra};
 use crate::schedulers::{self, SchedulerKind};
 use tch::{Kind, Tensor};
 
@@ -76,6 +77,22 @@ pub fn control_image(img: &image::RgbImage, width: i64, height: i64) -> Result<T
     let img = crate::io::image::resize(img.clone(), width as u32, height as u32);
     let raw = Tensor::f_from_data_size(img.as_raw(), &[height, width, 3], Kind::Uint8)?;
     Ok(raw.f_permute([2, 0, 1])?.f_unsqueeze(0)?.f_to_kind(Kind::Float)?.f_div_scalar(255.0)?)
+}
+
+/// An image prompt for one generation, as diffusers' pipelines take `ip_adapter_image` with
+/// `set_ip_adapter_scale(scale)`. The IP-Adapter is the one loaded with the model
+/// ([`StableDiffusion::load_ip_adapter`]).
+#[derive(Debug, Clone)]
+pub struct ImagePrompt {
+    pub image: image::RgbImage,
+    pub scale: IpScale,
+}
+
+/// The optional guides of a generation: a ControlNet's control image and an IP-Adapter's image prompt.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Guides<'a> {
+    pub control: Option<&'a Control>,
+    pub image_prompt: Option<&'a ImagePrompt>,
 }
 
 /// What every single-image generation takes.
@@ -173,16 +190,41 @@ impl GenerateParams {
 }
 
 /// The conditioning a denoising loop needs: text embeddings (negative first when guided), for
-/// guidance-distilled UNets (LCM) the guidance embedding, and for SDXL the pooled text and time ids.
-struct Conditioning {
+/// guidance-distilled UNets (LCM) the guidance embedding, for SDXL the pooled text and time ids, and an
+/// IP-Adapter's image tokens (the "no image" tokens first when guided).
+struct Conditioning<'a> {
     embeddings: Tensor,
     guided: bool,
     timestep_cond: Option<Tensor>,
     added_cond: Option<AddedCond>,
+    image: Option<ImageCond<'a>>,
+}
+
+/// The IP-Adapter's input for every step: the image's tokens (after the "no image" tokens when guided, as
+/// diffusers' `prepare_ip_adapter_image_embeds` orders them) and the scale of every cross-attention.
+fn image_cond<'a>(sd: &'a StableDiffusion, prompt: &ImagePrompt, guided: bool) -> Result<ImageCond<'a>> {
+    let model = sd.image_prompt.as_ref().ok_or_else(|| {
+        Error::invalid("ip image", "given, but no IP-Adapter is loaded (pass --ip-adapter)")
+    })?;
+    let emb = model.embed(&prompt.image)?;
+    let tokens = if guided { Tensor::f_cat(&[&emb.uncond, &emb.cond], 0)? } else { emb.cond };
+    let rows = tokens.size()[0] as usize;
+    let scales = sd.ip_layer_scales(&prompt.scale)?;
+    Ok(ImageCond {
+        layers: model.adapter.layers(),
+        tokens: tokens.f_to_device(sd.device)?.f_to_kind(sd.kind)?,
+        scales: vec![scales; rows],
+    })
 }
 
 /// `height` x `width` is the generated image's size (SDXL's original and target size).
-fn conditioning(sd: &StableDiffusion, p: &GenerateParams, height: i64, width: i64) -> Result<Conditioning> {
+fn conditioning<'a>(
+    sd: &'a StableDiffusion,
+    p: &GenerateParams,
+    height: i64,
+    width: i64,
+    image_prompt: Option<&ImagePrompt>,
+) -> Result<Conditioning<'a>> {
     let cond = sd.encode_text(&p.prompt, p.clip_skip)?;
     // diffusers: classifier-free guidance only when guidance > 1 and the UNet has no guidance embedding.
     let has_guidance_embedding = sd.unet_config.time_cond_proj_dim.is_some();
@@ -207,7 +249,8 @@ fn conditioning(sd: &StableDiffusion, p: &GenerateParams, height: i64, width: i6
         }
         None => None,
     };
-    Ok(Conditioning { embeddings: text.hidden, guided, timestep_cond, added_cond })
+    let image = image_prompt.map(|ip| image_cond(sd, ip, guided)).transpose()?;
+    Ok(Conditioning { embeddings: text.hidden, guided, timestep_cond, added_cond, image })
 }
 
 /// The scheduler config a pipeline builds the chosen scheduler from: SD pipelines' load-time overrides
@@ -301,7 +344,7 @@ impl ControlRun<'_> {
         latents: &Tensor,
         input: &Tensor,
         t: &Tensor,
-        cond: &Conditioning,
+        cond: &Conditioning<'_>,
         keep: f64,
     ) -> Result<ControlResiduals> {
         let scale = ControlScale::One(self.control.scale * keep);
@@ -335,7 +378,7 @@ impl ControlRun<'_> {
 fn denoise(
     sd: &StableDiffusion,
     scheduler: &mut dyn schedulers::Scheduler,
-    cond: &Conditioning,
+    cond: &Conditioning<'_>,
     guidance: f64,
     mut latents: Tensor,
     start: usize,
@@ -359,6 +402,7 @@ fn denoise(
             timestep_cond: cond_b.as_ref(),
             added_cond: cond.added_cond.as_ref(),
             control: residuals.as_ref(),
+            image: cond.image.as_ref(),
         };
         let eps = sd.unet.forward_with(&input, &t, &cond.embeddings, &extra)?;
         let eps = if cond.guided {
@@ -385,11 +429,22 @@ pub fn txt2img_latents_with(
     p: &GenerateParams,
     control: Option<&Control>,
 ) -> Result<Tensor> {
+    txt2img_latents_guided(sd, p, Guides { control, image_prompt: None })
+}
+
+/// [`txt2img_latents`] with optional guides: a ControlNet input and an IP-Adapter image prompt (diffusers'
+/// pipelines with `ip_adapter_image`).
+pub fn txt2img_latents_guided(
+    sd: &StableDiffusion,
+    p: &GenerateParams,
+    guides: Guides<'_>,
+) -> Result<Tensor> {
+    let control = guides.control;
     p.validate(sd)?;
     // The seeded draws (initial noise, LCM's step noise) come from the process's CPU generator.
     let _rng = crate::device::rng_lock();
     let _guard = tch::no_grad_guard();
-    let cond = conditioning(sd, p, p.height, p.width)?;
+    let cond = conditioning(sd, p, p.height, p.width, guides.image_prompt)?;
     let mut scheduler = schedulers::build(p.scheduler, &scheduler_config(sd, p))?;
     scheduler.set_timesteps(p.steps)?;
     let f = sd.vae_scale_factor();
@@ -408,7 +463,12 @@ pub fn txt2img(sd: &StableDiffusion, p: &GenerateParams) -> Result<Tensor> {
 
 /// A txt2img image with an optional ControlNet input, (1, 3, H, W) in [-1, 1].
 pub fn txt2img_with(sd: &StableDiffusion, p: &GenerateParams, control: Option<&Control>) -> Result<Tensor> {
-    let latents = txt2img_latents_with(sd, p, control)?;
+    txt2img_guided(sd, p, Guides { control, image_prompt: None })
+}
+
+/// A txt2img image with optional guides, (1, 3, H, W) in [-1, 1].
+pub fn txt2img_guided(sd: &StableDiffusion, p: &GenerateParams, guides: Guides<'_>) -> Result<Tensor> {
+    let latents = txt2img_latents_guided(sd, p, guides)?;
     let _guard = tch::no_grad_guard();
     sd.autoencoder.decode_scaled(&latents)
 }
@@ -432,6 +492,18 @@ pub fn img2img_latents_with(
     strength: f64,
     control: Option<&Control>,
 ) -> Result<Tensor> {
+    img2img_latents_guided(sd, p, image, strength, Guides { control, image_prompt: None })
+}
+
+/// [`img2img_latents`] with optional guides: a ControlNet input and an IP-Adapter image prompt.
+pub fn img2img_latents_guided(
+    sd: &StableDiffusion,
+    p: &GenerateParams,
+    image: &Tensor,
+    strength: f64,
+    guides: Guides<'_>,
+) -> Result<Tensor> {
+    let control = guides.control;
     p.validate(sd)?;
     if !(strength > 0.0 && strength <= 1.0) {
         return Err(Error::invalid("strength", format!("{strength} is not in (0, 1]")));
@@ -439,7 +511,7 @@ pub fn img2img_latents_with(
     let _rng = crate::device::rng_lock();
     let _guard = tch::no_grad_guard();
     let (_, _, height, width) = image.size4()?;
-    let cond = conditioning(sd, p, height, width)?;
+    let cond = conditioning(sd, p, height, width, guides.image_prompt)?;
     let mut scheduler = schedulers::build(p.scheduler, &scheduler_config(sd, p))?;
     scheduler.set_timesteps(p.steps)?;
     // diffusers' get_timesteps: keep the last int(steps * strength) timesteps.
@@ -477,7 +549,18 @@ pub fn img2img_with(
     strength: f64,
     control: Option<&Control>,
 ) -> Result<Tensor> {
-    let latents = img2img_latents_with(sd, p, image, strength, control)?;
+    img2img_guided(sd, p, image, strength, Guides { control, image_prompt: None })
+}
+
+/// An img2img image with optional guides, (1, 3, H, W) in [-1, 1].
+pub fn img2img_guided(
+    sd: &StableDiffusion,
+    p: &GenerateParams,
+    image: &Tensor,
+    strength: f64,
+    guides: Guides<'_>,
+) -> Result<Tensor> {
+    let latents = img2img_latents_guided(sd, p, image, strength, guides)?;
     let _guard = tch::no_grad_guard();
     sd.autoencoder.decode_scaled(&latents)
 }

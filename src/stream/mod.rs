@@ -10,6 +10,7 @@
 //! streams into one UNet call (see [`batch`]).
 pub mod batch;
 pub mod control;
+pub mod image_prompt;
 pub mod offline;
 pub mod prompts;
 pub mod resident;
@@ -20,8 +21,9 @@ use crate::device::CpuGenerator;
 use crate::error::{Error, Result};
 use crate::models::controlnet::ControlScale;
 use crate::models::stable_diffusion::{StableDiffusion, TextEmbedding};
-use crate::models::unet::{AddedCond, ControlResiduals, UNetExtra};
+use crate::models::unet::{AddedCond, ControlResiduals, ImageCond, UNetExtra};
 use crate::schedulers::{self, SchedulerKind};
+use image_prompt::StreamImagePrompt;
 use settings::{CfgType, ControlSource, Mode, StreamScheduler, StreamSettings, STREAM_SCHEDULE_STEPS};
 use std::collections::VecDeque;
 use tch::{Device, Kind, Tensor};
@@ -173,6 +175,16 @@ pub struct UnetWork {
     pub time_ids: Option<Tensor>,
     /// The ControlNet's inputs for these items, when the stream uses one.
     pub control: Option<ControlWork>,
+    /// The IP-Adapter's inputs for these items, when the stream has an image prompt.
+    pub image: Option<ImageWork>,
+}
+
+/// A stream's share of the IP-Adapter's input: its items' image tokens and its scale at every cross-attention.
+pub struct ImageWork {
+    /// (items, tokens, cross_attention_dim): the image's tokens, its "no image" tokens on guidance rows.
+    pub tokens: Tensor,
+    /// One per cross-attention of the UNet, the same for every item.
+    pub scales: Vec<f64>,
 }
 
 /// A stream's share of a ControlNet batch: one control image and one conditioning scale per UNet item (each
@@ -208,10 +220,45 @@ impl UnetWork {
             _ => None,
         };
         let residuals = control_residuals(sd, works, &sample, &timesteps, &emb.hidden, added.as_ref())?;
-        let extra =
-            UNetExtra { added_cond: added.as_ref(), control: residuals.as_ref(), ..Default::default() };
+        let image = image_cond(sd, works)?;
+        let extra = UNetExtra {
+            added_cond: added.as_ref(),
+            control: residuals.as_ref(),
+            image: image.as_ref(),
+            ..Default::default()
+        };
         sd.unet.forward_with(&sample, &timesteps, &emb.hidden, &extra)
     }
+}
+
+/// The IP-Adapter's input for the stacked batch, when any stream has an image prompt: each stream's rows carry
+/// its tokens and scales; the rows of streams without one get zero tokens at scale 0 (which adds nothing), so
+/// they share the call.
+fn image_cond<'a>(sd: &'a StableDiffusion, works: &[UnetWork]) -> Result<Option<ImageCond<'a>>> {
+    let Some(first) = works.iter().find_map(|w| w.image.as_ref()) else { return Ok(None) };
+    let model = sd.image_prompt.as_ref().ok_or_else(|| {
+        Error::invalid("ip image", "a stream has an image prompt but no IP-Adapter is loaded")
+    })?;
+    let layers = model.adapter.layers();
+    let token_shape = first.tokens.size();
+    let mut tokens = Vec::with_capacity(works.len());
+    let mut scales = Vec::new();
+    for w in works {
+        let items = w.sample.size()[0];
+        match &w.image {
+            Some(i) => {
+                tokens.push(i.tokens.shallow_clone());
+                scales.extend(std::iter::repeat_n(i.scales.clone(), items as usize));
+            }
+            None => {
+                let t = &first.tokens;
+                tokens
+                    .push(Tensor::f_zeros([items, token_shape[1], token_shape[2]], (t.kind(), t.device()))?);
+                scales.extend(std::iter::repeat_n(vec![0.0; layers.len()], items as usize));
+            }
+        }
+    }
+    Ok(Some(ImageCond { layers, tokens: Tensor::f_cat(&tokens, 0)?, scales }))
 }
 
 /// One ControlNet call over the rows of the stacked batch whose stream has control; zero residuals elsewhere.
@@ -325,6 +372,8 @@ pub struct Stream {
     /// The last latent that left the last slot (before decoding).
     last_latent: Option<Tensor>,
     pub frames_skipped: u64,
+    /// The IP-Adapter image prompt, when the client gave one.
+    image_prompt: Option<StreamImagePrompt>,
 }
 
 impl Stream {
@@ -366,6 +415,7 @@ impl Stream {
             previous_output: None,
             last_latent: None,
             frames_skipped: 0,
+            image_prompt: None,
         })
     }
 
@@ -459,6 +509,29 @@ impl Stream {
         self.previous_output = None;
         self.last_latent = None;
         Ok(())
+    }
+
+    /// A new image prompt (IP-Adapter; see [`image_prompt`]), or none: takes effect on the next frame.
+    pub fn set_image_prompt(&mut self, prompt: Option<StreamImagePrompt>) {
+        self.image_prompt = prompt;
+    }
+
+    /// Whether the stream has an image prompt.
+    pub fn has_image_prompt(&self) -> bool {
+        self.image_prompt.is_some()
+    }
+
+    /// This stream's image input for `uncond` "no image" items followed by `cond` image items.
+    fn image_items(&self, uncond: i64, cond: i64) -> Result<Option<ImageWork>> {
+        let Some(ip) = &self.image_prompt else { return Ok(None) };
+        let kind = self.prepared.init_noise.kind();
+        let e = &ip.embedding;
+        let mut parts = Vec::new();
+        if uncond > 0 {
+            parts.push(rows(&e.uncond, uncond)?);
+        }
+        parts.push(rows(&e.cond, cond)?);
+        Ok(Some(ImageWork { tokens: Tensor::f_cat(&parts, 0)?.f_to_kind(kind)?, scales: ip.scales.clone() }))
     }
 
     /// New text conditioning: blended in over the configured number of frames (the unconditional one at once).
@@ -620,6 +693,7 @@ impl Stream {
                             })
                         })
                         .transpose()?,
+                    image: self.image_items(1, p.n)?,
                 }
             }
             (true, CfgType::Full) => {
@@ -637,6 +711,7 @@ impl Stream {
                             })
                         })
                         .transpose()?,
+                    image: self.image_items(p.n, p.n)?,
                 }
             }
             _ => UnetWork {
@@ -645,6 +720,7 @@ impl Stream {
                 embeddings: cond_n,
                 time_ids: time_ids_n,
                 control: control.map(|(images, scales)| ControlWork { images, scales }),
+                image: self.image_items(0, p.n)?,
             },
         };
         self.pending_x = Some(x);
@@ -746,6 +822,7 @@ impl Stream {
                     embeddings: TextEmbedding::cat(&[&uncond, &cond_1])?,
                     time_ids: ids_1.as_ref().map(|t| Tensor::f_cat(&[t, t], 0)).transpose()?,
                     control: None,
+                    image: self.image_items(1, 1)?,
                 },
                 _ => UnetWork {
                     sample: x.shallow_clone(),
@@ -753,6 +830,7 @@ impl Stream {
                     embeddings: cond_1.shallow_clone(),
                     time_ids: ids_1.as_ref().map(Tensor::shallow_clone),
                     control: None,
+                    image: self.image_items(0, 1)?,
                 },
             };
             if let Some(c) = &control {

@@ -58,11 +58,28 @@ pub fn run_files(
     output_dir: &Path,
     control_image: Option<&image::RgbImage>,
 ) -> Result<Vec<FrameReport>> {
+    run_files_with(sd, settings, files, output_dir, control_image, None)
+}
+
+/// [`run_files`] with an optional IP-Adapter image prompt (the adapter loaded with the model) for the stream.
+pub fn run_files_with(
+    sd: &StableDiffusion,
+    settings: StreamSettings,
+    files: &[PathBuf],
+    output_dir: &Path,
+    control_image: Option<&image::RgbImage>,
+    image_prompt: Option<&crate::pipeline::ImagePrompt>,
+) -> Result<Vec<FrameReport>> {
     let cond = sd.encode_text(&settings.prompt, None)?;
     let uncond = sd.encode_text(&settings.negative_prompt, None)?;
     let mut stream = Stream::new(0, sd, settings, cond, uncond)?;
     if let Some(img) = control_image {
         stream.set_control_image(img)?;
+    }
+    if let Some(ip) = image_prompt {
+        let mut cache = super::image_prompt::ImagePromptCache::new(1);
+        let prompt = super::image_prompt::StreamImagePrompt::new(sd, &mut cache, &ip.image, &ip.scale)?;
+        stream.set_image_prompt(Some(prompt));
     }
     std::fs::create_dir_all(output_dir).map_err(|e| Error::io(output_dir, e))?;
     let mut reports = Vec::new();

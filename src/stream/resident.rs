@@ -103,6 +103,9 @@ pub fn uncapturable(sd: &StableDiffusion, stream: &Stream) -> Option<&'static st
     if stream.settings.control != ControlSource::None {
         return Some("ControlNet conditioning is not captured yet");
     }
+    if stream.has_image_prompt() {
+        return Some("IP-Adapter image prompts are not captured yet");
+    }
     if !stream.settings.denoising_batch {
         return Some("streams without the stream batch run their stages one by one");
     }

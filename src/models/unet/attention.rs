@@ -1,13 +1,51 @@
 //! The UNet's attention stack: diffusers' `Transformer2DModel` over continuous inputs
 //! (diffusers/models/transformers/transformer_2d.py), `BasicTransformerBlock` and `FeedForward` with GEGLU
-//! (attention.py, activations.py), and `Attention` with the `AttnProcessor2_0` processor (attention_processor.py).
+//! (attention.py, activations.py), and `Attention` with the `AttnProcessor2_0` processor (attention_processor.py),
+//! or, with an IP-Adapter's image tokens, `IPAdapterAttnProcessor2_0`'s decoupled cross-attention.
 use crate::error::Result;
 use crate::models::nn::{Conv2d, GroupNorm, LayerNorm, Linear};
 use crate::models::Weights;
 use tch::{Kind, Tensor};
 
+/// One cross-attention's IP-Adapter keys and values (`to_k_ip.0` / `to_v_ip.0` of `IPAdapterAttnProcessor2_0`):
+/// Linear, no bias, from the cross-attention width to the attention's inner width.
+#[derive(Debug)]
+pub struct IpLayer {
+    pub to_k_ip: Linear,
+    pub to_v_ip: Linear,
+}
+
+/// The image side of the decoupled cross-attention for one UNet call.
+#[derive(Debug)]
+pub struct ImageContext<'a> {
+    /// Per cross-attention, in the UNet's numbering ([`Attention::ip_index`]).
+    pub layers: &'a [IpLayer],
+    /// (B, tokens, cross_dim): each row's image tokens.
+    pub tokens: Tensor,
+    /// (cross-attentions, B, 1, 1): each row's scale at each cross-attention.
+    pub scales: Tensor,
+    /// Per cross-attention: whether any row has a non-zero scale there (diffusers skips a zero scale).
+    pub active: Vec<bool>,
+}
+
+/// What a cross-attention attends to: the text states and, with an IP-Adapter, the image tokens.
+#[derive(Debug, Clone, Copy)]
+pub struct CrossContext<'a> {
+    pub text: &'a Tensor,
+    pub image: Option<&'a ImageContext<'a>>,
+}
+
+impl<'a> CrossContext<'a> {
+    /// Text states only.
+    pub fn text(text: &'a Tensor) -> Self {
+        CrossContext { text, image: None }
+    }
+}
+
 /// diffusers' `Attention` as run by `AttnProcessor2_0`: `to_q`/`to_k`/`to_v` without bias, multi-head
-/// `scaled_dot_product_attention` with the default 1/sqrt(head_dim) scale, `to_out.0` with bias.
+/// `scaled_dot_product_attention` with the default 1/sqrt(head_dim) scale, `to_out.0` with bias. A
+/// cross-attention numbered `ip_index` also attends to an IP-Adapter's image tokens when given them, the result
+/// added with the row's scale before `to_out` (`IPAdapterAttnProcessor2_0`).
 #[derive(Debug)]
 pub struct Attention {
     to_q: Linear,
@@ -16,6 +54,8 @@ pub struct Attention {
     to_out: Linear,
     heads: i64,
     upcast: bool,
+    /// This cross-attention's place in diffusers' `attn_processors` order (set by the UNet).
+    pub(crate) ip_index: Option<usize>,
 }
 
 impl Attention {
@@ -36,11 +76,23 @@ impl Attention {
             to_out: Linear::new(&w.sub("to_out").sub(0), inner, query_dim, true)?,
             heads,
             upcast,
+            ip_index: None,
         })
     }
 
-    /// `x` is (B, N, query_dim); `context` (B, M, context_dim), or `None` for self-attention.
-    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+    /// The width of the attention's queries, keys and values (heads x head_dim).
+    pub fn inner_dim(&self) -> i64 {
+        self.to_q.weight.size()[0]
+    }
+
+    /// `x` is (B, N, query_dim); `context` (B, M, context_dim), or `None` for self-attention; `image` the
+    /// IP-Adapter's tokens (used by a numbered cross-attention only).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        image: Option<&ImageContext>,
+    ) -> Result<Tensor> {
         let context = context.unwrap_or(x);
         let q = self.to_q.forward(x)?;
         let k = self.to_k.forward(context)?;
@@ -60,12 +112,32 @@ impl Attention {
             k = k.f_to_kind(Kind::Float)?;
             v = v.f_to_kind(Kind::Float)?;
         }
-        let mut o =
-            Tensor::f_scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false)?;
-        if upcast {
-            o = o.f_to_kind(kind)?;
+        let sdpa = |q: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> {
+            let mut o =
+                Tensor::f_scaled_dot_product_attention(q, k, v, None::<Tensor>, 0.0, false, None, false)?;
+            if upcast {
+                o = o.f_to_kind(kind)?;
+            }
+            Ok(o.f_transpose(1, 2)?.f_reshape([b, -1, self.heads * head_dim])?)
+        };
+        let mut o = sdpa(&q, &k, &v)?;
+        if let (Some(img), Some(j)) = (image, self.ip_index) {
+            if img.active.get(j).copied().unwrap_or(false) {
+                let layer = img.layers.get(j).ok_or_else(|| {
+                    crate::error::Error::Model(format!(
+                        "ip-adapter: no keys and values for cross-attention {j}"
+                    ))
+                })?;
+                let mut k_ip = split(&layer.to_k_ip.forward(&img.tokens)?)?;
+                let mut v_ip = split(&layer.to_v_ip.forward(&img.tokens)?)?;
+                if upcast {
+                    k_ip = k_ip.f_to_kind(Kind::Float)?;
+                    v_ip = v_ip.f_to_kind(Kind::Float)?;
+                }
+                let o_ip = sdpa(&q, &k_ip, &v_ip)?;
+                o = o.f_add(&img.scales.f_select(0, j as i64)?.f_mul(&o_ip)?)?;
+            }
         }
-        let o = o.f_transpose(1, 2)?.f_reshape([b, -1, self.heads * head_dim])?;
         self.to_out.forward(&o)
     }
 }
@@ -128,9 +200,9 @@ impl BasicTransformerBlock {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let x = self.attn1.forward(&self.norm1.forward(x)?, None)?.f_add(x)?;
-        let x = self.attn2.forward(&self.norm2.forward(&x)?, Some(context))?.f_add(&x)?;
+    pub fn forward(&self, x: &Tensor, ctx: CrossContext<'_>) -> Result<Tensor> {
+        let x = self.attn1.forward(&self.norm1.forward(x)?, None, None)?.f_add(x)?;
+        let x = self.attn2.forward(&self.norm2.forward(&x)?, Some(ctx.text), ctx.image)?.f_add(&x)?;
         Ok(self.ff.forward(&self.norm3.forward(&x)?)?.f_add(&x)?)
     }
 }
@@ -202,7 +274,12 @@ impl Transformer2DModel {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+    /// The cross-attentions of the blocks, in order.
+    pub(crate) fn cross_attentions_mut(&mut self) -> impl Iterator<Item = &mut Attention> {
+        self.blocks.iter_mut().map(|b| &mut b.attn2)
+    }
+
+    pub fn forward(&self, x: &Tensor, ctx: CrossContext<'_>) -> Result<Tensor> {
         let (b, _, h, w) = x.size4()?;
         let normed = self.norm.forward(x)?;
         let to_tokens = |t: &Tensor| -> Result<Tensor> {
@@ -214,7 +291,7 @@ impl Transformer2DModel {
             Projection::Linear(l) => l.forward(&to_tokens(&normed)?)?,
         };
         for block in &self.blocks {
-            tokens = block.forward(&tokens, context)?;
+            tokens = block.forward(&tokens, ctx)?;
         }
         let from_tokens = |t: &Tensor| -> Result<Tensor> {
             let c = t.size()[2];

@@ -1,7 +1,7 @@
 //! The UNet's down, mid and up blocks (diffusers/models/unets/unet_2d_blocks.py): `CrossAttnDownBlock2D` and
 //! `DownBlock2D` as [`DownBlock`], `UNetMidBlock2DCrossAttn` as [`MidBlock`], `CrossAttnUpBlock2D` and
 //! `UpBlock2D` as [`UpBlock`] (the plain variants are the same blocks without attentions).
-use super::attention::{Transformer2DModel, TransformerSettings};
+use super::attention::{CrossContext, Transformer2DModel, TransformerSettings};
 use super::config::{BlockKind, BlockPlan, MidPlan};
 use crate::error::{Error, Result};
 use crate::models::resnet::{Downsample2D, ResnetBlock2D, ResnetSettings, Upsample2D};
@@ -36,6 +36,11 @@ pub struct DownBlock {
 }
 
 impl DownBlock {
+    /// The block's attentions (`attentions.<i>`), in order.
+    pub(crate) fn transformers_mut(&mut self) -> &mut [Transformer2DModel] {
+        &mut self.attentions
+    }
+
     pub fn new(
         w: &Weights,
         plan: &BlockPlan,
@@ -62,14 +67,14 @@ impl DownBlock {
         &self,
         x: &Tensor,
         temb: &Tensor,
-        context: &Tensor,
+        ctx: CrossContext<'_>,
         skips: &mut Vec<Tensor>,
     ) -> Result<Tensor> {
         let mut h = x.shallow_clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
             h = resnet.forward(&h, Some(temb))?;
             if let Some(attn) = self.attentions.get(i) {
-                h = attn.forward(&h, context)?;
+                h = attn.forward(&h, ctx)?;
             }
             skips.push(h.shallow_clone());
         }
@@ -90,6 +95,11 @@ pub struct MidBlock {
 }
 
 impl MidBlock {
+    /// The block's attentions (`attentions.<i>`), in order.
+    pub(crate) fn transformers_mut(&mut self) -> &mut [Transformer2DModel] {
+        &mut self.attentions
+    }
+
     pub fn new(
         w: &Weights,
         plan: &MidPlan,
@@ -112,10 +122,10 @@ impl MidBlock {
         Ok(MidBlock { resnets, attentions: vec![attn] })
     }
 
-    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, temb: &Tensor, ctx: CrossContext<'_>) -> Result<Tensor> {
         let mut h = self.resnets[0].forward(x, Some(temb))?;
         for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
-            h = attn.forward(&h, context)?;
+            h = attn.forward(&h, ctx)?;
             h = resnet.forward(&h, Some(temb))?;
         }
         Ok(h)
@@ -132,6 +142,11 @@ pub struct UpBlock {
 }
 
 impl UpBlock {
+    /// The block's attentions (`attentions.<i>`), in order.
+    pub(crate) fn transformers_mut(&mut self) -> &mut [Transformer2DModel] {
+        &mut self.attentions
+    }
+
     pub fn new(w: &Weights, plan: &BlockPlan, r: ResnetSettings, t: TransformerSettings) -> Result<Self> {
         let n = plan.num_layers;
         let resnets = (0..n)
@@ -159,7 +174,7 @@ impl UpBlock {
         &self,
         x: &Tensor,
         temb: &Tensor,
-        context: &Tensor,
+        ctx: CrossContext<'_>,
         skips: &mut Vec<Tensor>,
         upsample_size: Option<[i64; 2]>,
     ) -> Result<Tensor> {
@@ -169,7 +184,7 @@ impl UpBlock {
             h = Tensor::f_cat(&[h, skip], 1)?;
             h = resnet.forward(&h, Some(temb))?;
             if let Some(attn) = self.attentions.get(i) {
-                h = attn.forward(&h, context)?;
+                h = attn.forward(&h, ctx)?;
             }
         }
         if let Some(u) = &self.upsampler {

@@ -12,4 +12,6 @@ pub mod embeddings;
 pub mod model;
 
 pub use config::UNetConfig;
-pub use model::{parameter_count, AddedCond, ControlResiduals, UNet2DConditionModel, UNetExtra};
+pub use model::{
+    parameter_count, AddedCond, ControlResiduals, CrossAttentionLayer, ImageCond, UNet2DConditionModel, UNetExtra,
+};

@@ -1,7 +1,7 @@
 //! diffusers' `UNet2DConditionModel` (diffusers/models/unets/unet_2d_condition.py) for SD 1.x/2.x and SDXL
 //! configs (SD 1.5, SD 2.1, SD-Turbo, LCM, SDXL, SDXL-Turbo), with one timestep per batch item, and the
 //! residuals a ControlNet adds.
-use super::attention::TransformerSettings;
+use super::attention::{CrossContext, ImageContext, IpLayer, Transformer2DModel, TransformerSettings};
 use super::blocks::{DownBlock, MidBlock, UpBlock};
 use super::config::{UNetConfig, UNetPlan};
 use super::embeddings::{batch_time_features, timestep_embedding, TimestepEmbedding};
@@ -27,6 +27,22 @@ pub struct UNet2DConditionModel {
     conv_norm_out: GroupNorm,
     conv_act: Activation,
     conv_out: Conv2d,
+    /// Every cross-attention, numbered in diffusers' `attn_processors` order (what IP-Adapters index).
+    cross_layers: Vec<CrossAttentionLayer>,
+}
+
+/// One cross-attention of the UNet (an `attn2`), in diffusers' `attn_processors` order: the down blocks', then
+/// the up blocks', then the mid block's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CrossAttentionLayer {
+    /// diffusers' module name, e.g. `down_blocks.1.attentions.0.transformer_blocks.0.attn2`.
+    pub name: String,
+    /// The attention's inner width (its queries').
+    pub inner: i64,
+    /// `"down"`, `"mid"` or `"up"`, the block index and the attention (`attentions.<i>`) within the block.
+    pub part: &'static str,
+    pub block: usize,
+    pub attention: usize,
 }
 
 impl UNet2DConditionModel {
@@ -74,7 +90,7 @@ impl UNet2DConditionModel {
             (config.conv_out_kernel - 1) / 2,
             true,
         )?;
-        Ok(UNet2DConditionModel {
+        let mut unet = UNet2DConditionModel {
             config: config.clone(),
             conv_in,
             time_embedding,
@@ -86,7 +102,85 @@ impl UNet2DConditionModel {
             conv_norm_out,
             conv_act: act,
             conv_out,
-        })
+            cross_layers: Vec::new(),
+        };
+        unet.number_cross_attentions();
+        Ok(unet)
+    }
+
+    /// Numbers every cross-attention in diffusers' `attn_processors` order (down, up, mid) and records them.
+    fn number_cross_attentions(&mut self) {
+        fn visit(
+            layers: &mut Vec<CrossAttentionLayer>,
+            part: &'static str,
+            block: usize,
+            prefix: String,
+            ts: &mut [Transformer2DModel],
+        ) {
+            for (a, t) in ts.iter_mut().enumerate() {
+                for (k, attn) in t.cross_attentions_mut().enumerate() {
+                    attn.ip_index = Some(layers.len());
+                    layers.push(CrossAttentionLayer {
+                        name: format!("{prefix}.attentions.{a}.transformer_blocks.{k}.attn2"),
+                        inner: attn.inner_dim(),
+                        part,
+                        block,
+                        attention: a,
+                    });
+                }
+            }
+        }
+        let mut layers = Vec::new();
+        for (i, b) in self.down_blocks.iter_mut().enumerate() {
+            visit(&mut layers, "down", i, format!("down_blocks.{i}"), b.transformers_mut());
+        }
+        for (i, b) in self.up_blocks.iter_mut().enumerate() {
+            visit(&mut layers, "up", i, format!("up_blocks.{i}"), b.transformers_mut());
+        }
+        if let Some(m) = &mut self.mid_block {
+            visit(&mut layers, "mid", 0, "mid_block".into(), m.transformers_mut());
+        }
+        self.cross_layers = layers;
+    }
+
+    /// Every cross-attention, in diffusers' `attn_processors` order.
+    pub fn cross_attention_layers(&self) -> &[CrossAttentionLayer] {
+        &self.cross_layers
+    }
+
+    /// The image side of the cross-attention for one call (checked against the batch and the UNet).
+    fn image_context<'a>(&self, c: &'a ImageCond<'a>, batch: i64, kind: Kind) -> Result<ImageContext<'a>> {
+        let n = self.cross_layers.len();
+        if c.layers.len() != n {
+            return Err(Error::invalid(
+                "image conditioning",
+                format!("keys and values for {} cross-attentions, the UNet has {n}", c.layers.len()),
+            ));
+        }
+        let size = c.tokens.size();
+        if size.len() != 3 || size[0] != batch || c.scales.len() as i64 != batch {
+            return Err(Error::invalid(
+                "image conditioning",
+                format!(
+                    "tokens of shape {size:?} and {} rows of scales for a batch of {batch}",
+                    c.scales.len()
+                ),
+            ));
+        }
+        if let Some(r) = c.scales.iter().find(|r| r.len() != n) {
+            return Err(Error::invalid(
+                "image conditioning",
+                format!("a row has {} scales, the UNet has {n} cross-attentions", r.len()),
+            ));
+        }
+        // Layer-major: scales[j] is the (B, 1, 1) column of cross-attention j.
+        let flat: Vec<f32> = (0..n).flat_map(|j| c.scales.iter().map(move |r| r[j] as f32)).collect();
+        let device = c.tokens.device();
+        let scales = crate::transfer::to_device(&Tensor::f_from_slice(&flat)?, device)?
+            .f_to_kind(kind)?
+            .f_view([n as i64, batch, 1, 1])?;
+        let active = (0..n).map(|j| c.scales.iter().any(|r| r[j] != 0.0)).collect();
+        Ok(ImageContext { layers: c.layers, tokens: c.tokens.f_to_kind(kind)?, scales, active })
     }
 
     pub fn config(&self) -> &UNetConfig {
@@ -127,8 +221,8 @@ impl UNet2DConditionModel {
         self.forward_with(sample, timesteps, encoder_hidden_states, &extra)
     }
 
-    /// [`Self::forward`] with every optional input: the guidance embedding, SDXL's added conditions and a
-    /// ControlNet's residuals.
+    /// [`Self::forward`] with every optional input: the guidance embedding, SDXL's added conditions, a
+    /// ControlNet's residuals and an IP-Adapter's image tokens.
     pub fn forward_with(
         &self,
         sample: &Tensor,
@@ -161,10 +255,12 @@ impl UNet2DConditionModel {
             None => emb,
         };
 
+        let image = extra.image.map(|c| self.image_context(c, batch, kind)).transpose()?;
+        let ctx = CrossContext { text: encoder_hidden_states, image: image.as_ref() };
         let mut h = self.conv_in.forward(&sample)?;
         let mut skips = vec![h.shallow_clone()];
         for block in &self.down_blocks {
-            h = block.forward(&h, &emb, encoder_hidden_states, &mut skips)?;
+            h = block.forward(&h, &emb, ctx, &mut skips)?;
         }
         if let Some(residuals) = &extra.control {
             if residuals.down.len() != skips.len() {
@@ -182,7 +278,7 @@ impl UNet2DConditionModel {
             }
         }
         if let Some(mid) = &self.mid_block {
-            h = mid.forward(&h, &emb, encoder_hidden_states)?;
+            h = mid.forward(&h, &emb, ctx)?;
         }
         if let Some(residuals) = &extra.control {
             h = h.f_add(&residuals.mid)?;
@@ -198,7 +294,7 @@ impl UNet2DConditionModel {
                 let (_, _, sh, sw) = next.size4()?;
                 upsample_size = Some([sh, sw]);
             }
-            h = block.forward(&h, &emb, encoder_hidden_states, &mut skips, upsample_size)?;
+            h = block.forward(&h, &emb, ctx, &mut skips, upsample_size)?;
         }
 
         h = self.conv_norm_out.forward(&h)?;
@@ -233,6 +329,20 @@ pub struct UNetExtra<'a> {
     pub added_cond: Option<&'a AddedCond>,
     /// A ControlNet's residuals.
     pub control: Option<&'a ControlResiduals>,
+    /// An IP-Adapter's image tokens and per-row scales.
+    pub image: Option<&'a ImageCond<'a>>,
+}
+
+/// An IP-Adapter's input to one UNet call: one row of image tokens and one row of scales per batch item, so rows
+/// with an image and rows without one (zero tokens, scale 0) share the call.
+#[derive(Debug)]
+pub struct ImageCond<'a> {
+    /// The adapter's keys and values, one per cross-attention ([`UNet2DConditionModel::cross_attention_layers`]).
+    pub layers: &'a [IpLayer],
+    /// (B, tokens, cross_attention_dim).
+    pub tokens: Tensor,
+    /// Per row, one scale per cross-attention (see `models::ip_adapter::layer_scales`).
+    pub scales: Vec<Vec<f64>>,
 }
 
 /// diffusers' `text_time` added embedding (SDXL's UNet and ControlNet): `add_time_proj` turns every time id
