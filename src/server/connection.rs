@@ -4,6 +4,7 @@
 //! alone: it is answered, and the connection closes only when the error is fatal.
 use super::protocol::{ClientLora, ClientMessage, LatencySummary, Limits, ServerMessage, PROTOCOL_VERSION};
 use super::ServerState;
+use crate::engine::pool::OpenError;
 use crate::engine::{Output, OutputSink, StageTimes, StreamHandle};
 use axum::extract::ws::{close_code, CloseCode, CloseFrame, Message, WebSocket};
 use axum::response::{IntoResponse, Response};
@@ -23,7 +24,15 @@ async fn send_json(tx: &mut WsTx, msg: &ServerMessage<'_>) -> bool {
 }
 
 async fn send_error(tx: &mut WsTx, code: &str, message: impl Into<String>, fatal: bool) -> bool {
-    send_json(tx, &ServerMessage::Error { code, message: message.into(), fatal }).await
+    send_json(tx, &ServerMessage::Error { code, message: message.into(), fatal, retry_after_s: None }).await
+}
+
+/// Refuses a new client for lack of room (`server_full`, with when to try again) and closes with 1013.
+async fn refuse_full(tx: &mut WsTx, state: &ServerState, message: String, retry_after_s: u64) {
+    state.metrics.refused_total.fetch_add(1, Ordering::Relaxed);
+    let msg = ServerMessage::Error { code: "server_full", message, fatal: true, retry_after_s: Some(retry_after_s) };
+    send_json(tx, &msg).await;
+    close(tx, close_code::AGAIN, "server full").await;
 }
 
 async fn close(tx: &mut WsTx, code: CloseCode, reason: &str) {
@@ -67,10 +76,8 @@ pub async fn run_stream(ws: WebSocket, peer: SocketAddr, state: Arc<ServerState>
     let (mut tx, mut rx) = ws.split();
     state.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
     let Ok(_permit) = state.clients.clone().try_acquire_owned() else {
-        state.metrics.refused_total.fetch_add(1, Ordering::Relaxed);
         let msg = format!("the server is full ({} clients); try again later", state.config.max_clients);
-        send_error(&mut tx, "server_full", msg, true).await;
-        close(&mut tx, close_code::AGAIN, "server full").await;
+        refuse_full(&mut tx, &state, msg, crate::engine::pool::RETRY_AFTER_S).await;
         return;
     };
     state.metrics.clients.fetch_add(1, Ordering::Relaxed);
@@ -79,12 +86,17 @@ pub async fn run_stream(ws: WebSocket, peer: SocketAddr, state: Arc<ServerState>
 
     let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<Output>(2);
     let sink: OutputSink = Box::new(move |o| out_tx.try_send(o).is_ok());
-    let engine = state.engine.clone();
+    // The stream goes to the engine with the most free slots; with none free the client is told when to retry.
+    let engines = state.engines.clone();
     let defaults = state.stream_defaults.clone();
-    let opened = tokio::task::spawn_blocking(move || engine.open_stream_with_sink(defaults, sink)).await;
-    let handle = match opened {
-        Ok(Ok(h)) => Arc::new(h),
-        Ok(Err(e)) => {
+    let opened = tokio::task::spawn_blocking(move || engines.open_stream_with_sink(defaults, sink)).await;
+    let (handle, engine) = match opened {
+        Ok(Ok(o)) => (Arc::new(o.stream), o.engine),
+        Ok(Err(OpenError::Full { retry_after_s, message })) => {
+            refuse_full(&mut tx, &state, message, retry_after_s).await;
+            return;
+        }
+        Ok(Err(OpenError::Engine(e))) => {
             send_error(&mut tx, "internal", format!("cannot open a stream: {e}"), true).await;
             close(&mut tx, close_code::AGAIN, "no stream").await;
             return;
@@ -103,11 +115,12 @@ pub async fn run_stream(ws: WebSocket, peer: SocketAddr, state: Arc<ServerState>
     let ready = ServerMessage::Ready {
         protocol: PROTOCOL_VERSION,
         stream_id: handle.id,
-        model: &state.model,
+        engine,
+        model: state.engines.info(engine),
         settings: &settings,
         limits: &limits,
         jpeg_quality: quality,
-        loras: ClientLora::list(&state.engine.loras()),
+        loras: ClientLora::list(&state.engines.loras()),
     };
     if !send_json(&mut tx, &ready).await {
         return;
@@ -391,8 +404,8 @@ async fn handle_text(
                      daemon with --lora-control or set server.lora_control",
                 );
             }
-            let engine = state.engine.clone();
-            match tokio::task::spawn_blocking(move || engine.set_lora_scale(&name, scale)).await {
+            let engines = state.engines.clone();
+            match tokio::task::spawn_blocking(move || engines.set_lora_scale(&name, scale)).await {
                 Ok(Ok(loras)) => TextReply {
                     json: Some(ServerMessage::Loras { loras: ClientLora::list(&loras) }.to_json()),
                     error: None,
