@@ -372,13 +372,14 @@ async fn client(i: usize, url: String, stop: Arc<AtomicBool>, seen: Arc<Mutex<Se
                 Ok(Some(Ok(Message::Binary(_)))) => {}
                 _ => break true,
             }
-            let mut s = seen.lock();
-            s.answered += 1;
-            s.outputs.push(Instant::now());
-            if header["trigger_frame_id"] != frame {
-                s.in_order = false;
+            {
+                let mut s = seen.lock();
+                s.answered += 1;
+                s.outputs.push(Instant::now());
+                if header["trigger_frame_id"] != frame {
+                    s.in_order = false;
+                }
             }
-            drop(s);
             frame += 1;
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
