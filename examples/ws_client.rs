@@ -153,7 +153,8 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn connect(url: &str) -> anyhow::Result<Ws> {
-    let (ws, _) = tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(url)).await??;
+    let (ws, _) =
+        tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(url)).await??;
     Ok(ws)
 }
 
@@ -243,7 +244,8 @@ async fn stream(mut ws: Ws, run: &mut Run) -> anyhow::Result<Ended> {
                 run.received += 1;
                 let h = header.take().unwrap_or_default();
                 let trigger = h["trigger_frame_id"].as_u64().unwrap_or(0);
-                let ms = run.sent_at.remove(&trigger).map(|t| t.elapsed().as_secs_f64() * 1e3).unwrap_or(f64::NAN);
+                let ms =
+                    run.sent_at.remove(&trigger).map(|t| t.elapsed().as_secs_f64() * 1e3).unwrap_or(f64::NAN);
                 run.sent_at.retain(|&id, _| id > trigger);
                 run.latencies.push(ms);
                 println!(

@@ -212,7 +212,10 @@ impl DaemonConfig {
             ));
         }
         if self.model.devices.iter().any(|d| d.trim().is_empty()) {
-            return Err(Error::invalid("model.devices", "an empty device name (expected cpu, cuda, cuda:N or auto)"));
+            return Err(Error::invalid(
+                "model.devices",
+                "an empty device name (expected cpu, cuda, cuda:N or auto)",
+            ));
         }
         if let Some(h) = s.allowed_hosts.iter().find(|h| h.is_empty() || h.contains(['/', ' ', '@'])) {
             return Err(Error::invalid(

@@ -99,7 +99,8 @@ pub fn run(config: DaemonConfig, camera: Option<CameraOptions>) -> Result<()> {
         .map_err(|e| Error::Model(format!("cannot start the async runtime: {e}")))?;
     let result = runtime.block_on(async {
         let server =
-            Server::start_pool_on(listener, pool.handle(), config.server.clone(), config.stream.clone()).await?;
+            Server::start_pool_on(listener, pool.handle(), config.server.clone(), config.stream.clone())
+                .await?;
         let capture = match &camera {
             Some(cam) => Some(start_camera(&pool, &server, &config, cam)?),
             None => None,

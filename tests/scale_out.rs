@@ -1,7 +1,8 @@
 //! Scale-out, on loopback with the bundled tiny TEST model on the CPU:
 //! - two engines in one daemon share the streams (the one with the most free slots takes a new stream), say so
 //!   in `ready`, `/metrics` and `/health`, refuse beyond their limits with `server_full` and a retry hint, and
-//!   `/health/live` and `/health/ready` answer as load balancers expect;
+//!   `/health/live` and `/health/ready` answer as load balancers expect; an engine whose thread ended fails
+//!   liveness and gets no new streams;
 //! - two `sdstream serve` daemons (one of them `--device cpu,cpu`) behind Debian's HAProxy running
 //!   deploy/haproxy.cfg: six clients spread over both, one daemon is killed, its clients reconnect through
 //!   the proxy to the other (settings restored) within a stated time, and the other daemon's clients lose
@@ -206,6 +207,69 @@ async fn two_engines_share_the_streams_report_their_load_and_refuse_with_a_retry
     tokio::task::spawn_blocking(move || pool.shutdown()).await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_engine_fails_liveness_and_takes_no_new_streams() {
+    let (e0, e1) = tokio::task::spawn_blocking(|| {
+        (
+            sdstream::engine::Engine::start(tiny_engine_config()).unwrap(),
+            sdstream::engine::Engine::start(tiny_engine_config()).unwrap(),
+        )
+    })
+    .await
+    .unwrap();
+    let pool = sdstream::engine::pool::PoolHandle::new(
+        vec![(e0.handle(), e0.info.clone()), (e1.handle(), e1.info.clone())],
+        4,
+        Duration::from_secs(60),
+    );
+    let config = ServerConfig { listen: "127.0.0.1:0".into(), max_fps: 1000.0, ..ServerConfig::default() };
+    let defaults =
+        StreamSettings { width: 64, height: 64, t_index_list: vec![32, 45], ..StreamSettings::default() };
+    let server = Server::start_pool(pool.clone(), config, defaults).await.expect("server starts");
+    let addr = server.local_addr.to_string();
+    let get = |path: &'static str| {
+        let addr = addr.clone();
+        async move { tokio::task::spawn_blocking(move || http_get(&addr, path, None)).await.unwrap() }
+    };
+    assert_eq!(get("/health/live").await.0, 200);
+
+    // Engine 0's inference thread ends (as a crash would end it): within the monitor's sampling it is not live.
+    tokio::task::spawn_blocking(move || e0.shutdown()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let (status, body) = get("/health/live").await;
+        if status == 503 {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "/health/live still says {status} {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(body.contains("engine 0") && body.contains("stopped"), "{body}");
+    let (status, body) = get("/health/ready").await;
+    assert_eq!(status, 200, "engine 1 still takes streams: {body}");
+    assert!(body.contains("4 free"), "only engine 1's slots count: {body}");
+    let (_, metrics) = get("/metrics").await;
+    assert_eq!(
+        metric(&metrics, "sdstream_engine_live", "engine=\"0\",device=\"Cpu\""),
+        Some(0.0),
+        "{metrics}"
+    );
+
+    // New streams go to the live engine only, even though engine 0 has more free slots.
+    let url = format!("ws://{addr}/ws");
+    let mut clients = Vec::new();
+    for i in 0..2u8 {
+        let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.unwrap();
+        let ready = next_json(&mut ws).await.unwrap();
+        assert_eq!(ready["engine"], 1, "{ready}");
+        round_trip(&mut ws, i).await;
+        clients.push(ws);
+    }
+    drop(clients);
+    server.shutdown(Duration::from_secs(5)).await;
+    tokio::task::spawn_blocking(move || e1.shutdown()).await.unwrap();
+}
+
 /// A child process killed when dropped (a failing test leaves nothing running).
 struct Proc {
     child: Child,
@@ -315,7 +379,12 @@ async fn client(i: usize, url: String, stop: Arc<AtomicBool>, seen: Arc<Mutex<Se
     let guidance = 1.0 + i as f64 * 0.1;
     let mut backoff = Duration::from_millis(100);
     while !stop.load(Ordering::Relaxed) {
-        let mut ws = match tokio::time::timeout(Duration::from_secs(5), tokio_tungstenite::connect_async(url.as_str())).await {
+        let mut ws = match tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio_tungstenite::connect_async(url.as_str()),
+        )
+        .await
+        {
             Ok(Ok((ws, _))) => ws,
             _ => {
                 tokio::time::sleep(backoff).await;
@@ -504,7 +573,8 @@ async fn haproxy_moves_the_clients_of_a_killed_daemon_to_the_other() {
     loop {
         let done = seen.iter().zip(&before).all(|(s, n)| {
             let s = s.lock();
-            s.outputs.len() >= n + 5 && s.outputs.last().is_some_and(|t| *t > killed_at + Duration::from_secs(2))
+            s.outputs.len() >= n + 5
+                && s.outputs.last().is_some_and(|t| *t > killed_at + Duration::from_secs(2))
         });
         if done {
             break;
@@ -556,7 +626,8 @@ fn deploy_files_pass_their_tools_checks() {
     let deploy = root().join("deploy");
     let run = |cmd: &mut Command| {
         let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         (out.status.success(), text)
     };
 
@@ -566,7 +637,9 @@ fn deploy_files_pass_their_tools_checks() {
     let (ok, text) = run(Command::new("/usr/sbin/haproxy").arg("-c").arg("-f").arg(&cfg));
     assert!(ok && !text.contains("WARNING"), "haproxy -c: {text}");
     let haproxy = std::fs::read_to_string(&cfg).unwrap();
-    for needed in ["balance leastconn", "uri /health/ready", "uri /health/live", "timeout tunnel", "option redispatch"] {
+    for needed in
+        ["balance leastconn", "uri /health/ready", "uri /health/live", "timeout tunnel", "option redispatch"]
+    {
         assert!(haproxy.contains(needed), "deploy/haproxy.cfg lacks `{needed}`");
     }
 
@@ -608,7 +681,8 @@ fn deploy_files_pass_their_tools_checks() {
         .take_while(|l| l.is_empty() || l.starts_with("    "))
         .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
         .collect();
-    let config: sdstream::config::DaemonConfig = toml::from_str(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"));
+    let config: sdstream::config::DaemonConfig =
+        toml::from_str(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"));
     config.validate().unwrap();
     assert_eq!(config.model.device_list().len(), 1, "one device per nvidia.com/gpu requested");
 

@@ -196,7 +196,9 @@ pub fn capacity(report: &BenchReport, stream_fps: f64) -> Option<String> {
             e.streams
         ));
     } else if fits == 0 {
-        s.push_str(&format!("(not even one stream reaches {want} fps here: a smaller size or fewer stages?)\n"));
+        s.push_str(&format!(
+            "(not even one stream reaches {want} fps here: a smaller size or fewer stages?)\n"
+        ));
     }
     Some(s)
 }

@@ -130,7 +130,9 @@ impl EnginePool {
             match t.join() {
                 Ok(Ok(e)) => engines.push(e),
                 Ok(Err(e)) => failure = failure.or(Some(Error::Model(format!("engine {i}: {e}")))),
-                Err(_) => failure = failure.or(Some(Error::Model(format!("engine {i} panicked while loading")))),
+                Err(_) => {
+                    failure = failure.or(Some(Error::Model(format!("engine {i} panicked while loading"))))
+                }
             }
         }
         if let Some(e) = failure {

@@ -30,7 +30,12 @@ async fn send_error(tx: &mut WsTx, code: &str, message: impl Into<String>, fatal
 /// Refuses a new client for lack of room (`server_full`, with when to try again) and closes with 1013.
 async fn refuse_full(tx: &mut WsTx, state: &ServerState, message: String, retry_after_s: u64) {
     state.metrics.refused_total.fetch_add(1, Ordering::Relaxed);
-    let msg = ServerMessage::Error { code: "server_full", message, fatal: true, retry_after_s: Some(retry_after_s) };
+    let msg = ServerMessage::Error {
+        code: "server_full",
+        message,
+        fatal: true,
+        retry_after_s: Some(retry_after_s),
+    };
     send_json(tx, &msg).await;
     close(tx, close_code::AGAIN, "server full").await;
 }

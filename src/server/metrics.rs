@@ -234,7 +234,9 @@ pub fn render_engines(loads: &[crate::engine::pool::EngineLoad], ready: bool) ->
         ("engine_live", "Whether an engine's thread runs and takes its frames.", "gauge", |l| {
             f64::from(u8::from(l.live))
         }),
-        ("engine_ticks_by_engine_total", "Ticks (batched UNet calls) by engine.", "counter", |l| l.ticks as f64),
+        ("engine_ticks_by_engine_total", "Ticks (batched UNet calls) by engine.", "counter", |l| {
+            l.ticks as f64
+        }),
         ("engine_pending_frames", "Streams with a frame waiting for the engine.", "gauge", |l| {
             l.pending_frames as f64
         }),
@@ -246,7 +248,8 @@ pub fn render_engines(loads: &[crate::engine::pool::EngineLoad], ready: bool) ->
     for (name, help, kind, pick) in series {
         let _ = writeln!(s, "# HELP sdstream_{name} {help}\n# TYPE sdstream_{name} {kind}");
         for l in loads {
-            let _ = writeln!(s, "sdstream_{name}{{engine=\"{}\",device=\"{}\"}} {}", l.index, l.device, pick(l));
+            let _ =
+                writeln!(s, "sdstream_{name}{{engine=\"{}\",device=\"{}\"}} {}", l.index, l.device, pick(l));
         }
     }
     s
