@@ -190,10 +190,12 @@ pub fn capacity(report: &BenchReport, stream_fps: f64) -> Option<String> {
          engine of this kind serves about {fits}.\nsuggested config: [server] max_streams_per_engine = {limit}\n",
         e.streams, e.throughput_fps, e.per_stream_fps.median
     );
-    if fits > e.streams {
+    if fits >= e.streams {
         s.push_str(&format!(
-            "(only {} streams were measured at once: run again with --streams {fits} to see whether it takes more)\n",
-            e.streams
+            "(every one of the {} streams measured kept up: run again with --streams {} to see whether it takes \
+             more)\n",
+            e.streams,
+            (e.streams * 2).max(fits)
         ));
     } else if fits == 0 {
         s.push_str(&format!(
