@@ -254,4 +254,21 @@ mod tests {
         c.server.jpeg_quality = 0;
         assert!(c.validate().unwrap_err().to_string().contains("jpeg_quality"));
     }
+
+    #[test]
+    fn devices_replace_device_and_the_engine_limit_defaults_to_max_clients() {
+        let c: DaemonConfig =
+            toml::from_str("[model]\ndevice = \"cpu\"\ndevices = [\"cuda:0\", \"cuda:1\"]\n").unwrap();
+        assert_eq!(c.model.device_list(), ["cuda:0", "cuda:1"]);
+        let mut c = DaemonConfig::default();
+        assert_eq!(c.model.device_list(), ["auto"]);
+        assert_eq!(c.server.streams_per_engine(), c.server.max_clients);
+        c.server.max_streams_per_engine = Some(3);
+        assert_eq!(c.server.streams_per_engine(), 3);
+        c.server.max_streams_per_engine = Some(0);
+        assert!(c.validate().unwrap_err().to_string().contains("max_streams_per_engine"));
+        c.server.max_streams_per_engine = None;
+        c.model.devices = vec!["cpu".into(), " ".into()];
+        assert!(c.validate().unwrap_err().to_string().contains("model.devices"));
+    }
 }
