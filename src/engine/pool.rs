@@ -198,11 +198,6 @@ impl PoolHandle {
         PoolHandle { shared }
     }
 
-    /// A pool of one engine taking up to `limit` streams.
-    pub fn single(engine: EngineHandle, info: ModelInfo, limit: usize) -> PoolHandle {
-        PoolHandle::new(vec![(engine, info)], limit, Duration::from_secs(60))
-    }
-
     /// How many engines.
     pub fn len(&self) -> usize {
         self.shared.members.len()

@@ -447,13 +447,19 @@ fn readiness(state: &ServerState) -> std::result::Result<usize, String> {
                 state.engines.capacity().min(state.config.max_clients),
                 state.engines.len()
             );
-            for l in state.engines.loads().into_iter().filter(|l| !l.live) {
-                why.push_str(&format!("; engine {} ({}) is not live: {}", l.index, l.device, l.reason));
+            for dead in not_live(state) {
+                why.push_str(&format!("; {dead} (not live)"));
             }
             Err(why)
         }
         n => Ok(n),
     }
+}
+
+/// The engines that are not live, each with why.
+fn not_live(state: &ServerState) -> Vec<String> {
+    let loads = state.engines.loads().into_iter().filter(|l| !l.live);
+    loads.map(|l| format!("engine {} ({}): {}", l.index, l.device, l.reason)).collect()
 }
 
 /// Liveness: the process answers and every engine's inference thread runs and takes its frames (a
@@ -463,13 +469,8 @@ async fn health_live(State(state): State<Arc<ServerState>>) -> Response {
         Ok(s) => s,
         Err(full) => return full.into_response(),
     };
-    let dead: Vec<String> = state
-        .engines
-        .loads()
-        .into_iter()
-        .filter(|l| !l.live)
-        .map(|l| format!("engine {} ({}): {}", l.index, l.device, l.reason))
-        .collect();
+    let dead = not_live(&state);
+    // `refusal` is the plain-text answer every route uses, here for a 200 too.
     if dead.is_empty() {
         refusal(StatusCode::OK, format!("live: {} engine(s)", state.engines.len()))
     } else {
