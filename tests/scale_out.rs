@@ -37,11 +37,7 @@ const FAILOVER_WITHIN: Duration = Duration::from_secs(10);
 
 /// The tests here run one at a time: the failover test measures how soon clients are served again, which
 /// engines of the other tests busy on the same cores would stretch.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -117,7 +113,7 @@ fn tiny_engine_config() -> EngineConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_engines_share_the_streams_report_their_load_and_refuse_with_a_retry_hint() {
-    let _serial = one_at_a_time();
+    let _serial = ONE_AT_A_TIME.lock().await;
     let pool = tokio::task::spawn_blocking(|| {
         EnginePool::start(vec![tiny_engine_config(), tiny_engine_config()], 2, Duration::from_secs(60))
     })
@@ -218,7 +214,7 @@ async fn two_engines_share_the_streams_report_their_load_and_refuse_with_a_retry
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_engine_fails_liveness_and_takes_no_new_streams() {
-    let _serial = one_at_a_time();
+    let _serial = ONE_AT_A_TIME.lock().await;
     let (e0, e1) = tokio::task::spawn_blocking(|| {
         (
             sdstream::engine::Engine::start(tiny_engine_config()).unwrap(),
@@ -497,7 +493,7 @@ async fn next_message(ws: &mut Client) -> Option<serde_json::Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn haproxy_moves_the_clients_of_a_killed_daemon_to_the_other() {
-    let _serial = one_at_a_time();
+    let _serial = ONE_AT_A_TIME.lock().await;
     require("/usr/sbin/haproxy", "Debian's haproxy");
     let (pa, pb, proxy, stats) = (free_port(), free_port(), free_port(), free_port());
     // Daemon A runs two engines (the CLI's device list); B one.
@@ -648,7 +644,7 @@ async fn haproxy_moves_the_clients_of_a_killed_daemon_to_the_other() {
 
 #[test]
 fn deploy_files_pass_their_tools_checks() {
-    let _serial = one_at_a_time();
+    let _serial = ONE_AT_A_TIME.blocking_lock();
     let deploy = root().join("deploy");
     let run = |cmd: &mut Command| {
         let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
