@@ -2,7 +2,7 @@
 //! each output's latency, keeping at most two frames in flight. When the connection drops (a daemon restarts,
 //! or dies behind a load balancer) it reconnects with backoff (0.5 s doubling to 10 s, at least a refusal's
 //! `retry_after_s`), restores its settings on the new stream (prompt, guidance, stages) and goes on numbering
-//! its frames where it was.
+//! its frames where it was. A stream that stops answering for 20 s is left for a new one the same way.
 //!
 //! ```sh
 //! cargo run --release --example ws_client -- ws://127.0.0.1:8765/ws [FOLDER] [--frames N] [--prompt TEXT] \
@@ -42,7 +42,7 @@ struct Run {
     received: usize,
     /// Frames awaiting an answer: an output settles every frame up to the one that triggered it (older ones
     /// were answered or replaced on the daemon: latest-frame-wins), a refusal settles the last one sent, and
-    /// silence for 10 s (or a dropped connection) settles them all as lost.
+    /// no output for 10 s (or a dropped connection) settles them all as lost.
     sent_at: HashMap<u64, Instant>,
     latencies: Vec<f64>,
     reconnects: usize,
@@ -198,6 +198,8 @@ async fn stream(mut ws: Ws, run: &mut Run) -> anyhow::Result<Ended> {
     let interval = Duration::from_secs_f64(1.0 / (max_fps * 0.9));
     let mut last_send: Option<Instant> = None;
     let mut header: Option<serde_json::Value> = None;
+    // When this stream last answered; a slow first answer (a cold engine) never counts as silence.
+    let mut last_output: Option<Instant> = None;
     while run.sent < run.frames || !run.sent_at.is_empty() {
         while run.sent_at.len() < 2 && run.sent < run.frames {
             if let Some(t) = last_send {
@@ -217,11 +219,28 @@ async fn stream(mut ws: Ws, run: &mut Run) -> anyhow::Result<Ended> {
             run.sent_at.insert(run.sent as u64, Instant::now());
             run.sent += 1;
         }
-        let Ok(next) = tokio::time::timeout(Duration::from_secs(10), ws.next()).await else {
-            eprintln!("no answer for 10 s: counting {} frames in flight as lost", run.sent_at.len());
-            run.sent_at.clear();
+        // Silence is judged by outputs, not messages (the daemon sends `stats` every second regardless): a
+        // frame unanswered for 10 s is lost; a stream that answered before and then nothing for 20 s while
+        // frames go out has an engine that died or stalled, and a new stream goes to a live one (or another
+        // daemon).
+        let stale: Vec<u64> = run
+            .sent_at
+            .iter()
+            .filter(|(_, t)| t.elapsed() >= Duration::from_secs(10))
+            .map(|(id, _)| *id)
+            .collect();
+        if !stale.is_empty() {
+            eprintln!("no output for 10 s: counting {} frames in flight as lost", stale.len());
+            for id in stale {
+                run.sent_at.remove(&id);
+            }
+            if last_output.is_some_and(|t| t.elapsed() >= Duration::from_secs(20)) {
+                eprintln!("no output for 20 s: leaving this stream for a new one");
+                return Ok(Ended::Dropped(Duration::ZERO));
+            }
             continue;
-        };
+        }
+        let Ok(next) = tokio::time::timeout(Duration::from_secs(1), ws.next()).await else { continue };
         match next {
             Some(Ok(Message::Text(t))) => {
                 let v: serde_json::Value = serde_json::from_str(&t)?;
@@ -242,6 +261,7 @@ async fn stream(mut ws: Ws, run: &mut Run) -> anyhow::Result<Ended> {
             }
             Some(Ok(Message::Binary(jpeg))) => {
                 run.received += 1;
+                last_output = Some(Instant::now());
                 let h = header.take().unwrap_or_default();
                 let trigger = h["trigger_frame_id"].as_u64().unwrap_or(0);
                 let ms =
