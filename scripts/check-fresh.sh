@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Proves the README's two commands on a fresh machine, the hard way: removes what scripts/test.sh and
-# scripts/run.sh install (Debian's cmake, nasm, libclang-dev, chromium, nodejs and npm, with the packages they
+# scripts/run.sh install (Debian's cmake, nasm, libclang-dev, chromium, haproxy, nginx, nodejs and npm, with the packages they
 # pulled in; the per-user cache ~/.cache/sdstream with the torch venv and any npm-installed Node.js; the
 # browser test's node_modules), clones this repository's HEAD into a scratch folder, and runs
 # `scripts/test.sh` there with CI=true, then `scripts/run.sh` until the daemon's /health answers. Times both.
@@ -23,7 +23,7 @@ sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
 echo "== removing what the scripts install" >&2
 # Only the packages that are installed: purging a missing one is an error for apt.
 to_purge=()
-for pkg in cmake nasm libclang-dev chromium nodejs npm; do
+for pkg in cmake nasm libclang-dev chromium haproxy nginx nodejs npm; do
   sdstream_deb_installed "$pkg" && to_purge+=("$pkg")
 done
 if [ ${#to_purge[@]} -gt 0 ]; then

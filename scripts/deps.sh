@@ -27,8 +27,9 @@ sdstream_apt_install() {
 
 # The packages still missing for the build (cmake and nasm: the turbojpeg crate builds its bundled
 # libjpeg-turbo with cmake, and its SIMD code with nasm; a machine may have either from elsewhere, so the
-# commands are checked), the camera build (libclang), the browser test (chromium) and npm tools (node and
-# npm, checked by command for the same reason).
+# commands are checked), the camera build (libclang), the browser test (chromium), the scale-out tests
+# (haproxy runs in front of two daemons; nginx checks deploy/nginx.conf) and npm tools (node and npm, checked
+# by command for the same reason).
 sdstream_missing_for() {
   local want
   for want in "$@"; do
@@ -37,6 +38,8 @@ sdstream_missing_for() {
       nasm) command -v nasm >/dev/null 2>&1 || echo nasm ;;
       libclang) sdstream_have_libclang || echo libclang-dev ;;
       chromium) sdstream_deb_installed chromium && [ -x /usr/bin/chromium ] || echo chromium ;;
+      haproxy) sdstream_deb_installed haproxy && [ -x /usr/sbin/haproxy ] || echo haproxy ;;
+      nginx) sdstream_deb_installed nginx && [ -x /usr/sbin/nginx ] || echo nginx ;;
       node) command -v node >/dev/null 2>&1 || echo nodejs ;;
       npm) command -v npm >/dev/null 2>&1 || echo npm ;;
       *) echo "sdstream_missing_for: unknown need '$want'" >&2; return 2 ;;
@@ -44,12 +47,20 @@ sdstream_missing_for() {
   done
 }
 
-# Installs whatever of the named needs (cmake, nasm, libclang, chromium, node, npm) is missing.
+# Installs whatever of the named needs (cmake, nasm, libclang, chromium, haproxy, nginx, node, npm) is missing.
 sdstream_ensure() {
   local missing
   missing=$(sdstream_missing_for "$@") || return
   # shellcheck disable=SC2086
   [ -z "$missing" ] || sdstream_apt_install $missing
+  # The tests run haproxy and nginx themselves; on a machine with systemd, Debian starts the services at
+  # install (nginx then serves its default page on port 80): stop the ones just installed.
+  if [ -d /run/systemd/system ]; then
+    local svc
+    for svc in haproxy nginx; do
+      case " $missing " in *" $svc "*) systemctl disable --now "$svc" >/dev/null 2>&1 || true ;; esac
+    done
+  fi
 }
 
 # Node.js at least $1 (the browser test's playwright-core needs 20): the machine's `node` when it is new enough,

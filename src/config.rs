@@ -19,6 +19,9 @@ pub struct ModelConfig {
     /// streams.
     pub controlnet: Option<String>,
     pub device: String,
+    /// Several devices, one engine (inference thread and model copy) on each: `devices = ["cuda:0", "cuda:1"]`
+    /// (`--device cuda:0,cuda:1`). Set, it replaces `device`.
+    pub devices: Vec<String>,
     pub dtype: String,
     /// LoRAs fused at load: `loras = [{ path = "...", scale = 1.0 }]` (path: a .safetensors file, a folder
     /// holding one, or a Hugging Face id). `--lora PATH[:SCALE]` flags add to these.
@@ -36,9 +39,21 @@ impl Default for ModelConfig {
             vae: None,
             controlnet: None,
             device: "auto".into(),
+            devices: Vec::new(),
             dtype: "fp16".into(),
             loras: Vec::new(),
             cuda_graphs: crate::graph::GraphMode::Auto,
+        }
+    }
+}
+
+impl ModelConfig {
+    /// The devices to start an engine on: `devices`, or else `device` alone.
+    pub fn device_list(&self) -> Vec<String> {
+        if self.devices.is_empty() {
+            vec![self.device.clone()]
+        } else {
+            self.devices.clone()
         }
     }
 }
@@ -86,9 +101,20 @@ pub struct ServerConfig {
     pub stream_sizes: Vec<String>,
     /// The longest text (JSON) message accepted, in bytes; longer ones are refused unparsed.
     pub max_text_bytes: usize,
+    /// Streams one engine (one device) takes; beyond it on every engine a new client is refused with
+    /// `server_full` and a retry hint. Unset: `max_clients`. `sdstream bench` suggests a value.
+    pub max_streams_per_engine: Option<usize>,
+    /// Seconds frames may wait for an engine without a tick before it counts as stalled (`/health/live`
+    /// fails, it takes no new streams).
+    pub engine_stall_s: u64,
 }
 
 impl ServerConfig {
+    /// Streams one engine takes (`max_streams_per_engine`, or `max_clients`).
+    pub fn streams_per_engine(&self) -> usize {
+        self.max_streams_per_engine.unwrap_or(self.max_clients)
+    }
+
     /// `listen` as a socket address; an error names the flag.
     pub fn listen_addr(&self) -> Result<std::net::SocketAddr> {
         self.listen
@@ -137,6 +163,8 @@ impl Default for ServerConfig {
             max_frame_pixels: 4096 * 4096,
             stream_sizes: Vec::new(),
             max_text_bytes: 16 * 1024,
+            max_streams_per_engine: None,
+            engine_stall_s: 60,
         }
     }
 }
@@ -225,6 +253,21 @@ impl DaemonConfig {
                 return Err(Error::invalid(name, format!("{v} is not in 1..=3600")));
             }
         }
+        if let Some(n) = s.max_streams_per_engine.filter(|n| *n == 0 || *n > 1024) {
+            return Err(Error::invalid("server.max_streams_per_engine", format!("{n} is not in 1..=1024")));
+        }
+        if s.engine_stall_s == 0 || s.engine_stall_s > 3600 {
+            return Err(Error::invalid(
+                "server.engine_stall_s",
+                format!("{} is not in 1..=3600", s.engine_stall_s),
+            ));
+        }
+        if self.model.devices.iter().any(|d| d.trim().is_empty()) {
+            return Err(Error::invalid(
+                "model.devices",
+                "an empty device name (expected cpu, cuda, cuda:N or auto)",
+            ));
+        }
         if let Some(h) = s.allowed_hosts.iter().find(|h| h.is_empty() || h.contains(['/', ' ', '@'])) {
             return Err(Error::invalid(
                 "server.allowed_hosts",
@@ -261,5 +304,22 @@ mod tests {
         let mut c = DaemonConfig::default();
         c.server.jpeg_quality = 0;
         assert!(c.validate().unwrap_err().to_string().contains("jpeg_quality"));
+    }
+
+    #[test]
+    fn devices_replace_device_and_the_engine_limit_defaults_to_max_clients() {
+        let c: DaemonConfig =
+            toml::from_str("[model]\ndevice = \"cpu\"\ndevices = [\"cuda:0\", \"cuda:1\"]\n").unwrap();
+        assert_eq!(c.model.device_list(), ["cuda:0", "cuda:1"]);
+        let mut c = DaemonConfig::default();
+        assert_eq!(c.model.device_list(), ["auto"]);
+        assert_eq!(c.server.streams_per_engine(), c.server.max_clients);
+        c.server.max_streams_per_engine = Some(3);
+        assert_eq!(c.server.streams_per_engine(), 3);
+        c.server.max_streams_per_engine = Some(0);
+        assert!(c.validate().unwrap_err().to_string().contains("max_streams_per_engine"));
+        c.server.max_streams_per_engine = None;
+        c.model.devices = vec!["cpu".into(), " ".into()];
+        assert!(c.validate().unwrap_err().to_string().contains("model.devices"));
     }
 }

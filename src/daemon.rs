@@ -1,8 +1,9 @@
-//! The daemon: the inference engine, the server, optionally a camera feeding a shared stream, and a graceful
+//! The daemon: the inference engines (one per device), the server, optionally a camera feeding a shared stream, and a graceful
 //! shutdown on SIGINT/SIGTERM (stop accepting, close every socket with a close frame, join the camera and
 //! inference threads).
 use crate::config::DaemonConfig;
-use crate::engine::{Engine, EngineConfig, OutputSink};
+use crate::engine::pool::EnginePool;
+use crate::engine::{EngineConfig, OutputSink};
 use crate::error::{Error, Result};
 use crate::models::stable_diffusion::LoadOptions;
 use crate::server::Server;
@@ -16,13 +17,35 @@ pub struct CameraOptions {
     pub save_dir: Option<PathBuf>,
 }
 
+/// One engine config per device of `[model] devices` (or `device`).
+fn engine_configs(config: &DaemonConfig) -> Result<Vec<EngineConfig>> {
+    let one = engine_config(config)?;
+    let devices = config.model.device_list();
+    if devices.len() == 1 {
+        return Ok(vec![one]);
+    }
+    devices
+        .iter()
+        .map(|d| {
+            let mut c = one.clone();
+            c.load.device = crate::device::parse_device(d)?;
+            if let Some(m) = config.server.measure_stages {
+                c.measure_stages = m;
+            } else {
+                c.measure_stages = !c.load.device.is_cuda();
+            }
+            Ok(c)
+        })
+        .collect()
+}
+
 fn engine_config(config: &DaemonConfig) -> Result<EngineConfig> {
     let m = &config.model;
     if m.model.is_empty() {
         return Err(Error::invalid("model", "no model given: pass --model or a --config with [model].model"));
     }
     let load = LoadOptions {
-        device: crate::device::parse_device(&m.device)?,
+        device: crate::device::parse_device(&m.device_list()[0])?,
         kind: crate::device::parse_dtype(&m.dtype)?,
         vae: m.vae.clone(),
         controlnet: m.controlnet.clone(),
@@ -48,15 +71,23 @@ pub fn run(config: DaemonConfig, camera: Option<CameraOptions>) -> Result<()> {
         tracing::info!("bound {addr}; loading model {}", config.model.model);
     }
     let t0 = std::time::Instant::now();
-    let engine = Engine::start(engine_config(&config)?)?;
-    let info = engine.info.clone();
-    tracing::info!(
-        "model {} ready on {} in {} ({:.1}s)",
-        info.model,
-        info.device,
-        info.dtype,
-        t0.elapsed().as_secs_f64()
-    );
+    let pool = EnginePool::start(
+        engine_configs(&config)?,
+        config.server.streams_per_engine(),
+        Duration::from_secs(config.server.engine_stall_s),
+    )?;
+    for (i, engine) in pool.engines().iter().enumerate() {
+        let info = &engine.info;
+        tracing::info!(
+            "engine {i}: model {} ready on {} in {}, up to {} streams ({:.1}s)",
+            info.model,
+            info.device,
+            info.dtype,
+            config.server.streams_per_engine(),
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    let info = pool.engines()[0].info.clone();
     if info.test_model {
         tracing::warn!("{} is a random-weight TEST model: its pictures are noise-like by design; pass --model for real weights", info.model);
     }
@@ -68,10 +99,10 @@ pub fn run(config: DaemonConfig, camera: Option<CameraOptions>) -> Result<()> {
         .map_err(|e| Error::Model(format!("cannot start the async runtime: {e}")))?;
     let result = runtime.block_on(async {
         let server =
-            Server::start_on(listener, engine.handle(), info, config.server.clone(), config.stream_settings()?)
+            Server::start_pool_on(listener, pool.handle(), config.server.clone(), config.stream_settings()?)
                 .await?;
         let capture = match &camera {
-            Some(cam) => Some(start_camera(&engine, &server, &config, cam)?),
+            Some(cam) => Some(start_camera(&pool, &server, &config, cam)?),
             None => None,
         };
         wait_for_signal().await;
@@ -84,13 +115,14 @@ pub fn run(config: DaemonConfig, camera: Option<CameraOptions>) -> Result<()> {
         Ok::<(), Error>(())
     });
     runtime.shutdown_timeout(Duration::from_secs(2));
-    engine.shutdown();
+    pool.shutdown();
     tracing::info!("stopped");
     result
 }
 
+/// The camera's stream runs on engine 0, outside the pool's per-engine limit.
 fn start_camera(
-    engine: &Engine,
+    pool: &EnginePool,
     server: &Server,
     config: &DaemonConfig,
     cam: &CameraOptions,
@@ -120,7 +152,7 @@ fn start_camera(
         })
         .map_err(|e| Error::Model(format!("cannot start the camera output thread: {e}")))?;
     let sink: OutputSink = Box::new(move |o| tx.try_send(o).is_ok());
-    let stream = engine.handle().open_stream_with_sink(config.stream_settings()?, sink)?;
+    let stream = pool.engines()[0].handle().open_stream_with_sink(config.stream_settings()?, sink)?;
     let submit = stream.submitter();
     let capture = crate::io::camera::start(
         cam.index,

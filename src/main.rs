@@ -48,6 +48,7 @@ struct DaemonArgs {
     /// A separate autoencoder (e.g. TAESD) folder or id.
     #[arg(long)]
     vae: Option<String>,
+    /// cpu, cuda, cuda:N or auto; a comma-separated list (cuda:0,cuda:1) starts one engine per device.
     #[arg(long)]
     device: Option<String>,
     #[arg(long)]
@@ -71,6 +72,9 @@ struct DaemonArgs {
     token: Option<String>,
     #[arg(long)]
     max_clients: Option<usize>,
+    /// Streams one engine takes before new clients are refused with a retry hint (default: --max-clients).
+    #[arg(long)]
+    max_streams_per_engine: Option<usize>,
     #[arg(long)]
     max_fps: Option<f64>,
     #[arg(long)]
@@ -103,7 +107,13 @@ impl DaemonArgs {
             c.model.controlnet = Some(v.clone());
         }
         if let Some(v) = &self.device {
-            c.model.device = v.clone();
+            let list: Vec<String> = v.split(',').map(|d| d.trim().to_string()).collect();
+            if list.len() > 1 {
+                c.model.devices = list;
+            } else {
+                c.model.device = v.clone();
+                c.model.devices.clear();
+            }
         }
         if let Some(v) = &self.dtype {
             c.model.dtype = v.clone();
@@ -125,6 +135,9 @@ impl DaemonArgs {
         }
         if let Some(v) = self.max_clients {
             c.server.max_clients = v;
+        }
+        if let Some(v) = self.max_streams_per_engine {
+            c.server.max_streams_per_engine = Some(v);
         }
         if let Some(v) = self.max_fps {
             c.server.max_fps = v;

@@ -65,6 +65,8 @@ fn bench_writes_a_report_a_plot_and_compares() {
     assert_ok(&out);
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("unet b=1") && table.contains("2 streams"), "{table}");
+    // The per-engine stream limit it suggests for the config (the number itself is a timing: not asserted).
+    assert!(table.contains("suggested config: [server] max_streams_per_engine = "), "{table}");
 
     let r = read_json(&json);
     assert_eq!(r["schema"], "sdstream-bench/1");

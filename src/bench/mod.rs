@@ -324,6 +324,9 @@ pub fn run(a: &BenchArgs) -> Result<report::BenchReport> {
     let report = report::BenchReport { schema: report::SCHEMA.into(), meta, components, e2e, graph_check };
     report.write_json(&a.json)?;
     print!("{}", report.table());
+    if let Some(capacity) = report::capacity(&report, a.fps) {
+        print!("{capacity}");
+    }
     if let Some(p) = &a.plot {
         report::plot_latency(&report, p)?;
     }

@@ -177,6 +177,34 @@ impl BenchReport {
 
 /// Reads a report written earlier (for `--compare`); only its numbers are read, so older or partial reports
 /// still compare where they match.
+/// The per-engine stream limit the end-to-end numbers suggest for clients wanting `stream_fps` each (15 when
+/// 0): the measured throughput of the largest scenario divided by it, but never more streams than were measured
+/// at once (beyond that the numbers say nothing). A config line to paste, with how it was reached.
+pub fn capacity(report: &BenchReport, stream_fps: f64) -> Option<String> {
+    let e = report.e2e.iter().max_by_key(|e| e.streams)?;
+    let want = if stream_fps > 0.0 { stream_fps } else { 15.0 };
+    let fits = (e.throughput_fps / want).floor() as usize;
+    let limit = fits.clamp(1, e.streams);
+    let mut s = format!(
+        "\ncapacity: {} streams gave {:.1} fps in all ({:.1} fps per stream, median); at {want} fps per stream one \
+         engine of this kind serves about {fits}.\nsuggested config: [server] max_streams_per_engine = {limit}\n",
+        e.streams, e.throughput_fps, e.per_stream_fps.median
+    );
+    if fits >= e.streams {
+        s.push_str(&format!(
+            "(every one of the {} streams measured kept up: run again with --streams {} to see whether it takes \
+             more)\n",
+            e.streams,
+            (e.streams * 2).max(fits)
+        ));
+    } else if fits == 0 {
+        s.push_str(&format!(
+            "(not even one stream reaches {want} fps here: a smaller size or fewer stages?)\n"
+        ));
+    }
+    Some(s)
+}
+
 pub fn read_previous(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let v: Value = serde_json::from_str(&text).map_err(|e| Error::config(path, format!("not JSON: {e}")))?;

@@ -2,6 +2,8 @@
 //! other threads talk to it through bounded crossbeam channels. Frames are latest-frame-wins per stream: when
 //! the engine falls behind, a stream's older waiting frame is replaced (and counted as dropped), never queued.
 //! Each tick batches every stream that has a frame waiting into one UNet call per latent size.
+pub mod pool;
+
 use crate::error::{Error, Result};
 use crate::graph::GraphMode;
 use crate::models::stable_diffusion::{LoadOptions, StableDiffusion, TextEmbedding};
@@ -342,6 +344,8 @@ pub struct StreamHandle {
     pub outputs: Option<Receiver<Output>>,
     pub counters: Arc<StreamCounters>,
     submitter: Submitter,
+    /// The engine slot this stream holds when it was opened through a [`pool::PoolHandle`].
+    pub(crate) lease: Option<pool::Lease>,
 }
 
 /// Hands frames to one stream from any thread (a camera thread, say); cheap to clone. It does not keep the
@@ -445,11 +449,22 @@ impl EngineHandle {
             counters: counters.clone(),
             next_frame: Arc::new(AtomicU64::new(0)),
         };
-        Ok(StreamHandle { id, outputs: None, counters, submitter })
+        Ok(StreamHandle { id, outputs: None, counters, submitter, lease: None })
     }
 
     pub fn counters(&self) -> &EngineCounters {
         &self.shared.counters
+    }
+
+    /// Whether the inference thread still runs (its wake-up channel has a receiver). Nudges it awake, which
+    /// costs it one look at its queues.
+    pub fn is_running(&self) -> bool {
+        !matches!(self.wake.try_send(()), Err(TrySendError::Disconnected(_)))
+    }
+
+    /// Streams with a frame waiting for the next tick.
+    pub fn pending_frames(&self) -> usize {
+        self.shared.pending.lock().len()
     }
 }
 

@@ -77,14 +77,24 @@ fn presented_tokens(query: Option<&str>, headers: &HeaderMap) -> Vec<String> {
     tokens
 }
 
+/// The probes of load balancers and orchestrators, answered without the token: they say only whether the
+/// daemon is live or takes one more stream, and a kubelet or HAProxy check cannot always carry a secret.
+pub const TOKENLESS_PATHS: [&str; 2] = ["/health/live", "/health/ready"];
+
 /// Why a request is refused, if it is.
-pub fn refuse(state: &ServerState, query: Option<&str>, headers: &HeaderMap) -> Option<(StatusCode, String)> {
+pub fn refuse(
+    state: &ServerState,
+    path: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> Option<(StatusCode, String)> {
     let header_str = |name| headers.get(name).map(|v| v.to_str().unwrap_or("\u{fffd}").to_ascii_lowercase());
     let host = header_str(header::HOST);
     let token = state.config.token.as_deref().filter(|t| !t.is_empty());
     if let Some(token) = token {
         let tokens = presented_tokens(query, headers);
-        if !tokens.iter().any(|t| constant_time_eq(t.as_bytes(), token.as_bytes())) {
+        let probe = TOKENLESS_PATHS.contains(&path);
+        if !probe && !tokens.iter().any(|t| constant_time_eq(t.as_bytes(), token.as_bytes())) {
             return Some((StatusCode::UNAUTHORIZED, "missing or wrong token".into()));
         }
     } else {
@@ -123,7 +133,7 @@ pub fn refuse(state: &ServerState, query: Option<&str>, headers: &HeaderMap) -> 
 /// The middleware in front of every route.
 pub async fn check(State(state): State<Arc<ServerState>>, req: Request, next: Next) -> Response {
     let route = Route::of(req.uri().path());
-    if let Some((status, reason)) = refuse(&state, req.uri().query(), req.headers()) {
+    if let Some((status, reason)) = refuse(&state, req.uri().path(), req.uri().query(), req.headers()) {
         state.metrics.refused_total.fetch_add(1, Ordering::Relaxed);
         state.metrics.route(route).refused.fetch_add(1, Ordering::Relaxed);
         tracing::debug!("refused {} {}: {reason}", req.method(), req.uri().path());

@@ -27,7 +27,7 @@ impl Route {
     pub fn of(path: &str) -> Route {
         match path {
             "/" | "/index.html" | "/favicon.ico" => Route::Page,
-            "/health" => Route::Health,
+            "/health" | "/health/live" | "/health/ready" => Route::Health,
             "/metrics" => Route::Metrics,
             "/ws" => Route::Ws,
             "/view" => Route::View,
@@ -239,6 +239,44 @@ impl Metrics {
         let _ = writeln!(s, "sdstream_latency_ms_count {count}");
         s
     }
+}
+
+/// Each engine's load and health, by `engine` (its index) and `device` labels, and whether the server takes
+/// one more stream.
+pub fn render_engines(loads: &[crate::engine::pool::EngineLoad], ready: bool) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "# HELP sdstream_ready Whether the server takes one more stream (/health/ready).\n\
+         # TYPE sdstream_ready gauge\nsdstream_ready {}",
+        u8::from(ready)
+    );
+    type Pick = fn(&crate::engine::pool::EngineLoad) -> f64;
+    let series: [(&str, &str, &str, Pick); 7] = [
+        ("engine_streams", "Streams an engine serves now.", "gauge", |l| l.streams as f64),
+        ("engine_stream_limit", "Streams an engine takes at most.", "gauge", |l| l.limit as f64),
+        ("engine_live", "Whether an engine's thread runs and takes its frames.", "gauge", |l| {
+            f64::from(u8::from(l.live))
+        }),
+        ("engine_ticks_by_engine_total", "Ticks (batched UNet calls) by engine.", "counter", |l| {
+            l.ticks as f64
+        }),
+        ("engine_pending_frames", "Streams with a frame waiting for the engine.", "gauge", |l| {
+            l.pending_frames as f64
+        }),
+        ("engine_streams_opened_total", "Streams opened on an engine.", "counter", |l| l.opened_total as f64),
+        ("engine_progress_age_seconds", "Seconds since an engine last made progress.", "gauge", |l| {
+            l.progress_age_s
+        }),
+    ];
+    for (name, help, kind, pick) in series {
+        let _ = writeln!(s, "# HELP sdstream_{name} {help}\n# TYPE sdstream_{name} {kind}");
+        for l in loads {
+            let _ =
+                writeln!(s, "sdstream_{name}{{engine=\"{}\",device=\"{}\"}} {}", l.index, l.device, pick(l));
+        }
+    }
+    s
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! The daemon's network side: one port serving the browser page (`/`), WebSocket streams (`/ws`), a viewer
-//! socket (`/view`) and MJPEG (`/mjpeg`) for the shared camera output, `/health` and Prometheus `/metrics`.
+//! socket (`/view`) and MJPEG (`/mjpeg`) for the shared camera output, `/health` (with `/health/live` and
+//! `/health/ready` for load balancers and orchestrators) and Prometheus `/metrics`.
 //! axum routes on hyper connections served here one by one, so each has a header read timeout and is counted
 //! (`sdstream_tcp_open`) until its socket closes. Loopback by default; any other address needs a token; with
 //! no token only loopback (or configured) `Host` and `Origin` names are served (DNS rebinding). Every route has
@@ -13,6 +14,7 @@ pub mod session;
 pub mod viewers;
 
 use crate::config::ServerConfig;
+use crate::engine::pool::PoolHandle;
 use crate::engine::{EngineHandle, ModelInfo};
 use crate::error::{Error, Result};
 use crate::stream::settings::StreamSettings;
@@ -43,7 +45,9 @@ pub const MAX_HEAD: usize = 16 * 1024;
 
 /// Everything a connection needs, shared.
 pub struct ServerState {
-    pub engine: EngineHandle,
+    /// The engines; a new stream goes to the one with the most free slots.
+    pub engines: PoolHandle,
+    /// Engine 0's model (every engine runs the same model, each on its own device).
     pub model: ModelInfo,
     pub config: ServerConfig,
     pub stream_defaults: StreamSettings,
@@ -112,7 +116,7 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds and starts accepting (on the current tokio runtime).
+    /// Binds and starts accepting (on the current tokio runtime), serving streams on one engine.
     pub async fn start(
         engine: EngineHandle,
         model: ModelInfo,
@@ -123,7 +127,8 @@ impl Server {
         Self::start_on(listener, engine, model, config, stream_defaults).await
     }
 
-    /// Starts accepting on a listener from [`bind`] (on the current tokio runtime).
+    /// Starts accepting on a listener from [`bind`] (on the current tokio runtime), serving streams on one
+    /// engine (up to `server.max_streams_per_engine`).
     pub async fn start_on(
         listener: std::net::TcpListener,
         engine: EngineHandle,
@@ -131,6 +136,35 @@ impl Server {
         config: ServerConfig,
         stream_defaults: StreamSettings,
     ) -> Result<Server> {
+        let engines = PoolHandle::new(
+            vec![(engine, model)],
+            config.streams_per_engine(),
+            Duration::from_secs(config.engine_stall_s),
+        );
+        Self::start_pool_on(listener, engines, config, stream_defaults).await
+    }
+
+    /// Binds and starts accepting, serving streams on a pool of engines.
+    pub async fn start_pool(
+        engines: PoolHandle,
+        config: ServerConfig,
+        stream_defaults: StreamSettings,
+    ) -> Result<Server> {
+        let listener = bind(&config)?;
+        Self::start_pool_on(listener, engines, config, stream_defaults).await
+    }
+
+    /// Starts accepting on a listener from [`bind`], serving streams on a pool of engines.
+    pub async fn start_pool_on(
+        listener: std::net::TcpListener,
+        engines: PoolHandle,
+        config: ServerConfig,
+        stream_defaults: StreamSettings,
+    ) -> Result<Server> {
+        if engines.is_empty() {
+            return Err(Error::invalid("device", "no engine to serve streams on"));
+        }
+        let model = engines.info(0).clone();
         let listener =
             TcpListener::from_std(listener).map_err(|e| Error::invalid("listen", e.to_string()))?;
         let local_addr = listener.local_addr().map_err(|e| Error::invalid("listen", e.to_string()))?;
@@ -139,7 +173,7 @@ impl Server {
         let (viewers, _) = broadcast::channel(4);
         let allowed_hosts = guard::allowed_hosts(&config, local_addr);
         let state = Arc::new(ServerState {
-            engine,
+            engines,
             model,
             clients: Arc::new(Semaphore::new(config.max_clients)),
             viewer_slots: Arc::new(Semaphore::new(config.max_viewers)),
@@ -346,6 +380,8 @@ fn router(state: Arc<ServerState>) -> Router {
             get(|| async { (StatusCode::NO_CONTENT, [(header::CONTENT_TYPE, "image/x-icon")]) }),
         )
         .route("/health", get(health))
+        .route("/health/live", get(health_live))
+        .route("/health/ready", get(health_ready))
         .route("/metrics", get(metrics_page))
         .fallback(not_found)
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout));
@@ -421,18 +457,92 @@ async fn health(State(state): State<Arc<ServerState>>) -> Response {
         Ok(s) => s,
         Err(full) => return full.into_response(),
     };
-    let engine = state.engine.health();
-    let status = if engine.unhealthy().is_some() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    // Unhealthy when an engine's ticks keep failing (each engine says why); live and ready are the
+    // load balancer's and orchestrator's probes below.
+    let unhealthy = state.engines.unhealthy();
+    let status = if unhealthy.is_empty() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let body = serde_json::json!({
-        "status": if status == StatusCode::OK { "ok" } else { "unhealthy" },
-        "reason": engine.unhealthy(),
-        "engine": &engine,
+        "status": if unhealthy.is_empty() { "ok" } else { "unhealthy" },
+        "reason": (!unhealthy.is_empty()).then(|| unhealthy.join("; ")),
+        "engine_health": state.engines.health(),
         "model": &state.model,
         "clients": state.metrics.clients.load(Ordering::Relaxed),
         "max_clients": state.config.max_clients,
+        "live": state.engines.live(),
+        "ready": readiness(&state).is_ok(),
+        "free": free_slots(&state),
+        "engines": state.engines.loads(),
     });
     let headers = [(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "no-store")];
     (status, headers, body.to_string()).into_response()
+}
+
+/// Stream slots a new client could take now: free engine slots, within `server.max_clients`.
+fn free_slots(state: &ServerState) -> usize {
+    let clients = state.metrics.clients.load(Ordering::Relaxed) as usize;
+    state.engines.free().min(state.config.max_clients.saturating_sub(clients))
+}
+
+/// Whether the server takes one more stream (how many), or why not.
+fn readiness(state: &ServerState) -> std::result::Result<usize, String> {
+    if *state.shutdown.borrow() {
+        return Err("shutting down".into());
+    }
+    match free_slots(state) {
+        0 => {
+            let mut why = format!(
+                "full: {} clients, {} stream slots on {} engine(s)",
+                state.metrics.clients.load(Ordering::Relaxed),
+                state.engines.capacity().min(state.config.max_clients),
+                state.engines.len()
+            );
+            for dead in not_live(state) {
+                why.push_str(&format!("; {dead} (not live)"));
+            }
+            Err(why)
+        }
+        n => Ok(n),
+    }
+}
+
+/// The engines that are not live, each with why.
+fn not_live(state: &ServerState) -> Vec<String> {
+    let loads = state.engines.loads().into_iter().filter(|l| !l.live);
+    loads.map(|l| format!("engine {} ({}): {}", l.index, l.device, l.reason)).collect()
+}
+
+/// Liveness: the process answers and every engine's inference thread runs and takes its frames (a
+/// stalled or dead engine makes this 503, so an orchestrator restarts the daemon). No token needed.
+async fn health_live(State(state): State<Arc<ServerState>>) -> Response {
+    let _slot = match plain_slot(&state, Route::Health) {
+        Ok(s) => s,
+        Err(full) => return full.into_response(),
+    };
+    let dead = not_live(&state);
+    // `refusal` is the plain-text answer every route uses, here for a 200 too.
+    if dead.is_empty() {
+        refusal(StatusCode::OK, format!("live: {} engine(s)", state.engines.len()))
+    } else {
+        refusal(StatusCode::SERVICE_UNAVAILABLE, format!("not live: {}", dead.join("; ")))
+    }
+}
+
+/// Readiness: one more stream fits (a live engine has a free slot, `server.max_clients` is not reached, the
+/// server is not shutting down); else 503 with `Retry-After`. Load balancers send new clients elsewhere
+/// while it fails; the streams already here go on. No token needed.
+async fn health_ready(State(state): State<Arc<ServerState>>) -> Response {
+    let _slot = match plain_slot(&state, Route::Health) {
+        Ok(s) => s,
+        Err(full) => return full.into_response(),
+    };
+    match readiness(&state) {
+        Ok(free) => refusal(StatusCode::OK, format!("ready: {free} free stream slot(s)")),
+        Err(why) => {
+            let mut r = refusal(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}"));
+            r.headers_mut().insert(header::RETRY_AFTER, crate::engine::pool::RETRY_AFTER_S.into());
+            r
+        }
+    }
 }
 
 async fn metrics_page(State(state): State<Arc<ServerState>>) -> Response {
@@ -440,27 +550,20 @@ async fn metrics_page(State(state): State<Arc<ServerState>>) -> Response {
         Ok(s) => s,
         Err(full) => return full.into_response(),
     };
-    let c = state.engine.counters();
+    let e = &state.engines;
     let extra = [
-        ("engine_ticks_total", "Engine ticks (batched UNet calls).", c.ticks.load(Ordering::Relaxed)),
-        (
-            "prompt_cache_hits_total",
-            "Prompt embedding cache hits.",
-            c.prompt_cache_hits.load(Ordering::Relaxed),
-        ),
-        (
-            "prompt_cache_misses_total",
-            "Prompt embedding cache misses.",
-            c.prompt_cache_misses.load(Ordering::Relaxed),
-        ),
-        ("text_encoder_calls_total", "Text encoder calls.", c.text_encoder_calls.load(Ordering::Relaxed)),
+        ("engine_ticks_total", "Engine ticks (batched UNet calls), every engine.", e.total(|c| &c.ticks)),
+        ("prompt_cache_hits_total", "Prompt embedding cache hits.", e.total(|c| &c.prompt_cache_hits)),
+        ("prompt_cache_misses_total", "Prompt embedding cache misses.", e.total(|c| &c.prompt_cache_misses)),
+        ("text_encoder_calls_total", "Text encoder calls.", e.total(|c| &c.text_encoder_calls)),
         (
             "engine_failures_total",
-            "Engine ticks and commands that failed (their streams were reset).",
-            state.engine.health().failures_total,
+            "Engine ticks and commands that failed (their streams were reset), every engine.",
+            e.failures_total(),
         ),
     ];
-    let body = state.metrics.render(&extra);
+    let mut body = state.metrics.render(&extra);
+    body.push_str(&metrics::render_engines(&e.loads(), readiness(&state).is_ok()));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4"), (header::CACHE_CONTROL, "no-store")], body)
         .into_response()
 }

@@ -167,6 +167,8 @@ pub enum ServerMessage<'a> {
     Ready {
         protocol: u32,
         stream_id: u64,
+        /// The engine (its index in the daemon) serving this stream; `model.device` is its device.
+        engine: usize,
         model: &'a ModelInfo,
         settings: &'a StreamSettings,
         limits: &'a Limits,
@@ -203,6 +205,9 @@ pub enum ServerMessage<'a> {
         message: String,
         /// Whether the connection is closed after this message.
         fatal: bool,
+        /// With `server_full`: seconds to wait before connecting again (to this server or another).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_after_s: Option<u64>,
     },
     Stats {
         fps_in: f64,

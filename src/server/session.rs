@@ -13,6 +13,7 @@ use super::protocol::{
     ClientLora, ClientMessage, ErrorCode, LatencySummary, Limits, Refusal, ServerMessage, PROTOCOL_VERSION,
 };
 use super::ServerState;
+use crate::engine::pool::OpenError;
 use crate::engine::{FailureSink, Output, OutputSink, StageTimes, StreamHandle};
 use crate::stream::settings::{Mode, StreamSettings, StreamSettingsPatch};
 use axum::extract::ws::{close_code, CloseCode, CloseFrame, Message, WebSocket};
@@ -34,6 +35,15 @@ pub async fn close(tx: &mut WsTx, code: CloseCode, reason: &str) {
     let frame = CloseFrame { code, reason: reason.into() };
     let _ = tokio::time::timeout(Duration::from_secs(2), tx.send(Message::Close(Some(frame)))).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), tx.close()).await;
+}
+
+/// Refuses a new client (counted) with a fatal error, a retry hint for `server_full` and `unavailable`, and
+/// closes with 1013 (try again later).
+async fn refuse(tx: &mut WsTx, state: &ServerState, code: ErrorCode, message: String, retry_after_s: Option<u64>) {
+    state.metrics.refused_total.fetch_add(1, Ordering::Relaxed);
+    let msg = ServerMessage::Error { code, message, fatal: true, retry_after_s };
+    let _ = tx.send(Message::text(msg.to_json())).await;
+    close(tx, close_code::AGAIN, "try again later").await;
 }
 
 /// Whether the session goes on after a handler.
@@ -151,6 +161,8 @@ pub struct Session {
     peer: SocketAddr,
     tx: WsTx,
     handle: Arc<StreamHandle>,
+    /// The engine serving the stream (its index in the daemon's pool).
+    engine: usize,
     settings: StreamSettings,
     /// The sizes this client may choose.
     sizes: Vec<(i64, i64)>,
@@ -187,20 +199,11 @@ impl Session {
         peer: SocketAddr,
         state: Arc<ServerState>,
     ) -> Option<(Session, tokio::sync::mpsc::Receiver<FromEngine>)> {
-        let refuse = |code: ErrorCode, message: String| ServerMessage::Error { code, message, fatal: true };
         let Ok(permit) = state.clients.clone().try_acquire_owned() else {
-            state.metrics.refused_total.fetch_add(1, Ordering::Relaxed);
             let msg = format!("the server is full ({} clients); try again later", state.config.max_clients);
-            let _ = tx.send(Message::text(refuse(ErrorCode::ServerFull, msg).to_json())).await;
-            close(&mut tx, close_code::AGAIN, "server full").await;
+            refuse(&mut tx, &state, ErrorCode::ServerFull, msg, Some(crate::engine::pool::RETRY_AFTER_S)).await;
             return None;
         };
-        if let Some(reason) = state.engine.health().unhealthy() {
-            let msg = format!("the engine is failing ({reason}); try again later");
-            let _ = tx.send(Message::text(refuse(ErrorCode::Unavailable, msg).to_json())).await;
-            close(&mut tx, close_code::AGAIN, "engine unavailable").await;
-            return None;
-        }
         state.metrics.clients.fetch_add(1, Ordering::Relaxed);
         let client = ClientGuard(state.clone());
         tracing::debug!("client {peer} connected");
@@ -211,15 +214,22 @@ impl Session {
         let failures: FailureSink = Box::new(move |frame_id, reason| {
             let _ = lost_tx.try_send(FromEngine::Lost { frame_id, reason: reason.to_string() });
         });
-        let engine = state.engine.clone();
+        // The stream goes to the engine with the most free slots; with none the client is told when to retry.
+        let engines = state.engines.clone();
         let defaults = state.stream_defaults.clone();
-        let open = move || engine.open_stream_with_sinks(defaults, sink, Some(failures));
-        let handle = match tokio::task::spawn_blocking(open).await {
-            Ok(Ok(h)) => Arc::new(h),
-            Ok(Err(e)) => {
-                let msg = format!("cannot open a stream: {e}");
-                let _ = tx.send(Message::text(refuse(ErrorCode::Internal, msg).to_json())).await;
-                close(&mut tx, close_code::AGAIN, "no stream").await;
+        let open = move || engines.open_stream_with_sinks(defaults, sink, Some(failures));
+        let (handle, engine) = match tokio::task::spawn_blocking(open).await {
+            Ok(Ok(o)) => (Arc::new(o.stream), o.engine),
+            Ok(Err(OpenError::Full { retry_after_s, message })) => {
+                refuse(&mut tx, &state, ErrorCode::ServerFull, message, Some(retry_after_s)).await;
+                return None;
+            }
+            Ok(Err(OpenError::Unavailable { retry_after_s, message })) => {
+                refuse(&mut tx, &state, ErrorCode::Unavailable, message, Some(retry_after_s)).await;
+                return None;
+            }
+            Ok(Err(OpenError::Engine(e))) => {
+                refuse(&mut tx, &state, ErrorCode::Internal, format!("cannot open a stream: {e}"), None).await;
                 return None;
             }
             Err(_) => return None,
@@ -236,16 +246,17 @@ impl Session {
             max_frame_pixels: config.max_frame_pixels,
             stream_sizes: sizes.clone(),
             lora_control: config.lora_control,
-            control_images: state.model.controlnet.is_some(),
+            control_images: state.engines.info(engine).controlnet.is_some(),
         };
         let ready = ServerMessage::Ready {
             protocol: PROTOCOL_VERSION,
             stream_id: handle.id,
-            model: &state.model,
+            engine,
+            model: state.engines.info(engine),
             settings: defaults,
             limits: &limits,
             jpeg_quality: config.jpeg_quality,
-            loras: ClientLora::list(&state.engine.loras()),
+            loras: ClientLora::list(&state.engines.loras()),
         };
         if tx.send(Message::text(ready.to_json())).await.is_err() {
             close_stream(handle).await;
@@ -274,6 +285,7 @@ impl Session {
             last_activity: tokio::time::Instant::now(),
             window: StatsWindow::new(),
             handle,
+            engine,
             _client: client,
             _slot: permit,
             state: state.clone(),
@@ -347,7 +359,7 @@ impl Session {
         if !fatal {
             self.state.metrics.messages_bad.fetch_add(1, Ordering::Relaxed);
         }
-        self.send(&ServerMessage::Error { code, message: message.into(), fatal }).await
+        self.send(&ServerMessage::Error { code, message: message.into(), fatal, retry_after_s: None }).await
     }
 
     async fn refuse(&mut self, r: Refusal) -> Flow {
@@ -617,7 +629,7 @@ impl Session {
                 Flow::Continue
             }
             ClientMessage::ControlImage {} => {
-                if self.state.model.controlnet.is_none() {
+                if self.state.engines.info(self.engine).controlnet.is_none() {
                     let msg = "this server has no ControlNet loaded: control images are not accepted";
                     return self.send_error(ErrorCode::BadControlImage, msg, false).await;
                 }
@@ -664,8 +676,8 @@ impl Session {
                        daemon with --lora-control or set server.lora_control";
             return self.send_error(ErrorCode::Forbidden, msg, false).await;
         }
-        let engine = self.state.engine.clone();
-        match tokio::task::spawn_blocking(move || engine.set_lora_scale(&name, scale)).await {
+        let engines = self.state.engines.clone();
+        match tokio::task::spawn_blocking(move || engines.set_lora_scale(&name, scale)).await {
             Ok(Ok(loras)) => self.send(&ServerMessage::Loras { loras: ClientLora::list(&loras) }).await,
             Ok(Err(e)) => self.send_error(ErrorCode::BadSetting, e.to_string(), false).await,
             Err(_) => self.send_error(ErrorCode::Internal, "LoRA update failed", false).await,

@@ -3,7 +3,9 @@
 // 2. on a still test pattern the output settles, and a prompt typed into the prompt box changes it;
 // 3. when the daemon has a ControlNet: choosing Canny control in the page changes the output, and a
 //    ControlNet scale of 0 brings back the output without control;
-// 4. the daemon's LoRA (allowed with --lora-control) has a slider; moving it to 0 changes the output.
+// 4. the daemon's LoRA (allowed with --lora-control) has a slider; moving it to 0 changes the output;
+// 5. when the connection drops, the page reconnects with backoff, restores the prompt and settings on the new
+//    stream (the same output comes back) and keeps streaming.
 // Usage: node browser.mjs http://127.0.0.1:PORT/   (exit code 0 = pass)
 import { chromium } from "playwright-core";
 
@@ -108,6 +110,24 @@ try {
   const e = await snapshotAfter(5);
   if (e === d) fail("LoRA scale 0 did not change the output");
   log("the LoRA slider changed the output");
+
+  // 5. The connection drops under the page: it reconnects, restores what the user set, and streams on.
+  const r0 = await page.evaluate(() => window.sdstream.reconnects);
+  await page.evaluate(() => window.sdstream.ws.close());
+  await page.waitForFunction((r) => window.sdstream.reconnects > r && window.sdstream.ready, r0, { timeout: 30_000 });
+  try {
+    await page.waitForFunction(() => {
+      const s = window.sdstream.settings;
+      return s && s.prompt.includes("neon city") && s.control === "canny" && s.controlnet_scale === 0 && s.cfg_type === "none";
+    }, null, { timeout: 30_000 });
+  } catch (err) {
+    fail(`settings not restored after the reconnect: ${JSON.stringify(await page.evaluate(() => window.sdstream.settings))}`);
+  }
+  const f = await snapshotAfter(5);
+  const f2 = await snapshotAfter(2);
+  if (f !== f2) fail("the output did not settle after the reconnect");
+  if (f !== e) fail("the output after the reconnect differs from the one before (settings not all restored)");
+  log("reconnected with the settings restored: the same output");
 
   const stats = await page.textContent("#stats");
   log("stats line:", stats.replace(/\n/g, " | "));
