@@ -66,7 +66,8 @@ async fn a_good_client_keeps_its_frame_rate_while_another_attacks() {
         (Attack::Png16 { side: 2048, connections: 7 }, "bad_frame"),
         // No ControlNet loaded: refused before anything is read.
         (Attack::ControlImages { side: 2048 }, "bad_control_image"),
-        // 512x512 is not offered: refused; the generate flood is paced at the budget.
+        // 512x512 is not offered: refused; `generate` back to back is paced by the budget, and a connection
+        // sending messages at 8 times the rate it may is closed as a flood.
         (Attack::GenerateFlood { side: 512 }, "bad_setting"),
         // Read at most 4 * 30 + 20 messages a second: the rest waits in the attacker's own socket.
         (Attack::TextFlood, "pongs"),
@@ -89,9 +90,6 @@ async fn a_good_client_keeps_its_frame_rate_while_another_attacks() {
             failures.push(format!("{}: {:.1} fps of {:.1}", row.attack, row.good_fps, base.good_fps));
         }
         assert!(row.attacker_got.get(expect).copied().unwrap_or(0) > 0, "{attack:?}: expected `{expect}` in {:?}", row.attacker_got);
-        if attack == (Attack::GenerateFlood { side: 512 }) {
-            assert!(row.attacker_got.get("outputs").copied().unwrap_or(0) > 0, "paced, not refused");
-        }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     assert!(failures.is_empty(), "the good client fell below 80% of its baseline: {failures:?}");
