@@ -276,7 +276,9 @@ mod tests {
         assert!(e.message.contains("nope"), "{e:?}");
         let e = ClientMessage::parse(r#"{"type":"settings","mode":"img3img"}"#).unwrap_err();
         assert!(e.message.contains("mode") && e.message.contains("txt2img"), "{e:?}");
-        let json = ServerMessage::Error { code: ErrorCode::RateLimited, message: "x".into(), fatal: false }.to_json();
+        let json =
+            ServerMessage::Error { code: ErrorCode::RateLimited, message: "x".into(), fatal: false, retry_after_s: None }
+                .to_json();
         assert!(json.contains(r#""code":"rate_limited""#), "{json}");
     }
 }
