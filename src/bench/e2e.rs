@@ -313,6 +313,9 @@ async fn client(
                 match v["type"].as_str() {
                     Some("frame") => header = Some(v),
                     Some("stats") => log.daemon = daemon_counters(&v),
+                    // A frame the daemon's per-connection pacing dropped (a newer one replaced it while it
+                    // waited) is counted in the daemon's `rate_limited`, not as an error.
+                    Some("error") if v["code"] == "rate_limited" => {}
                     Some("error") => {
                         log.errors += 1;
                         if v["fatal"].as_bool() == Some(true) {
