@@ -5,19 +5,11 @@
 //! tests/robustness.rs and tests/daemon.rs; random and mutated protocol messages: tests/protocol_fuzz.rs.
 mod common;
 
+use common::daemon::*;
+
 use sdstream::bench::attack::{measure, Attack, Target};
 use sdstream::config::ServerConfig;
-use sdstream::engine::{Engine, EngineConfig};
-use sdstream::server::Server;
-use sdstream::stream::settings::StreamSettings;
 use std::time::Duration;
-
-fn engine() -> Engine {
-    let load = common::cpu_fp32(Some(common::fixture("models/tiny-taesd-test").display().to_string()));
-    let mut c = EngineConfig::new(common::fixture("models/tiny-sd-test").display().to_string(), load);
-    c.max_streams = 64;
-    Engine::start(c).expect("the tiny test model loads")
-}
 
 /// The frame-rate budget and the pixel cap scaled down for a test: 30 frames a second, 1024x1024 images.
 fn server_config() -> ServerConfig {
@@ -30,16 +22,6 @@ fn server_config() -> ServerConfig {
         max_frame_pixels: 1024 * 1024,
         ..ServerConfig::default()
     }
-}
-
-fn stream_defaults() -> StreamSettings {
-    StreamSettings { width: 64, height: 64, t_index_list: vec![32, 45], ..StreamSettings::default() }
-}
-
-async fn start(engine: &Engine, config: ServerConfig) -> Server {
-    Server::start(engine.handle(), engine.info.clone(), config, stream_defaults())
-        .await
-        .expect("server starts")
 }
 
 fn rss_mb() -> f64 {

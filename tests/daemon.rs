@@ -4,25 +4,14 @@
 //! bounded.
 mod common;
 
+use common::daemon::*;
+
 use futures_util::{SinkExt, StreamExt};
 use sdstream::config::ServerConfig;
 use sdstream::engine::{Engine, EngineConfig};
-use sdstream::server::Server;
-use sdstream::stream::settings::StreamSettings;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
-
-type Client = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-const WAIT: Duration = Duration::from_secs(60);
-
-fn engine() -> Engine {
-    let load = common::cpu_fp32(Some(common::fixture("models/tiny-taesd-test").display().to_string()));
-    let mut c = EngineConfig::new(common::fixture("models/tiny-sd-test").display().to_string(), load);
-    c.max_streams = 64;
-    Engine::start(c).expect("the tiny test model loads")
-}
 
 fn server_config() -> ServerConfig {
     ServerConfig {
@@ -32,39 +21,6 @@ fn server_config() -> ServerConfig {
         max_fps: 1000.0,
         idle_timeout_s: 30,
         ..ServerConfig::default()
-    }
-}
-
-fn stream_defaults() -> StreamSettings {
-    StreamSettings { width: 64, height: 64, t_index_list: vec![32, 45], ..StreamSettings::default() }
-}
-
-async fn start(engine: &Engine, config: ServerConfig) -> Server {
-    Server::start(engine.handle(), engine.info.clone(), config, stream_defaults())
-        .await
-        .expect("server starts")
-}
-
-async fn connect(server: &Server) -> Client {
-    let url = format!("ws://{}/ws", server.local_addr);
-    let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url)).await.unwrap().unwrap();
-    ws
-}
-
-/// The next text message as JSON (skipping `stats`), or None when the connection closed.
-async fn next_json(ws: &mut Client) -> Option<serde_json::Value> {
-    loop {
-        match tokio::time::timeout(WAIT, ws.next()).await.expect("a message in time") {
-            Some(Ok(Message::Text(t))) => {
-                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
-                if v["type"] != "stats" {
-                    return Some(v);
-                }
-            }
-            Some(Ok(Message::Binary(_))) => panic!("unexpected binary message"),
-            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
-            Some(Ok(_)) => {}
-        }
     }
 }
 
@@ -86,12 +42,6 @@ async fn next_frame(ws: &mut Client) -> (serde_json::Value, Vec<u8>) {
 fn test_jpeg(seed: u8) -> Vec<u8> {
     let img = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8 * 4, y as u8 * 4, seed]));
     sdstream::io::image::encode_jpeg(&img, 90).unwrap()
-}
-
-async fn ready(ws: &mut Client) -> serde_json::Value {
-    let v = next_json(ws).await.expect("ready");
-    assert_eq!(v["type"], "ready", "{v}");
-    v
 }
 
 /// Sends a frame and waits for its output, proving the connection (and the engine) still work.

@@ -3,25 +3,13 @@
 //! ticks (with the `fault-injection` feature, as scripts/test.sh builds the tests).
 mod common;
 
+use common::daemon::*;
+
 use futures_util::{SinkExt, StreamExt};
 use sdstream::bench::attack::png_frame;
 use sdstream::config::ServerConfig;
-use sdstream::engine::{Engine, EngineConfig};
-use sdstream::server::Server;
-use sdstream::stream::settings::StreamSettings;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
-
-type Client = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-const WAIT: Duration = Duration::from_secs(60);
-
-fn engine() -> Engine {
-    let load = common::cpu_fp32(Some(common::fixture("models/tiny-taesd-test").display().to_string()));
-    let mut c = EngineConfig::new(common::fixture("models/tiny-sd-test").display().to_string(), load);
-    c.max_streams = 64;
-    Engine::start(c).expect("the tiny test model loads")
-}
 
 /// The frame-rate budget and the pixel cap scaled down for a test: 30 frames a second, 1024x1024 images.
 fn server_config() -> ServerConfig {
@@ -33,38 +21,6 @@ fn server_config() -> ServerConfig {
         idle_timeout_s: 30,
         max_frame_pixels: 1024 * 1024,
         ..ServerConfig::default()
-    }
-}
-
-fn stream_defaults() -> StreamSettings {
-    StreamSettings { width: 64, height: 64, t_index_list: vec![32, 45], ..StreamSettings::default() }
-}
-
-async fn start(engine: &Engine, config: ServerConfig) -> Server {
-    Server::start(engine.handle(), engine.info.clone(), config, stream_defaults())
-        .await
-        .expect("server starts")
-}
-
-async fn connect(server: &Server) -> Client {
-    let url = format!("ws://{}/ws", server.local_addr);
-    let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url)).await.unwrap().unwrap();
-    ws
-}
-
-/// The next text message as JSON (skipping `stats`), or None when the connection closed.
-async fn next_json(ws: &mut Client) -> Option<serde_json::Value> {
-    loop {
-        match tokio::time::timeout(WAIT, ws.next()).await.expect("a message in time") {
-            Some(Ok(Message::Text(t))) => {
-                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
-                if v["type"] != "stats" {
-                    return Some(v);
-                }
-            }
-            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
-            Some(Ok(_)) => {}
-        }
     }
 }
 
@@ -82,12 +38,6 @@ async fn next_output(ws: &mut Client) -> serde_json::Value {
             return v;
         }
     }
-}
-
-async fn ready(ws: &mut Client) -> serde_json::Value {
-    let v = next_json(ws).await.expect("ready");
-    assert_eq!(v["type"], "ready", "{v}");
-    v
 }
 
 fn frame(seed: u8) -> Message {

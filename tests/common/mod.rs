@@ -1,5 +1,6 @@
 //! Helpers shared by the integration tests: fixture paths, reference tensors, comparisons.
 #![allow(dead_code)]
+pub mod daemon;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::Tensor;
