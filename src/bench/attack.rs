@@ -220,8 +220,12 @@ async fn flood(t: Target, first: Vec<Message>, messages: Vec<Message>, stop: Arc
             tokio::task::yield_now().await;
         }
     }
-    reader.abort();
-    // No close handshake: behind a flood it would wait for the whole backlog. The socket just goes.
+    // The replies already on their way are counted (the daemon may have closed the connection), then the
+    // socket just goes: no close handshake, which behind a flood would wait for the whole backlog.
+    let mut reader = reader;
+    if tokio::time::timeout(Duration::from_millis(500), &mut reader).await.is_err() {
+        reader.abort();
+    }
 }
 
 /// Runs the attack until `stop`.
