@@ -132,7 +132,10 @@ impl ServerConfig {
             .iter()
             .map(|text| {
                 let bad = || {
-                    Error::invalid("server.stream_sizes", format!("`{text}`: expected WIDTHxHEIGHT, e.g. 512x512"))
+                    Error::invalid(
+                        "server.stream_sizes",
+                        format!("`{text}`: expected WIDTHxHEIGHT, e.g. 512x512"),
+                    )
                 };
                 let (w, h) = text.split_once('x').ok_or_else(bad)?;
                 Ok((w.trim().parse().map_err(|_| bad())?, h.trim().parse().map_err(|_| bad())?))

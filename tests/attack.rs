@@ -71,7 +71,11 @@ async fn a_good_client_keeps_its_frame_rate_while_another_attacks() {
         if row.good_fps < 0.8 * base.good_fps {
             failures.push(format!("{}: {:.1} fps of {:.1}", row.attack, row.good_fps, base.good_fps));
         }
-        assert!(row.attacker_got.get(expect).copied().unwrap_or(0) > 0, "{attack:?}: expected `{expect}` in {:?}", row.attacker_got);
+        assert!(
+            row.attacker_got.get(expect).copied().unwrap_or(0) > 0,
+            "{attack:?}: expected `{expect}` in {:?}",
+            row.attacker_got
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     assert!(failures.is_empty(), "the good client fell below 80% of its baseline: {failures:?}");

@@ -89,7 +89,10 @@ fn bad_flags_are_named() {
         "--cfg-type",
     );
     // Enum settings are clap value enums: the message lists the choices.
-    fails_naming(&["serve", "--config", "configs/tiny.toml", "--cfg-type", "half"], "none, full, self, initialize");
+    fails_naming(
+        &["serve", "--config", "configs/tiny.toml", "--cfg-type", "half"],
+        "none, full, self, initialize",
+    );
     fails_naming(&["serve", "--config", "configs/tiny.toml", "--mode", "img3img"], "img2img, txt2img");
 }
 
@@ -114,7 +117,12 @@ fn a_bad_timestep_spacing_names_the_choices() {
     // A client's `settings` message names the field and the choices.
     use sdstream::server::protocol::ClientMessage;
     let e = ClientMessage::parse(r#"{"type":"settings","timestep_spacing":"sideways"}"#).unwrap_err();
-    assert!(e.message.contains("timestep_spacing") && e.message.contains("leading") && e.message.contains("linspace"), "{e:?}");
+    assert!(
+        e.message.contains("timestep_spacing")
+            && e.message.contains("leading")
+            && e.message.contains("linspace"),
+        "{e:?}"
+    );
 }
 
 /// A valid `--timestep-spacing` changes the image where the scheduler uses it (Euler), exactly as the same run

@@ -35,13 +35,17 @@ fn server_config() -> ServerConfig {
 }
 
 async fn start(engine: &Engine) -> Server {
-    let defaults = StreamSettings { width: 64, height: 64, t_index_list: vec![32, 45], ..StreamSettings::default() };
-    Server::start(engine.handle(), engine.info.clone(), server_config(), defaults).await.expect("server starts")
+    let defaults =
+        StreamSettings { width: 64, height: 64, t_index_list: vec![32, 45], ..StreamSettings::default() };
+    Server::start(engine.handle(), engine.info.clone(), server_config(), defaults)
+        .await
+        .expect("server starts")
 }
 
 async fn connect(server: &Server) -> Client {
     let url = format!("ws://{}/ws", server.local_addr);
-    let (mut ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url)).await.unwrap().unwrap();
+    let (mut ws, _) =
+        tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url)).await.unwrap().unwrap();
     loop {
         match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
             Some(Ok(Message::Text(t))) if t.contains(r#""type":"ready""#) => return ws,
@@ -81,7 +85,8 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
         any::<bool>().prop_map(serde_json::Value::Bool),
         any::<i64>().prop_map(|v| v.into()),
         any::<u64>().prop_map(|v| v.into()),
-        any::<f64>().prop_map(|v| serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, Into::into)),
+        any::<f64>()
+            .prop_map(|v| serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, Into::into)),
         "[ -~]{0,40}".prop_map(serde_json::Value::String),
         prop_oneof![Just("txt2img"), Just("self"), Just("full"), Just("image"), Just("slerp")]
             .prop_map(|s| serde_json::Value::String(s.into())),
@@ -96,8 +101,22 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
 }
 
 const FIELDS: [&str; 16] = [
-    "prompt", "negative_prompt", "mode", "t_index_list", "strength", "steps", "cfg_type", "guidance", "seed",
-    "width", "height", "control", "quality", "id", "name", "scale",
+    "prompt",
+    "negative_prompt",
+    "mode",
+    "t_index_list",
+    "strength",
+    "steps",
+    "cfg_type",
+    "guidance",
+    "seed",
+    "width",
+    "height",
+    "control",
+    "quality",
+    "id",
+    "name",
+    "scale",
 ];
 
 /// A protocol message: a typed one with random fields (mostly the protocol's names), random text, or

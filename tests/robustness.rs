@@ -159,7 +159,10 @@ async fn a_client_that_stops_reading_is_closed() {
         false
     });
     let closed = tokio::time::timeout(Duration::from_secs(90), sender).await;
-    assert!(matches!(closed, Ok(Ok(true))), "the daemon closed the connection of the client that stopped reading");
+    assert!(
+        matches!(closed, Ok(Ok(true))),
+        "the daemon closed the connection of the client that stopped reading"
+    );
     drop(rx);
     let text = metrics(addr).await;
     assert!(metric_line(&text, "sdstream_write_stalls_total").unwrap_or(0) >= 1, "{text}");
@@ -181,13 +184,20 @@ async fn failed_ticks_and_commands_fail_only_themselves_and_repeated_failures_ma
     for i in 0..3u64 {
         ws.send(frame(i as u8)).await.unwrap();
         let v = next_output(&mut ws).await;
-        assert_eq!((v["warmup"].as_bool(), v["frame_id"].as_u64()), (Some(i == 0), Some(i.saturating_sub(1))), "{v}");
+        assert_eq!(
+            (v["warmup"].as_bool(), v["frame_id"].as_u64()),
+            (Some(i == 0), Some(i.saturating_sub(1))),
+            "{v}"
+        );
     }
     for fault in [Fault::ErrorInTick, Fault::PanicInTick] {
         engine.handle().inject_fault(fault);
         ws.send(frame(9)).await.unwrap();
         let v = next_output(&mut ws).await;
-        assert!(v["code"] == "frame_lost" && v["message"].as_str().unwrap().contains("frame 3"), "{fault:?}: {v}");
+        assert!(
+            v["code"] == "frame_lost" && v["message"].as_str().unwrap().contains("frame 3"),
+            "{fault:?}: {v}"
+        );
         // The stream was reset: the next frame is a warm-up answering itself, then the ids are right again.
         ws.send(frame(4)).await.unwrap();
         let v = next_output(&mut ws).await;

@@ -60,13 +60,19 @@ impl Attack {
                 format!("{side}x{side} 16-bit PNGs, back to back on {connections} connections")
             }
             Attack::ControlImages { side } => format!("`control_image` of {side}x{side}, back to back"),
-            Attack::GenerateFlood { side } => format!("`settings` {side}x{side} txt2img, then `generate` in a loop"),
+            Attack::GenerateFlood { side } => {
+                format!("`settings` {side}x{side} txt2img, then `generate` in a loop")
+            }
             Attack::TextFlood => "`ping` messages back to back".into(),
             Attack::PartialHeads { connections } => {
                 format!("{connections} connections each sending a partial request head (15 KB, no end)")
             }
-            Attack::HalfRequests { connections } => format!("connect, send `G`, close ({connections} at a time)"),
-            Attack::SmallAfterBig { side } => format!("a small frame right after a {side}x{side} one, at 25 fps"),
+            Attack::HalfRequests { connections } => {
+                format!("connect, send `G`, close ({connections} at a time)")
+            }
+            Attack::SmallAfterBig { side } => {
+                format!("a small frame right after a {side}x{side} one, at 25 fps")
+            }
         }
     }
 }
@@ -107,7 +113,11 @@ pub fn jpeg_frame(side: u32, seed: u8) -> Vec<u8> {
 /// A one-colour PNG of `side` x `side`, 8 or 16 bits a channel.
 pub fn png_frame(side: u32, sixteen_bits: bool) -> Vec<u8> {
     let image = if sixteen_bits {
-        image::DynamicImage::ImageRgb16(image::ImageBuffer::from_pixel(side, side, image::Rgb([40000u16, 20000, 0])))
+        image::DynamicImage::ImageRgb16(image::ImageBuffer::from_pixel(
+            side,
+            side,
+            image::Rgb([40000u16, 20000, 0]),
+        ))
     } else {
         image::DynamicImage::ImageRgb8(image::RgbImage::from_pixel(side, side, image::Rgb([150, 80, 0])))
     };
@@ -179,7 +189,10 @@ async fn good_client(t: &Target, mut ws: Ws, duration: Duration) -> Result<(f64,
 }
 
 /// Counts what a connection receives: `error` codes, `outputs` and `pongs`.
-async fn count_replies(mut rx: futures_util::stream::SplitStream<Ws>, tally: Arc<parking_lot::Mutex<BTreeMap<String, u64>>>) {
+async fn count_replies(
+    mut rx: futures_util::stream::SplitStream<Ws>,
+    tally: Arc<parking_lot::Mutex<BTreeMap<String, u64>>>,
+) {
     while let Some(Ok(msg)) = rx.next().await {
         let key = match msg {
             Message::Binary(_) => "outputs".to_string(),
@@ -198,7 +211,13 @@ async fn count_replies(mut rx: futures_util::stream::SplitStream<Ws>, tally: Arc
 }
 
 /// Sends `messages` in turn, over and over, until `stop`; what comes back is counted in `tally`.
-async fn flood(t: Target, first: Vec<Message>, messages: Vec<Message>, stop: Arc<AtomicBool>, tally: Arc<parking_lot::Mutex<BTreeMap<String, u64>>>) {
+async fn flood(
+    t: Target,
+    first: Vec<Message>,
+    messages: Vec<Message>,
+    stop: Arc<AtomicBool>,
+    tally: Arc<parking_lot::Mutex<BTreeMap<String, u64>>>,
+) {
     let Ok(mut ws) = connect(&t).await else { return };
     if wait_ready(&mut ws).await.is_err() {
         return;
@@ -229,7 +248,12 @@ async fn flood(t: Target, first: Vec<Message>, messages: Vec<Message>, stop: Arc
 }
 
 /// Runs the attack until `stop`.
-async fn attack(t: Target, attack: Attack, stop: Arc<AtomicBool>, tally: Arc<parking_lot::Mutex<BTreeMap<String, u64>>>) {
+async fn attack(
+    t: Target,
+    attack: Attack,
+    stop: Arc<AtomicBool>,
+    tally: Arc<parking_lot::Mutex<BTreeMap<String, u64>>>,
+) {
     match attack {
         Attack::None => {}
         Attack::BigFrames { side } => {
@@ -239,7 +263,9 @@ async fn attack(t: Target, attack: Attack, stop: Arc<AtomicBool>, tally: Arc<par
         Attack::Png16 { side, connections } => {
             let png = Message::binary(png_frame(side, true));
             let tasks: Vec<_> = (0..connections)
-                .map(|_| tokio::spawn(flood(t.clone(), vec![], vec![png.clone()], stop.clone(), tally.clone())))
+                .map(|_| {
+                    tokio::spawn(flood(t.clone(), vec![], vec![png.clone()], stop.clone(), tally.clone()))
+                })
                 .collect();
             for task in tasks {
                 let _ = task.await;
@@ -293,7 +319,9 @@ async fn attack(t: Target, attack: Attack, stop: Arc<AtomicBool>, tally: Arc<par
             let mut tick = tokio::time::interval(Duration::from_millis(80));
             while !stop.load(Ordering::Relaxed) {
                 tick.tick().await;
-                if tx.send(Message::binary(big.clone())).await.is_err() || tx.send(Message::binary(small.clone())).await.is_err() {
+                if tx.send(Message::binary(big.clone())).await.is_err()
+                    || tx.send(Message::binary(small.clone())).await.is_err()
+                {
                     break;
                 }
             }

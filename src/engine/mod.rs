@@ -296,7 +296,9 @@ impl Engine {
                 };
                 worker.cache = Some(PromptCache::new(worker.config.prompt_cache));
                 let health = worker.shared.clone();
-                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run(command_rx, wake_rx)));
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    worker.run(command_rx, wake_rx)
+                }));
                 if let Err(panic) = run {
                     let reason = format!("the inference thread stopped: {}", panic_message(&panic));
                     tracing::error!("{reason}");
@@ -442,7 +444,8 @@ impl EngineHandle {
         settings.validate()?;
         let counters = Arc::new(StreamCounters::default());
         let c = counters.clone();
-        let id = self.request(|reply| Command::Open { settings, outputs: sink, failures, counters: c, reply })?;
+        let id =
+            self.request(|reply| Command::Open { settings, outputs: sink, failures, counters: c, reply })?;
         let submitter = Submitter {
             id,
             engine: self.clone(),
@@ -736,8 +739,10 @@ impl Worker {
         let id = self.next_id;
         self.next_id += 1;
         let stream = Stream::new(id, &self.sd, settings, cond, uncond)?;
-        self.streams
-            .insert(id, OpenStream { stream, outputs: Arc::new(outputs), failures, counters, has_output: false });
+        self.streams.insert(
+            id,
+            OpenStream { stream, outputs: Arc::new(outputs), failures, counters, has_output: false },
+        );
         self.shared.counters.streams_open.fetch_add(1, Ordering::Relaxed);
         Ok(id)
     }

@@ -6,7 +6,9 @@
 //! A monitor thread samples every engine four times a second: an engine is *live* while its thread runs and
 //! the frames waiting for it are taken within `stall_after` (an idle engine is live). `/health/live` is every
 //! engine live; `/health/ready` is one more stream fitting on a live engine.
-use super::{Engine, EngineConfig, EngineCounters, EngineHandle, FailureSink, ModelInfo, OutputSink, StreamHandle};
+use super::{
+    Engine, EngineConfig, EngineCounters, EngineHandle, FailureSink, ModelInfo, OutputSink, StreamHandle,
+};
 use crate::error::{Error, Result};
 use crate::stream::settings::StreamSettings;
 use parking_lot::Mutex;
@@ -268,7 +270,8 @@ impl PoolHandle {
             let usable = self.shared.members.iter().filter(|m| m.usable()).count();
             if usable == 0 {
                 let why = self.unhealthy().join("; ");
-                let message = format!("no engine can serve on this server ({why}); try again later or another server");
+                let message =
+                    format!("no engine can serve on this server ({why}); try again later or another server");
                 return Err(OpenError::Unavailable { retry_after_s: RETRY_AFTER_S, message });
             }
             let message = {
@@ -290,7 +293,9 @@ impl PoolHandle {
     pub fn unhealthy(&self) -> Vec<String> {
         let members = self.shared.members.iter().enumerate();
         members
-            .filter_map(|(i, m)| Some(format!("engine {i} ({}): {}", m.info.device, m.handle.health().unhealthy?)))
+            .filter_map(|(i, m)| {
+                Some(format!("engine {i} ({}): {}", m.info.device, m.handle.health().unhealthy?))
+            })
             .collect()
     }
 

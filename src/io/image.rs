@@ -67,7 +67,8 @@ pub fn probe(bytes: &[u8], what: &str) -> Result<(u32, u32)> {
         let (w, h) = decoder.dimensions().ok_or_else(|| err("no image size in the JPEG header".into()))?;
         return Ok((w as u32, h as u32));
     }
-    let reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| err(e.to_string()))?;
+    let reader =
+        ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| err(e.to_string()))?;
     if reader.format().is_none() {
         return Err(err("not a PNG or JPEG image".into()));
     }
@@ -76,12 +77,20 @@ pub fn probe(bytes: &[u8], what: &str) -> Result<(u32, u32)> {
 
 /// Decodes an image whose header says it has at most `max_pixels` pixels (checked before anything is
 /// decoded), and resizes it to `size` when given.
-pub fn decode_within(bytes: &[u8], what: &str, max_pixels: u64, size: Option<(u32, u32)>) -> Result<RgbImage> {
+pub fn decode_within(
+    bytes: &[u8],
+    what: &str,
+    max_pixels: u64,
+    size: Option<(u32, u32)>,
+) -> Result<RgbImage> {
     let (w, h) = probe(bytes, what)?;
     if w as u64 * h as u64 > max_pixels {
         return Err(Error::Image {
             what: what.into(),
-            msg: format!("{w}x{h} is {} pixels, above this server's limit of {max_pixels}", w as u64 * h as u64),
+            msg: format!(
+                "{w}x{h} is {} pixels, above this server's limit of {max_pixels}",
+                w as u64 * h as u64
+            ),
         });
     }
     let img = decode(bytes, what)?;

@@ -32,13 +32,19 @@ impl Preparer {
 
     /// Runs `work` on the big-image thread (`big`) or a blocking thread; the receiver gets its result. When
     /// the big-image queue is full the receiver is closed at once (the work is dropped).
-    pub fn run<T: Send + 'static>(&self, big: bool, work: impl FnOnce() -> T + Send + 'static) -> oneshot::Receiver<T> {
+    pub fn run<T: Send + 'static>(
+        &self,
+        big: bool,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> oneshot::Receiver<T> {
         let (tx, rx) = oneshot::channel();
         let job = move || {
             let _ = tx.send(work());
         };
         if big {
-            if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.big.try_send(Box::new(job)) {
+            if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
+                self.big.try_send(Box::new(job))
+            {
                 tracing::warn!("the big-image queue is full; an image is dropped");
             }
         } else {
@@ -57,7 +63,10 @@ fn lower_priority() {
     unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
         if libc::setpriority(libc::PRIO_PROCESS, tid, 10) != 0 {
-            tracing::warn!("cannot lower the big-image thread's priority: {}", std::io::Error::last_os_error());
+            tracing::warn!(
+                "cannot lower the big-image thread's priority: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
 }
@@ -73,7 +82,9 @@ mod tests {
         assert_eq!(p.run(false, || 3).await.unwrap(), 3);
         #[cfg(target_os = "linux")]
         {
-            let nice = p.run(true, || unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::syscall(libc::SYS_gettid) as libc::id_t) });
+            let nice = p.run(true, || unsafe {
+                libc::getpriority(libc::PRIO_PROCESS, libc::syscall(libc::SYS_gettid) as libc::id_t)
+            });
             assert_eq!(nice.await.unwrap(), 10, "the big-image thread runs at nice 10");
         }
     }

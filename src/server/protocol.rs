@@ -94,7 +94,11 @@ impl Refusal {
 fn typed<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, String> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        if path == "." { e.inner().to_string() } else { format!("{path}: {}", e.inner()) }
+        if path == "." {
+            e.inner().to_string()
+        } else {
+            format!("{path}: {}", e.inner())
+        }
     })
 }
 
@@ -104,7 +108,10 @@ impl ClientMessage {
         let value: serde_json::Value = serde_json::from_str(text)
             .map_err(|e| Refusal::new(ErrorCode::BadJson, format!("not JSON: {e}")))?;
         let Some(kind) = value.get("type").and_then(|t| t.as_str()).map(str::to_string) else {
-            return Err(Refusal::new(ErrorCode::BadJson, "a message must be a JSON object with a string `type`"));
+            return Err(Refusal::new(
+                ErrorCode::BadJson,
+                "a message must be a JSON object with a string `type`",
+            ));
         };
         if !CLIENT_TYPES.contains(&kind.as_str()) {
             return Err(Refusal::new(
@@ -116,7 +123,10 @@ impl ClientMessage {
             let mut map = value.as_object().cloned().unwrap_or_default();
             map.remove("type");
             if map.is_empty() {
-                return Err(Refusal::new(ErrorCode::BadSetting, "a settings message needs at least one setting"));
+                return Err(Refusal::new(
+                    ErrorCode::BadSetting,
+                    "a settings message needs at least one setting",
+                ));
             }
             return typed(serde_json::Value::Object(map))
                 .map(ClientMessage::Settings)
@@ -238,7 +248,10 @@ pub struct LatencySummary {
 impl ServerMessage<'_> {
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_else(|e| {
-            format!(r#"{{"type":"error","code":"internal","message":"{}","fatal":false}}"#, e.to_string().replace('"', "'"))
+            format!(
+                r#"{{"type":"error","code":"internal","message":"{}","fatal":false}}"#,
+                e.to_string().replace('"', "'")
+            )
         })
     }
 }
@@ -276,9 +289,13 @@ mod tests {
         assert!(e.message.contains("nope"), "{e:?}");
         let e = ClientMessage::parse(r#"{"type":"settings","mode":"img3img"}"#).unwrap_err();
         assert!(e.message.contains("mode") && e.message.contains("txt2img"), "{e:?}");
-        let json =
-            ServerMessage::Error { code: ErrorCode::RateLimited, message: "x".into(), fatal: false, retry_after_s: None }
-                .to_json();
+        let json = ServerMessage::Error {
+            code: ErrorCode::RateLimited,
+            message: "x".into(),
+            fatal: false,
+            retry_after_s: None,
+        }
+        .to_json();
         assert!(json.contains(r#""code":"rate_limited""#), "{json}");
     }
 }

@@ -39,7 +39,13 @@ pub async fn close(tx: &mut WsTx, code: CloseCode, reason: &str) {
 
 /// Refuses a new client (counted) with a fatal error, a retry hint for `server_full` and `unavailable`, and
 /// closes with 1013 (try again later).
-async fn refuse(tx: &mut WsTx, state: &ServerState, code: ErrorCode, message: String, retry_after_s: Option<u64>) {
+async fn refuse(
+    tx: &mut WsTx,
+    state: &ServerState,
+    code: ErrorCode,
+    message: String,
+    retry_after_s: Option<u64>,
+) {
     state.metrics.refused_total.fetch_add(1, Ordering::Relaxed);
     let msg = ServerMessage::Error { code, message, fatal: true, retry_after_s };
     let _ = tx.send(Message::text(msg.to_json())).await;
@@ -143,7 +149,10 @@ struct Held {
 enum FromEngine {
     Output(Output),
     /// A frame lost to a failed tick: its id and why.
-    Lost { frame_id: u64, reason: String },
+    Lost {
+        frame_id: u64,
+        reason: String,
+    },
 }
 
 /// What a blocking preparation thread hands back.
@@ -201,7 +210,8 @@ impl Session {
     ) -> Option<(Session, tokio::sync::mpsc::Receiver<FromEngine>)> {
         let Ok(permit) = state.clients.clone().try_acquire_owned() else {
             let msg = format!("the server is full ({} clients); try again later", state.config.max_clients);
-            refuse(&mut tx, &state, ErrorCode::ServerFull, msg, Some(crate::engine::pool::RETRY_AFTER_S)).await;
+            refuse(&mut tx, &state, ErrorCode::ServerFull, msg, Some(crate::engine::pool::RETRY_AFTER_S))
+                .await;
             return None;
         };
         state.metrics.clients.fetch_add(1, Ordering::Relaxed);
@@ -229,7 +239,8 @@ impl Session {
                 return None;
             }
             Ok(Err(OpenError::Engine(e))) => {
-                refuse(&mut tx, &state, ErrorCode::Internal, format!("cannot open a stream: {e}"), None).await;
+                refuse(&mut tx, &state, ErrorCode::Internal, format!("cannot open a stream: {e}"), None)
+                    .await;
                 return None;
             }
             Err(_) => return None,
@@ -384,12 +395,17 @@ impl Session {
             let max = budget::MESSAGES_PER_FRAME * self.state.config.max_fps + 20.0;
             self.flood.charge(1.0, now);
             if self.flood.ready_at(now) > now + Duration::from_secs(1) {
-                let msg = format!("closed: a flood of messages ({}x the {max} a second this server takes)", budget::FLOOD_FACTOR);
+                let msg = format!(
+                    "closed: a flood of messages ({}x the {max} a second this server takes)",
+                    budget::FLOOD_FACTOR
+                );
                 self.send_error(ErrorCode::RateLimited, msg, true).await;
                 close(&mut self.tx, close_code::POLICY, "message flood").await;
                 return Flow::Stop;
             }
-            return self.rate_limited_notice(format!("more than {max} messages a second are dropped unread")).await;
+            return self
+                .rate_limited_notice(format!("more than {max} messages a second are dropped unread"))
+                .await;
         }
         self.on_message(msg).await
     }
@@ -408,7 +424,8 @@ impl Session {
                 if let Some(c) = capacity {
                     let limit = self.state.config.max_message_bytes;
                     self.state.metrics.messages_bad.fetch_add(1, Ordering::Relaxed);
-                    self.send_error(ErrorCode::TooLarge, format!("{c}; the limit is {limit} bytes"), true).await;
+                    self.send_error(ErrorCode::TooLarge, format!("{c}; the limit is {limit} bytes"), true)
+                        .await;
                     close(&mut self.tx, close_code::SIZE, "message too big").await;
                 } else {
                     tracing::debug!("client {}: {e}", self.peer);
@@ -598,7 +615,8 @@ impl Session {
         };
         match msg {
             ClientMessage::Prompt { prompt, negative_prompt } => {
-                let patch = StreamSettingsPatch { prompt: Some(prompt), negative_prompt, ..Default::default() };
+                let patch =
+                    StreamSettingsPatch { prompt: Some(prompt), negative_prompt, ..Default::default() };
                 self.on_settings(patch).await
             }
             ClientMessage::Settings(patch) => self.on_settings(patch).await,
@@ -647,7 +665,12 @@ impl Session {
         let size = patch.size_from(&self.settings);
         if size != (self.settings.width, self.settings.height) && !self.sizes.contains(&size) {
             let offered: Vec<String> = self.sizes.iter().map(|(w, h)| format!("{w}x{h}")).collect();
-            let msg = format!("{}x{} is not offered by this server; it offers {}", size.0, size.1, offered.join(", "));
+            let msg = format!(
+                "{}x{} is not offered by this server; it offers {}",
+                size.0,
+                size.1,
+                offered.join(", ")
+            );
             return self.send_error(ErrorCode::BadSetting, msg, false).await;
         }
         if let Err(e) = self.settings.patched(&patch) {
@@ -672,7 +695,8 @@ impl Session {
 
     async fn on_lora(&mut self, name: String, scale: f64) -> Flow {
         if !self.state.config.lora_control {
-            let msg = "changing LoRA scales is off on this server (it changes every client's output); start the \
+            let msg =
+                "changing LoRA scales is off on this server (it changes every client's output); start the \
                        daemon with --lora-control or set server.lora_control";
             return self.send_error(ErrorCode::Forbidden, msg, false).await;
         }

@@ -254,10 +254,33 @@ where
 /// list against [`StreamSettings`]' fields).
 macro_rules! each_setting {
     ($m:ident) => {
-        $m!(prompt, negative_prompt, mode, t_index_list, strength, steps, scheduler, timestep_spacing, cfg_type,
-            guidance, delta, add_noise, denoising_batch, similarity_filter, similarity_threshold,
-            max_skip_frames, seed, width, height, prompt_transition_frames, prompt_interpolation, control,
-            controlnet_scale, canny_low, canny_high)
+        $m!(
+            prompt,
+            negative_prompt,
+            mode,
+            t_index_list,
+            strength,
+            steps,
+            scheduler,
+            timestep_spacing,
+            cfg_type,
+            guidance,
+            delta,
+            add_noise,
+            denoising_batch,
+            similarity_filter,
+            similarity_threshold,
+            max_skip_frames,
+            seed,
+            width,
+            height,
+            prompt_transition_frames,
+            prompt_interpolation,
+            control,
+            controlnet_scale,
+            canny_low,
+            canny_high
+        )
     };
 }
 
@@ -490,7 +513,10 @@ mod tests {
         let both = a.clone().then(&b);
         assert_eq!((both.guidance, both.seed, both.strength), (Some(2.0), Some(5), Some(None)));
         assert_eq!(s.patched(&b).unwrap().strength, None);
-        assert!(serde_json::from_str::<StreamSettingsPatch>(r#"{"nope": 1}"#).unwrap_err().to_string().contains("nope"));
+        assert!(serde_json::from_str::<StreamSettingsPatch>(r#"{"nope": 1}"#)
+            .unwrap_err()
+            .to_string()
+            .contains("nope"));
         assert!(serde_json::from_str::<StreamSettingsPatch>(r#"{"cfg_type": "bogus"}"#).is_err());
         assert!(StreamSettingsPatch::default().is_empty() && !a.is_empty());
     }

@@ -8,7 +8,8 @@ use sdstream::stream::settings::StreamSettings;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 
-pub type Client = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+pub type Client =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// The longest any single wait may take.
 pub const WAIT: Duration = Duration::from_secs(60);
@@ -28,7 +29,9 @@ pub fn stream_defaults() -> StreamSettings {
 
 /// A server for `engine` with `config` and [`stream_defaults`].
 pub async fn start(engine: &Engine, config: ServerConfig) -> Server {
-    Server::start(engine.handle(), engine.info.clone(), config, stream_defaults()).await.expect("server starts")
+    Server::start(engine.handle(), engine.info.clone(), config, stream_defaults())
+        .await
+        .expect("server starts")
 }
 
 pub async fn connect(server: &Server) -> Client {

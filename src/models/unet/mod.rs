@@ -13,5 +13,6 @@ pub mod model;
 
 pub use config::UNetConfig;
 pub use model::{
-    parameter_count, AddedCond, ControlResiduals, CrossAttentionLayer, ImageCond, UNet2DConditionModel, UNetExtra,
+    parameter_count, AddedCond, ControlResiduals, CrossAttentionLayer, ImageCond, UNet2DConditionModel,
+    UNetExtra,
 };
